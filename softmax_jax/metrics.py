@@ -1,0 +1,283 @@
+"""Classification metrics over log-probabilities, in jax.numpy and jit-safe.
+
+Every function takes `log_probs: [N, num_classes] float` (a head's `log_prob`), integer
+`labels: [N]` in `[0, num_classes)` and an optional `where: [N] bool` (False = padding, excluded
+everywhere; padded rows may hold anything, NaN and out-of-range labels included).
+`num_classes` is static, read from the shape. Means over zero valid examples are 0/0 = NaN.
+Predictions are `argmax(log_probs)` (first index on ties), as a head's `predict`. Only `nll`,
+`perplexity`, `expected_calibration_error` and `reliability_bins` need normalized
+log-probabilities; the rest use the ordering alone, so logits work too. Sums accumulate in
+float32 at least. `classification_metrics` is the host-side summary of an evaluation split.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _check(log_probs, labels, where=None):  # -> log_probs (>= float32), int32 labels, where
+  log_probs, labels = jnp.asarray(log_probs), jnp.asarray(labels)
+  if log_probs.ndim != 2 or log_probs.shape[1] < 1:
+    raise ValueError("log_probs must be [N, num_classes] (rank 2, num_classes >= 1), "
+                     f"got shape {log_probs.shape}.")
+  if not jnp.issubdtype(log_probs.dtype, jnp.floating):
+    raise ValueError(f"log_probs must be floating point, got dtype {log_probs.dtype}.")
+  if labels.shape != log_probs.shape[:1]:
+    raise ValueError(f"labels must be [N] = {log_probs.shape[:1]} to match log_probs "
+                     f"{log_probs.shape}, got shape {labels.shape}.")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}.")
+  if where is None:
+    where = jnp.ones(labels.shape, bool)
+  else:
+    where = jnp.asarray(where)
+    if where.shape != labels.shape or where.dtype != jnp.bool_:
+      raise ValueError(f"where must be [N] = {labels.shape} bool, got shape {where.shape} "
+                       f"and dtype {where.dtype}.")
+  dtype = jnp.promote_types(log_probs.dtype, jnp.float32)  # bfloat16 -> float32; keeps float64
+  return log_probs.astype(dtype), labels.astype(jnp.int32), where
+
+
+def _masked_mean(values, where):  # 0/0 = NaN when no row is valid
+  return jnp.sum(jnp.where(where, values, 0)) / jnp.sum(where)
+
+
+def _safe_div(num, den):  # 0 where den == 0, as sklearn's zero_division=0
+  return jnp.where(den > 0, num / jnp.maximum(den, 1), 0.0)
+
+
+def _true_log_prob(log_probs, labels):
+  return jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
+
+
+def _rank(log_probs, labels):
+  higher = log_probs > _true_log_prob(log_probs, labels)[:, None]
+  return jnp.sum(higher, axis=-1, dtype=jnp.int32)
+
+
+def _class_counts(log_probs, labels, where):
+  """[K] int32 true positives, support (label counts) and predicted counts."""
+  k = log_probs.shape[1]
+  pred = jnp.argmax(log_probs, axis=-1)
+  w = where.astype(jnp.int32)
+  tp = jnp.bincount(labels, weights=w * (pred == labels), length=k)
+  support = jnp.bincount(labels, weights=w, length=k)
+  predicted = jnp.bincount(pred, weights=w, length=k)
+  return tp, support, predicted
+
+
+def _bin_sums(log_probs, labels, where, num_bins):
+  """Per confidence bin (lower, upper]: [B] count, sum of confidence, sum of correct."""
+  if not isinstance(num_bins, int) or num_bins < 1:
+    raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}.")
+  conf = jnp.where(where, jnp.exp(jnp.max(log_probs, axis=-1)), 0.0)
+  correct = (jnp.argmax(log_probs, axis=-1) == labels) & where
+  # conf in (b/B, (b+1)/B] -> bin b, as Guo et al.'s (conf > lower) & (conf <= upper).
+  bins = jnp.clip(jnp.ceil(conf * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
+  count = jnp.bincount(bins, weights=where.astype(jnp.int32), length=num_bins)
+  conf_sum = jnp.bincount(bins, weights=conf, length=num_bins)
+  correct_sum = jnp.bincount(bins, weights=correct.astype(conf.dtype), length=num_bins)
+  return count, conf_sum, correct_sum
+
+
+@jax.jit
+def label_rank(log_probs, labels):
+  """Rank of the true label: `rank_i = #{c : log_probs[i, c] > log_probs[i, labels_i]}`.
+
+  0 means top; ties count in the label's favour. Reference: Voorhees, TREC-8 QA (1999), MRR.
+
+  Args:
+    log_probs: [N, num_classes] float scores (ordering only).
+    labels: [N] int true classes.
+
+  Returns: [N] int32 ranks.
+  """
+  log_probs, labels, _ = _check(log_probs, labels)
+  return _rank(log_probs, labels)
+
+
+@jax.jit
+def accuracy(log_probs, labels, *, where=None):
+  """Accuracy: `mean_i [argmax_c log_probs[i, c] == labels_i]`. Ref: sklearn accuracy_score.
+
+  Args:
+    log_probs: [N, num_classes] float scores (ordering only; ties go to the first index).
+    labels: [N] int true classes.
+    where: [N] bool or None; False rows are excluded.
+
+  Returns: [] float.
+  """
+  log_probs, labels, where = _check(log_probs, labels, where)
+  return _masked_mean(jnp.argmax(log_probs, axis=-1) == labels, where)
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def top_k_accuracy(log_probs, labels, *, k=5, where=None):
+  """Top-k accuracy: `mean_i [label_rank_i < k]`. Ref: sklearn top_k_accuracy_score.
+
+  Ties are optimistic: a row is correct when strictly fewer than k classes score higher than
+  its label (so on ties `k=1` can exceed `accuracy`, which breaks ties by index); on tie-free
+  scores this equals sklearn.
+
+  Args:
+    log_probs: [N, num_classes] float scores (ordering only).
+    labels: [N] int true classes.
+    k: static int in [1, num_classes].
+    where: [N] bool or None; False rows are excluded.
+
+  Returns: [] float.
+  """
+  log_probs, labels, where = _check(log_probs, labels, where)
+  if not isinstance(k, int) or not 1 <= k <= log_probs.shape[1]:
+    raise ValueError(f"k must be an int in [1, num_classes={log_probs.shape[1]}], got {k!r}.")
+  return _masked_mean(_rank(log_probs, labels) < k, where)
+
+
+@jax.jit
+def per_class_precision_recall_f1(log_probs, labels, *, where=None):
+  """Per class: `precision = tp/predicted, recall = tp/support, f1 = 2 tp/(predicted + support)`.
+
+  0 where the denominator is 0. Ref: sklearn precision_recall_fscore_support, zero_division=0.
+
+  Args:
+    log_probs: [N, num_classes] float scores (ordering only).
+    labels: [N] int true classes.
+    where: [N] bool or None; False rows are excluded.
+
+  Returns: dict of [num_classes] arrays 'precision', 'recall', 'f1' (float), 'support' (int32).
+  """
+  log_probs, labels, where = _check(log_probs, labels, where)
+  tp, support, predicted = _class_counts(log_probs, labels, where)
+  return {"precision": _safe_div(tp, predicted), "recall": _safe_div(tp, support),
+          "f1": _safe_div(2 * tp, predicted + support), "support": support}
+
+
+@jax.jit
+def balanced_accuracy(log_probs, labels, *, where=None):
+  """Balanced accuracy: mean recall `tp_c / support_c` over classes with support > 0.
+
+  Args:
+    log_probs: [N, num_classes] float scores (ordering only).
+    labels: [N] int true classes.
+    where: [N] bool or None; False rows are excluded.
+
+  Returns: [] float. Ref: Brodersen et al., ICPR 2010; sklearn balanced_accuracy_score.
+  """
+  log_probs, labels, where = _check(log_probs, labels, where)
+  tp, support, _ = _class_counts(log_probs, labels, where)
+  present = support > 0
+  return jnp.sum(jnp.where(present, _safe_div(tp, support), 0.0)) / jnp.sum(present)
+
+
+@jax.jit
+def macro_f1(log_probs, labels, *, where=None):
+  """Macro F1: mean per-class F1 over classes present in the labels or the predictions.
+
+  Classes neither labelled nor predicted are left out, as in sklearn f1_score(average='macro',
+  zero_division=0) with its default `labels=None`.
+
+  Args:
+    log_probs: [N, num_classes] float scores (ordering only).
+    labels: [N] int true classes.
+    where: [N] bool or None; False rows are excluded.
+
+  Returns: [] float.
+  """
+  log_probs, labels, where = _check(log_probs, labels, where)
+  tp, support, predicted = _class_counts(log_probs, labels, where)
+  present = support + predicted > 0
+  f1 = _safe_div(2 * tp, predicted + support)
+  return jnp.sum(jnp.where(present, f1, 0.0)) / jnp.sum(present)
+
+
+@functools.partial(jax.jit, static_argnames="num_bins")
+def reliability_bins(log_probs, labels, *, num_bins=15, where=None):
+  """Reliability diagram: bins `(b/B, (b+1)/B]` of confidence `max_c exp(log_probs[i, c])`.
+
+  Args:
+    log_probs: [N, num_classes] float normalized log-probabilities.
+    labels: [N] int true classes.
+    num_bins: static int B >= 1.
+    where: [N] bool or None; False rows are excluded.
+
+  Returns: dict: 'confidence', 'accuracy' [B] float bin means (0 in empty bins), 'count' [B]
+    int32, 'edges' [B + 1] float. Ref: Guo et al., On Calibration of Modern NNs, ICML 2017.
+  """
+  log_probs, labels, where = _check(log_probs, labels, where)
+  count, conf_sum, correct_sum = _bin_sums(log_probs, labels, where, num_bins)
+  return {"confidence": _safe_div(conf_sum, count), "accuracy": _safe_div(correct_sum, count),
+          "count": count, "edges": jnp.linspace(0.0, 1.0, num_bins + 1, dtype=log_probs.dtype)}
+
+
+@functools.partial(jax.jit, static_argnames="num_bins")
+def expected_calibration_error(log_probs, labels, *, num_bins=15, where=None):
+  """ECE: `sum_b (n_b / N) |acc_b - conf_b|` over the bins of `reliability_bins`.
+
+  Args:
+    log_probs: [N, num_classes] float normalized log-probabilities.
+    labels: [N] int true classes.
+    num_bins: static int B >= 1.
+    where: [N] bool or None; False rows are excluded.
+
+  Returns: [] float in [0, 1]. Ref: Guo et al., ICML 2017; Naeini et al., AAAI 2015.
+  """
+  log_probs, labels, where = _check(log_probs, labels, where)
+  count, conf_sum, correct_sum = _bin_sums(log_probs, labels, where, num_bins)
+  return jnp.sum(jnp.abs(correct_sum - conf_sum)) / jnp.sum(count)
+
+
+@jax.jit
+def nll(log_probs, labels, *, where=None):
+  """Mean negative log-likelihood `-mean_i log_probs[i, labels_i]` in nats. Ref: sklearn log_loss.
+
+  Args:
+    log_probs: [N, num_classes] float normalized log-probabilities.
+    labels: [N] int true classes.
+    where: [N] bool or None; False rows are excluded.
+
+  Returns: [] float.
+  """
+  log_probs, labels, where = _check(log_probs, labels, where)
+  return -_masked_mean(_true_log_prob(log_probs, labels), where)
+
+
+@jax.jit
+def perplexity(log_probs, labels, *, where=None):
+  """Perplexity `exp(nll)`; arguments as `nll`. Ref: Jelinek et al., JASA 1977."""
+  return jnp.exp(nll(log_probs, labels, where=where))
+
+
+@functools.partial(jax.jit, static_argnames="top5")
+def _summary(log_probs, labels, where, top5):
+  fns = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy, "macro_f1": macro_f1,
+         "nll": nll, "ece": expected_calibration_error}
+  if top5:
+    fns["top5_accuracy"] = functools.partial(top_k_accuracy, k=5)
+  return {name: fn(log_probs, labels, where=where) for name, fn in fns.items()}
+
+
+def classification_metrics(log_probs, labels, *, where=None, prefix=""):
+  """Scalar summary of an evaluation split, on the host (not jittable: returns Python floats).
+
+  Keys `accuracy`, `balanced_accuracy`, `macro_f1`, `nll`, `ece` (15 bins) and, only when
+  num_classes > 5 (else it is trivially 1), `top5_accuracy`, each as `prefix + key`. Labels of
+  valid rows must lie in [0, num_classes) (checked, as the values are concrete here).
+
+  Args:
+    log_probs: [N, num_classes] float normalized log-probabilities.
+    labels: [N] int true classes.
+    where: [N] bool or None; False rows are excluded.
+    prefix: str put before every key, e.g. 'test/'.
+
+  Returns: dict[str, float].
+  """
+  lp, lab, w = _check(log_probs, labels, where)
+  valid = np.asarray(labels)[np.asarray(w)]
+  k = lp.shape[1]
+  if valid.size and (valid.min() < 0 or valid.max() >= k):
+    raise ValueError(f"labels must lie in [0, num_classes={k}), got values in "
+                     f"[{valid.min()}, {valid.max()}].")
+  values = jax.device_get(_summary(lp, lab, w, top5=k > 5))
+  return {prefix + name: float(value) for name, value in sorted(values.items())}
