@@ -1,21 +1,221 @@
-"""STUB: being written. Full-softmax family."""
+"""The full-softmax family: logsumexp, (log-)softmax and cross-entropy over the last axis.
+
+Shared numerics (house style 4): logits are computed in float32 when they are bfloat16/float16
+(float64 stays float64); the row max is subtracted under `jax.lax.stop_gradient`; `where=False`
+entries and `-inf` logits (the same thing) get probability exactly 0, log-probability `-inf` and
+gradient exactly 0; a fully masked row has `logsumexp = -inf`, all-zero probabilities and zero
+gradient.
+Nothing takes `log(p + eps)`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
-def logsumexp(x, *, axis=-1, where=None, temperature=1.0):
-  raise NotImplementedError
+def _check_where(where, x):
+  if where is None:
+    return None
+  where = jnp.asarray(where)
+  if where.dtype != jnp.bool_:
+    raise ValueError(f'`where` must be a bool mask; got dtype {where.dtype}.')
+  try:
+    ok = jnp.broadcast_shapes(where.shape, x.shape) == x.shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f'`where` must broadcast to shape {x.shape}; got shape {where.shape}.')
+  return where
+
+
+def _prepare(x, where, name):
+  """Checks `x` and `where`; returns x in the compute dtype (float32 for 16-bit floats)."""
+  x = jnp.asarray(x)
+  if x.ndim < 1 or x.shape[-1] < 1:
+    raise ValueError(f'`{name}` must have shape [..., num_classes] with num_classes >= 1; '
+                     f'got shape {x.shape}.')
+  where = _check_where(where, x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32)), where
+
+
+def _check_temperature(temperature):
+  if isinstance(temperature, jax.core.Tracer):
+    return
+  if not np.all(np.asarray(temperature) > 0):
+    raise ValueError(f'`temperature` must be > 0; got {temperature}.')
+
+
+def _scale(x, temperature):
+  if isinstance(temperature, (int, float)) and temperature == 1:
+    return x
+  return x / jnp.asarray(temperature, x.dtype)
+
+
+def _out_dtype(x, xc):
+  x = jnp.asarray(x)
+  return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else xc.dtype
+
+
+def _normalize(x, where):
+  """Returns `(probs, log_probs, lse)` of compute-dtype logits `x`; lse is `[..., 1]`."""
+  keep = x != -jnp.inf  # A -inf logit is a mask too (and NaN still propagates).
+  if where is not None:
+    keep = keep & where
+  x = jnp.where(keep, x, -jnp.inf)  # Gradient to masked entries is exactly 0.
+  m = jnp.max(x, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))  # Fully masked row: shift by 0.
+  shifted = x - m
+  e = jnp.exp(shifted)  # exp(-inf) = 0 with zero gradient.
+  s = jnp.sum(e, axis=-1, keepdims=True)
+  nonempty = s > 0
+  s_safe = jnp.where(nonempty, s, 1)  # Keeps log(0) and 1/0 out of the gradient.
+  log_s = jnp.log(s_safe)
+  lse = jnp.where(nonempty, log_s + m, -jnp.inf)
+  return e / s_safe, shifted - log_s, lse
+
+
+def logsumexp(x, *, where=None, temperature=1.0):
+  """Log-sum-exp over the last axis, with an optional mask and temperature.
+
+  `logsumexp(x) = m + log(sum_k [where_k] exp(x_k / T - m))`, `m = max_k x_k / T`; a fully masked
+  row gives `-inf` and zero gradient. Reference: Blanchard et al., "Accurately computing the
+  log-sum-exp and softmax functions", IMA J. Numer. Anal. 2021.
+
+  Args:
+    x: [..., K] float logits; 16-bit floats are computed in float32.
+    where: optional [..., K] bool (broadcastable); False entries are excluded.
+    temperature: T > 0, a scalar or array broadcastable to `x`; the logits are divided by it.
+
+  Returns:
+    [...] in the dtype of `x`.
+  """
+  xc, where = _prepare(x, where, 'x')
+  _check_temperature(temperature)
+  return _normalize(_scale(xc, temperature), where)[2][..., 0].astype(_out_dtype(x, xc))
 
 
 def softmax(x, *, where=None, temperature=1.0):
-  raise NotImplementedError
+  """Softmax over the last axis, with an optional mask and temperature.
+
+  `softmax(x)_k = [where_k] exp(x_k / T - logsumexp(x))`; masked entries and `-inf` logits are
+  exactly 0, a fully masked row is all zeros. Reference: Bridle, "Probabilistic interpretation of
+  feedforward classification network outputs", 1990.
+
+  Args:
+    x: [..., K] float logits; 16-bit floats are computed in float32.
+    where: optional [..., K] bool (broadcastable); False entries are excluded.
+    temperature: T > 0, a scalar or array broadcastable to `x`; the logits are divided by it.
+
+  Returns:
+    [..., K] probabilities in the dtype of `x`.
+  """
+  xc, where = _prepare(x, where, 'x')
+  _check_temperature(temperature)
+  return _normalize(_scale(xc, temperature), where)[0].astype(_out_dtype(x, xc))
 
 
 def log_softmax(x, *, where=None, temperature=1.0):
-  raise NotImplementedError
+  """Log-softmax over the last axis, with an optional mask and temperature.
+
+  `log_softmax(x)_k = x_k / T - logsumexp(x)`, and `-inf` where `where` is False (a fully masked
+  row is all `-inf`, never NaN). Reference: Blanchard et al., IMA J. Numer. Anal. 2021.
+
+  Args:
+    x: [..., K] float logits; 16-bit floats are computed in float32.
+    where: optional [..., K] bool (broadcastable); False entries are excluded.
+    temperature: T > 0, a scalar or array broadcastable to `x`; the logits are divided by it.
+
+  Returns:
+    [..., K] log-probabilities in the dtype of `x`.
+  """
+  xc, where = _prepare(x, where, 'x')
+  _check_temperature(temperature)
+  return _normalize(_scale(xc, temperature), where)[1].astype(_out_dtype(x, xc))
+
+
+def _check_labels(labels, num_classes, lead_shape):
+  if not isinstance(labels, jax.Array):
+    labels = np.asarray(labels)
+  if labels.shape != lead_shape:
+    raise ValueError(f'`labels` must have shape logits.shape[:-1] = {lead_shape}; '
+                     f'got shape {labels.shape}.')
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f'`labels` must be integer class indices; got dtype {labels.dtype}.')
+  if not isinstance(labels, jax.core.Tracer):
+    concrete = np.asarray(labels)
+    bad = np.argwhere((concrete < 0) | (concrete >= num_classes))
+    if bad.size:
+      pos = tuple(int(i) for i in bad[0])
+      raise ValueError(f'`labels` must lie in [0, {num_classes}); got {concrete[pos]} at '
+                       f'position {pos} ({len(bad)} out of range in all).')
+  return jnp.asarray(labels)
 
 
 def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weights=None):
-  raise NotImplementedError
+  """Per-example softmax cross-entropy with integer labels.
+
+  `loss = w[y] * -sum_k t_k log_softmax(logits)_k`, `t = (1 - eps) onehot(y) + eps / K_valid` on
+  the K_valid classes that `where` keeps and whose logit is not `-inf` (without a mask and
+  without `-inf` logits this is `optax.smooth_labels` + `optax.softmax_cross_entropy`).
+  `class_weights` multiplies the whole per-example loss by `w[y]` (PyTorch's `weight=` without
+  smoothing; dividing by `sum w[y]` is the caller's). A label on a masked class gives `+inf`.
+  Concrete out-of-range labels raise; traced ones (under jit/vmap) give a NaN loss, never a
+  clipped index. Reference: Szegedy et al., "Rethinking the Inception architecture", 2016 (§7).
+
+  Args:
+    logits: [..., K] float; 16-bit floats are computed in float32.
+    labels: [...] int in [0, K).
+    where: optional [..., K] bool (broadcastable); False classes are excluded.
+    label_smoothing: eps in [0, 1).
+    class_weights: optional [K] float.
+
+  Returns:
+    [...] float32 per-example loss (float64 for float64 logits).
+  """
+  x, where = _prepare(logits, where, 'logits')
+  num_classes = x.shape[-1]
+  labels = _check_labels(labels, num_classes, x.shape[:-1])
+  if not isinstance(label_smoothing, jax.core.Tracer) and not 0 <= label_smoothing < 1:
+    raise ValueError(f'`label_smoothing` must be in [0, 1); got {label_smoothing}.')
+  if class_weights is not None:
+    class_weights = jnp.asarray(class_weights)
+    if class_weights.shape != (num_classes,):
+      raise ValueError(f'`class_weights` must have shape [num_classes] = ({num_classes},); '
+                       f'got shape {class_weights.shape}.')
+  _, log_p, _ = _normalize(x, where)
+  in_range = (labels >= 0) & (labels < num_classes)
+  safe = jnp.where(in_range, labels, 0)[..., None]
+  loss = -jnp.take_along_axis(log_p, safe, axis=-1)[..., 0]
+  if not (isinstance(label_smoothing, (int, float)) and label_smoothing == 0):
+    valid = log_p != -jnp.inf  # Kept by `where` and a finite logit.
+    k_valid = jnp.sum(valid, axis=-1).astype(x.dtype)
+    mean_nll = -jnp.sum(jnp.where(valid, log_p, 0), axis=-1) / jnp.maximum(k_valid, 1)
+    loss = (1 - label_smoothing) * loss + label_smoothing * mean_nll
+  if class_weights is not None:
+    loss = loss * jnp.take(class_weights.astype(x.dtype), safe[..., 0])
+  return jnp.where(in_range, loss, jnp.nan)
 
 
 def soft_cross_entropy(logits, targets, *, where=None):
-  raise NotImplementedError
+  """Per-example softmax cross-entropy with a target distribution.
+
+  `loss = -sum_k t_k log_softmax(logits)_k`, where entries with `t_k = 0` contribute exactly 0
+  (also where the log-probability is `-inf`: no `0 * inf`); target mass on a masked class gives
+  `+inf`. Reference: Hinton et al., "Distilling the knowledge in a neural network", 2015.
+
+  Args:
+    logits: [..., K] float; 16-bit floats are computed in float32.
+    targets: [..., K] float, rows usually summing to 1 (not checked).
+    where: optional [..., K] bool (broadcastable); False classes are excluded.
+
+  Returns:
+    [...] float32 per-example loss (float64 for float64 logits).
+  """
+  x, where = _prepare(logits, where, 'logits')
+  targets = jnp.asarray(targets)
+  if targets.shape != x.shape:
+    raise ValueError(f'`targets` must have the shape of `logits` {x.shape}; '
+                     f'got shape {targets.shape}.')
+  targets = targets.astype(x.dtype)
+  _, log_p, _ = _normalize(x, where)
+  return -jnp.sum(targets * jnp.where(targets != 0, log_p, 0), axis=-1)
