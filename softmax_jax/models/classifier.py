@@ -1,0 +1,56 @@
+"""Classifier = backbone + head, built from config by name.
+
+The training loop only knows this module's three methods, which forward the head
+contract: `__call__(images, labels, *, train) -> loss [B]`, `log_prob(images) -> [B, K]`,
+`predict(images) -> [B]`. Any backbone trains with any head by changing one config field.
+"""
+
+import dataclasses
+import difflib
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from softmax_jax.heads import HEADS
+from softmax_jax.models import BACKBONES
+
+
+class Classifier(nn.Module):
+  """Images `[B, ...]` -> backbone features `[B, d]` -> head."""
+  backbone: nn.Module
+  head: nn.Module
+
+  def __call__(self, images: jnp.ndarray, labels: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    return self.head(self.backbone(images, train=train), labels, train=train)
+
+  def log_prob(self, images: jnp.ndarray) -> jnp.ndarray:
+    return self.head.log_prob(self.backbone(images, train=False))
+
+  def predict(self, images: jnp.ndarray) -> jnp.ndarray:
+    return self.head.predict(self.backbone(images, train=False))
+
+
+def build_module(registry: Mapping[str, type], cfg: Mapping[str, Any], where: str, **fixed) -> nn.Module:
+  """Builds `registry[cfg['name']](**rest, **fixed)`, naming any unknown key and the known ones."""
+  cfg = dict(cfg)
+  name = cfg.pop('name', None)
+  if name not in registry:
+    raise ValueError(f'{where}.name={name!r} is unknown; choose one of {sorted(registry)}.')
+  cls = registry[name]
+  known = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'} - set(fixed)
+  for key in cfg:
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f' Did you mean {close[0]!r}?' if close else ''
+      raise ValueError(f'Unknown config key {where}.{key} for {cls.__name__} '
+                       f'(name={name!r}); it accepts {sorted(known)}.{hint}')
+  cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+  return cls(**cfg, **fixed)
+
+
+def build_classifier(model_cfg: Mapping[str, Any], head_cfg: Mapping[str, Any], num_classes: int) -> Classifier:
+  """`Classifier` from `config.model` ({'name': 'mlp'|'cnn', ...}) and `config.head` ({'name': 'dense', ...})."""
+  backbone = build_module(BACKBONES, model_cfg, 'config.model')
+  head = build_module(HEADS, head_cfg, 'config.head', num_classes=num_classes)
+  return Classifier(backbone=backbone, head=head)

@@ -1,0 +1,35 @@
+"""A small convolutional backbone: [conv3x3 -> gelu] x2 -> maxpool blocks, then a dense layer."""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class CNN(nn.Module):
+  """Maps images `[B, H, W, C]` to features `[B, dense]`.
+
+  Each entry of `channels` is one block of two 3x3 convolutions and a 2x2 max-pool
+  (the VGG pattern at toy scale), followed by one dense layer with dropout.
+
+  Attributes:
+    channels: output channels of each block.
+    dense: width of the final dense layer (the feature dimension).
+    dropout: dropout rate before and after the dense layer (train only; rng stream 'dropout').
+  """
+  channels: Sequence[int] = (32, 64)
+  dense: int = 256
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    if x.ndim != 4:
+      raise ValueError(f'CNN: images must be [B, H, W, C] (rank 4), got shape {x.shape}.')
+    for c in self.channels:
+      x = nn.gelu(nn.Conv(c, (3, 3))(x))
+      x = nn.gelu(nn.Conv(c, (3, 3))(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.gelu(nn.Dense(self.dense)(x))
+    return nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -1,0 +1,32 @@
+"""Building models from config: unknown keys and names are errors that name the key."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from softmax_jax.models import CNN
+from softmax_jax.models.classifier import build_classifier
+
+
+def test_builds_every_backbone_with_the_dense_head():
+  images, labels = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32)
+  for model_cfg in ({'name': 'mlp', 'hidden': [16]}, {'name': 'cnn', 'channels': [4], 'dense': 8}):
+    model = build_classifier(model_cfg, {'name': 'dense'}, num_classes=3)
+    params = model.init(jax.random.PRNGKey(0), images, labels, train=False)
+    assert model.apply(params, images, method='log_prob').shape == (2, 3)
+
+
+@pytest.mark.parametrize('model_cfg, head_cfg, match', [
+    ({'name': 'mlp', 'hiden': [8]}, {'name': 'dense'}, r"config.model.hiden.*Did you mean 'hidden'"),
+    ({'name': 'mlp'}, {'name': 'dense', 'smoothing': 0.1}, r'Unknown config key config.head.smoothing'),
+    ({'name': 'resnet9'}, {'name': 'dense'}, r"config.model.name='resnet9' is unknown"),
+    ({'name': 'mlp'}, {'name': 'dense', 'num_classes': 4}, r'Unknown config key config.head.num_classes'),
+])
+def test_unknown_keys_are_named(model_cfg, head_cfg, match):
+  with pytest.raises(ValueError, match=match):
+    build_classifier(model_cfg, head_cfg, num_classes=3)
+
+
+def test_cnn_rejects_flat_inputs():
+  with pytest.raises(ValueError, match=r'CNN: images must be \[B, H, W, C\] \(rank 4\), got shape \(2, 64\)'):
+    CNN().init(jax.random.PRNGKey(0), jnp.zeros((2, 64)), train=False)
