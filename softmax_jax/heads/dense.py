@@ -1,0 +1,82 @@
+"""DenseSoftmax: the full softmax over `features @ kernel + bias`, the reference head.
+
+Every head in `softmax_jax.heads` shares this contract (see DESIGN.md):
+
+- `__call__(features [..., d], labels [...] int, *, train) -> loss [...]` per example;
+- `log_prob(features [..., d]) -> [..., num_classes]`, exact and normalized;
+- `predict(features [..., d]) -> [...] int`, equal to `argmax(log_prob(features), -1)`.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from softmax_jax import ops
+
+
+def check_features_and_labels(head: str, features, labels) -> None:
+  """Raises ValueError unless `features: [..., d]` and `labels: [...]` line up."""
+  if features.ndim < 1:
+    raise ValueError(f'{head}: features must be [..., d] with rank >= 1, got shape {features.shape}.')
+  if labels is not None and tuple(labels.shape) != tuple(features.shape[:-1]):
+    raise ValueError(
+        f'{head}: labels shape {tuple(labels.shape)} must equal features.shape[:-1] = '
+        f'{tuple(features.shape[:-1])} (features: [..., d] {tuple(features.shape)}); '
+        'did the backbone return features of the wrong rank?')
+
+
+class DenseSoftmax(nn.Module):
+  """Full softmax head: `logits = features @ kernel + bias`, loss = cross-entropy.
+
+  Attributes:
+    num_classes: K, the number of classes.
+    use_bias: whether to add a learned `[K]` bias.
+    label_smoothing: eps of the smoothed target `(1 - eps) * onehot + eps / K` in training.
+    fused: train through `ops.linear_cross_entropy`, which never builds the `[N, K]`
+      logits (for large K); `log_prob` stays the exact full softmax either way.
+    chunk_size: vocabulary chunk of the fused op (None: the op's default).
+    dtype: computation dtype of the matmul (None: the features' dtype). Losses and
+      log-probabilities are accumulated in float32.
+  """
+  num_classes: int
+  use_bias: bool = True
+  label_smoothing: float = 0.0
+  fused: bool = False
+  chunk_size: Optional[int] = None
+  dtype: Any = None
+
+  @nn.compact
+  def _weights(self, d: int):
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (d, self.num_classes))
+    bias = self.param('bias', nn.initializers.zeros, (self.num_classes,)) if self.use_bias else None
+    return kernel, bias
+
+  def logits(self, features: jnp.ndarray) -> jnp.ndarray:
+    """Unnormalized logits `[..., K]`."""
+    check_features_and_labels(type(self).__name__, features, None)
+    kernel, bias = self._weights(features.shape[-1])
+    dtype = self.dtype or features.dtype
+    z = jnp.matmul(features.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    return z if bias is None else z + bias
+
+  def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    """Per-example cross-entropy `[...]` for `features: [..., d]`, `labels: [...] int`."""
+    check_features_and_labels(type(self).__name__, features, labels)
+    smoothing = self.label_smoothing if train else 0.0
+    if self.fused:
+      kernel, bias = self._weights(features.shape[-1])
+      dtype = self.dtype or features.dtype
+      kwargs = {} if self.chunk_size is None else {'chunk_size': self.chunk_size}
+      return ops.linear_cross_entropy(
+          features.astype(dtype), kernel.astype(dtype), labels, bias=bias,
+          label_smoothing=smoothing, **kwargs)
+    return ops.cross_entropy(self.logits(features), labels, label_smoothing=smoothing)
+
+  def log_prob(self, features: jnp.ndarray) -> jnp.ndarray:
+    """Exact normalized log-probabilities `[..., K]` (logsumexp over the last axis is 0)."""
+    return ops.log_softmax(self.logits(features))
+
+  def predict(self, features: jnp.ndarray) -> jnp.ndarray:
+    """Most probable class `[...] int32`, `argmax(log_prob(features), -1)`."""
+    return jnp.argmax(self.log_prob(features), axis=-1).astype(jnp.int32)

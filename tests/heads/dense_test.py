@@ -1,0 +1,74 @@
+"""DenseSoftmax against a float64 NumPy reference of its own parameters, and its error messages."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from softmax_jax.heads import DenseSoftmax
+
+K, D = 7, 5
+
+
+def _ref_log_prob(features, params):
+  z = np.asarray(features, np.float64) @ np.asarray(params['kernel'], np.float64)
+  z = z + np.asarray(params['bias'], np.float64)
+  m = z.max(-1, keepdims=True)
+  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize('lead', [(6,), (2, 3)])
+def test_contract_matches_reference(lead):
+  rng = np.random.default_rng(0)
+  features = jnp.asarray(rng.normal(size=(*lead, D)) * 3, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, K, size=lead), jnp.int32)
+  head = DenseSoftmax(num_classes=K)
+  params = head.init(jax.random.PRNGKey(1), features, labels, train=False)['params']
+  params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
+  ref = _ref_log_prob(features, params)
+  log_prob = jax.jit(lambda p, f: head.apply({'params': p}, f, method='log_prob'))(params, features)
+  np.testing.assert_allclose(log_prob, ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.nn.logsumexp(log_prob, -1), 0.0, atol=1e-5)
+  loss = head.apply({'params': params}, features, labels, train=True)
+  np.testing.assert_allclose(loss, -np.take_along_axis(ref, np.asarray(labels)[..., None], -1)[..., 0],
+                             rtol=1e-5, atol=1e-5)
+  predict = head.apply({'params': params}, features, method='predict')
+  np.testing.assert_array_equal(predict, np.argmax(log_prob, -1))
+
+
+def test_label_smoothing_only_in_training():
+  rng = np.random.default_rng(1)
+  features = jnp.asarray(rng.normal(size=(4, D)), jnp.float32)
+  labels = jnp.asarray([0, 1, 2, 3], jnp.int32)
+  head = DenseSoftmax(num_classes=K, label_smoothing=0.2)
+  params = head.init(jax.random.PRNGKey(0), features, labels)['params']
+  ref = _ref_log_prob(features, params)
+  target = 0.8 * np.eye(K)[np.asarray(labels)] + 0.2 / K
+  np.testing.assert_allclose(head.apply({'params': params}, features, labels, train=True),
+                             -(target * ref).sum(-1), rtol=1e-5)
+  np.testing.assert_allclose(head.apply({'params': params}, features, labels, train=False),
+                             -ref[np.arange(4), np.asarray(labels)], rtol=1e-5)
+
+
+def test_fused_equals_unfused_loss_and_gradients():
+  rng = np.random.default_rng(2)
+  features = jnp.asarray(rng.normal(size=(9, D)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, K, size=9), jnp.int32)
+  plain, fused = DenseSoftmax(num_classes=K), DenseSoftmax(num_classes=K, fused=True, chunk_size=3)
+  params = plain.init(jax.random.PRNGKey(0), features, labels)['params']
+
+  def mean_loss(head):
+    return lambda p, f: head.apply({'params': p}, f, labels, train=True).mean()
+
+  (l0, g0), (l1, g1) = [jax.value_and_grad(mean_loss(h), argnums=(0, 1))(params, features)
+                        for h in (plain, fused)]
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_feature_rank_names_the_shapes():
+  head = DenseSoftmax(num_classes=K)
+  images = jnp.zeros((4, 8, 8, 1))  # a backbone that forgot to flatten
+  with pytest.raises(ValueError, match=r'labels shape \(4,\) must equal features.shape\[:-1\] = \(4, 8, 8\)'):
+    head.init(jax.random.PRNGKey(0), images, jnp.zeros((4,), jnp.int32))
