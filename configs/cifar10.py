@@ -1,0 +1,32 @@
+"""CIFAR-10 through the stock TFDS builder (needs a network the first time), CNN + dense softmax.
+
+Run:
+  python scripts/train.py --config=configs/cifar10.py --workdir=/tmp/cifar10
+  python scripts/train.py --config=configs/cifar10.py --config.data.name=cifar100 --workdir=/tmp/cifar100
+
+Not measured on the project's offline machines (no network to download CIFAR); see WORKSPACE.md.
+The ResNet backbone of the long-tail issue will replace this toy CNN for competitive numbers.
+"""
+
+from softmax_jax.train.config import base_config
+
+
+def get_config(arg: str = ''):
+  """`arg`: '' (default run) or 'small' (a short smoke run)."""
+  c = base_config()
+  c.data.name = 'cifar10'
+  c.model = dict(name='cnn', channels=(64, 128, 256), dense=512, dropout=0.3)
+  c.batch_size = 128
+  c.num_steps = 20000
+  c.optimizer.name = 'sgd'
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.warmup_steps = 500
+  c.optimizer.clip_global_norm = 5.0
+  c.log_every, c.eval_every, c.checkpoint_every = 100, 2000, 2000
+  if arg == 'small':
+    c.num_steps = 200
+    c.log_every, c.eval_every, c.checkpoint_every = 50, 100, 100
+  elif arg:
+    raise ValueError(f"configs/cifar10.py takes '' or 'small', got {arg!r}.")
+  return c.lock()

@@ -1,0 +1,36 @@
+"""scikit-learn digits (1,797 real 8x8 images, shipped inside scikit-learn), MLP + dense softmax.
+
+The default experiment: embedded real data, no download, trains on a laptop CPU in seconds.
+
+Run:
+  python scripts/train.py --config=configs/digits.py --workdir=/tmp/digits
+  python scripts/train.py --config=configs/digits.py:small --workdir=/tmp/digits_small  # quick check
+
+Measured (WORKSPACE.md, 2-core CPU): see the results table there.
+"""
+
+from softmax_jax.train.config import base_config
+
+
+def get_config(arg: str = ''):
+  """`arg`: '' (default run) or 'small' (a few hundred steps, for smoke tests)."""
+  c = base_config()
+  c.data.name = 'digits'
+  c.model.name = 'mlp'
+  c.model.hidden = (512, 512)
+  c.model.dropout = 0.2
+  c.batch_size = 128
+  c.num_steps = 3000
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.warmup_steps = 100
+  c.log_every = 100
+  c.eval_every = 500
+  c.checkpoint_every = 1000
+  if arg == 'small':
+    c.num_steps = 300
+    c.eval_every = c.checkpoint_every = 100
+    c.log_every = 50
+  elif arg:
+    raise ValueError(f"configs/digits.py takes '' or 'small', got {arg!r}.")
+  return c.lock()

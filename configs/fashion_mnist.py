@@ -1,0 +1,36 @@
+"""Fashion-MNIST (real, 60k/10k 28x28), small CNN + dense softmax, from Debian's IDX files.
+
+Data: `apt-get install -y dataset-fashion-mnist` puts the IDX files in
+/usr/share/datasets/fashion-mnist/ (the default `source_dir`); the local TFDS builder
+`fashion_mnist_idx` reads them (the stock `fashion_mnist` checksums fail on Debian's gzip headers).
+With a network, `--config.data.name=fashion_mnist` uses the stock TFDS dataset instead.
+
+Run:
+  python scripts/train.py --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
+
+Measured (WORKSPACE.md): see the results table there.
+"""
+
+from softmax_jax.train.config import base_config
+
+
+def get_config(arg: str = ''):
+  """`arg`: '' (default run) or 'small' (a short smoke run)."""
+  c = base_config()
+  c.data.name = 'fashion_mnist_idx'
+  c.data.source_dir = '/usr/share/datasets/fashion-mnist'
+  c.model = dict(name='cnn', channels=(32, 64), dense=256, dropout=0.3)
+  c.batch_size = 128
+  c.num_steps = 6000  # ~14 epochs of the 54k training images
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.warmup_steps = 200
+  c.log_every = 100
+  c.eval_every = 1000
+  c.checkpoint_every = 1000
+  if arg == 'small':
+    c.num_steps = 200
+    c.log_every, c.eval_every, c.checkpoint_every = 50, 100, 100
+  elif arg:
+    raise ValueError(f"configs/fashion_mnist.py takes '' or 'small', got {arg!r}.")
+  return c.lock()

@@ -1,0 +1,6 @@
+"""Training: state, the step, data-parallel drivers, checkpoints, metric writers, the loop."""
+
+from softmax_jax.train.config import base_config, validate_config
+from softmax_jax.train.loop import evaluate, train_and_evaluate
+
+__all__ = ['base_config', 'evaluate', 'train_and_evaluate', 'validate_config']

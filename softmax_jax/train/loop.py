@@ -1,0 +1,126 @@
+"""`train_and_evaluate(config, workdir)`: the training loop that scripts, tests and notebooks share."""
+
+import json
+import math
+import os
+import time
+from typing import Dict
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from softmax_jax import data
+from softmax_jax import metrics as metrics_lib
+from softmax_jax.models.classifier import build_classifier
+from softmax_jax.train.checkpoint import Checkpointer
+from softmax_jax.train.config import validate_config
+from softmax_jax.train.parallel import DRIVERS, check_divisible
+from softmax_jax.train.state import init_state, make_optimizer
+from softmax_jax.train.writer import MetricWriter
+
+
+def evaluate(driver, state, dataset, split: str, batch_size: int) -> Dict[str, float]:
+  """Classification metrics of the whole `split`, keys prefixed with f'{split}/'."""
+  log_probs, labels, masks = [], [], []
+  for batch in data.eval_batches(dataset, split, batch_size):
+    log_probs.append(np.asarray(driver.log_prob(state, batch['image'])))
+    labels.append(batch['label'])
+    masks.append(batch['mask'])
+  return metrics_lib.classification_metrics(
+      np.concatenate(log_probs), np.concatenate(labels), where=np.concatenate(masks), prefix=f'{split}/')
+
+
+def _save_config(config, workdir: str) -> None:
+  path = os.path.join(workdir, 'config.json')
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() != text:
+        logging.warning('Config differs from the one in %s; resuming with the new one.', path)
+  with open(path, 'w') as f:
+    f.write(text)
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
+
+  Returns:
+    The final metrics, e.g. {'test/accuracy', 'test/nll', 'test/ece', 'validation/accuracy', ...};
+    also written to `workdir/final_metrics.json`.
+
+  Raises:
+    ValueError: an unknown config key or a bad value, naming it.
+    FloatingPointError: the training loss became NaN or infinite; names the step and the last
+      good checkpoint.
+  """
+  validate_config(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  _save_config(config, workdir)
+
+  dataset = data.load_dataset(config.data)
+  model = build_classifier(config.model, config.head, dataset.num_classes)
+  schedule, tx = make_optimizer(config.optimizer, config.num_steps)
+  driver = DRIVERS[config.parallel](model, tx, schedule, config.num_devices)
+  check_divisible(config.batch_size, len(driver.devices), 'batch_size')
+  check_divisible(config.eval_batch_size, len(driver.devices), 'eval_batch_size')
+
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.max_checkpoints)
+  host_state, start_step = ckpt.restore_latest(init_state(model, tx, dataset.input_shape, config.seed))
+  if start_step:
+    logging.info('Resuming from %s', ckpt.path(start_step))
+  last_good = start_step if start_step else None
+  state = driver.put_state(host_state)
+  writer = MetricWriter(workdir, start_step)
+  batches = data.train_batches(dataset, config.batch_size, seed=config.seed, start_step=start_step)
+
+  def check_finite(step: int, loss) -> None:
+    loss = float(loss)
+    if not math.isfinite(loss):
+      writer.write(step, {'nonfinite_loss': loss})
+      raise FloatingPointError(
+          f'Training loss is {loss} at step {step} (config: {config.data.name}, {config.model.name}, '
+          f'{config.head.name}). Last good checkpoint: {ckpt.path(last_good)}. Lower '
+          'config.optimizer.learning_rate or set config.optimizer.clip_global_norm.')
+
+  bar = tqdm(total=config.num_steps, initial=start_step, desc='train', disable=not config.progress,
+             dynamic_ncols=True)
+  window, t0, pending = [], time.perf_counter(), None
+  for step in range(start_step + 1, config.num_steps + 1):  # `step` counts steps done after this one
+    state, step_metrics = driver.step(state, next(batches))
+    if pending is not None:  # check the previous step while this one runs
+      check_finite(*pending)
+    pending = None
+    window.append(step_metrics)
+    bar.update(1)
+    must_sync = step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.num_steps
+    if not must_sync:
+      pending = (step, step_metrics['loss'])  # read after the next step is dispatched
+      continue
+    check_finite(step, step_metrics['loss'])
+    if step % config.log_every == 0 or step == config.num_steps:
+      scalars = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+      scalars['examples_per_second'] = len(window) * config.batch_size / (time.perf_counter() - t0)
+      writer.write(step, {f'train/{k}': v for k, v in scalars.items()})
+      bar.set_postfix(loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.0f}")
+      window, t0 = [], time.perf_counter()
+    if step % config.eval_every == 0 and step != config.num_steps:
+      writer.write(step, evaluate(driver, state, dataset, 'validation', config.eval_batch_size))
+    if step % config.checkpoint_every == 0 or step == config.num_steps:
+      ckpt.save(step, driver.get_state(state))
+      last_good = step
+  if pending is not None:
+    check_finite(*pending)
+  bar.close()
+
+  final = {}
+  for split in ('validation', 'test'):
+    final.update(evaluate(driver, state, dataset, split, config.eval_batch_size))
+  writer.write(config.num_steps, final)
+  writer.close()
+  ckpt.close()
+  with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
+    json.dump(final, f, indent=2, sort_keys=True)
+  return final

@@ -1,0 +1,84 @@
+"""Two data-parallel drivers over one step function: jit over a Mesh (default) and pmap.
+
+Both take host batches `[B, ...]` with B divisible by the number of devices, hold the
+state replicated, and return host-readable metrics, so the loop does not know which runs.
+"""
+
+import functools
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from softmax_jax.train.step import train_step
+
+
+def _devices(num_devices: int):
+  devices = jax.local_devices()
+  if num_devices > len(devices):
+    raise ValueError(f'config.num_devices={num_devices} but only {len(devices)} local devices exist.')
+  return devices[:num_devices] if num_devices > 0 else devices
+
+
+def check_divisible(batch_size: int, n: int, key: str) -> None:
+  if batch_size % n:
+    raise ValueError(f'config.{key}={batch_size} must be divisible by the number of devices ({n}).')
+
+
+class JitDriver:
+  """`jax.jit` over a 1-D Mesh: the batch is split on axis 'data', the state is replicated."""
+
+  def __init__(self, model, tx, schedule, num_devices: int = 0):
+    self.devices = _devices(num_devices)
+    mesh = Mesh(np.array(self.devices), ('data',))
+    self.replicated = NamedSharding(mesh, P())
+    self.sharded = NamedSharding(mesh, P('data'))
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule)
+    self._step = jax.jit(step, in_shardings=(self.replicated, self.sharded),
+                         out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    self._log_prob = jax.jit(
+        lambda params, images: model.apply({'params': params}, images, method='log_prob'),
+        in_shardings=(self.replicated, self.sharded), out_shardings=self.sharded)
+
+  def put_state(self, state):
+    return jax.device_put(state, self.replicated)
+
+  def get_state(self, state):
+    return jax.tree.map(np.asarray, jax.device_get(state))
+
+  def step(self, state, batch):
+    return self._step(state, jax.device_put(batch, self.sharded))
+
+  def log_prob(self, state, images):
+    return self._log_prob(state['params'], jax.device_put(images, self.sharded))
+
+
+class PmapDriver(JitDriver):
+  """`jax.pmap` with `lax.pmean` over axis 'batch': state stacked per device, batch reshaped."""
+
+  def __init__(self, model, tx, schedule, num_devices: int = 0):
+    super().__init__(model, tx, schedule, num_devices)  # evaluation reuses the jit path
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, axis_name='batch')
+    self._pstep = jax.pmap(step, axis_name='batch', devices=self.devices, donate_argnums=(0,))
+
+  def put_state(self, state):
+    # A host array stacked over devices; pmap shards it on the first step and keeps it there.
+    n = len(self.devices)
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))).copy(), state)
+
+  def get_state(self, state):
+    return jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(state))
+
+  def _shard(self, x):
+    return x.reshape(len(self.devices), x.shape[0] // len(self.devices), *x.shape[1:])
+
+  def step(self, state, batch):
+    state, metrics = self._pstep(state, jax.tree.map(self._shard, batch))
+    return state, jax.tree.map(lambda m: m[0], metrics)
+
+  def log_prob(self, state, images):
+    params = jax.tree.map(lambda x: x[0], state['params'])
+    return self._log_prob(params, jax.device_put(images, self.sharded))
+
+
+DRIVERS = {'jit': JitDriver, 'pmap': PmapDriver}

@@ -1,0 +1,142 @@
+"""End-to-end training on real digits: data parallelism, resume after SIGKILL, failures.
+
+Runs on 8 fake CPU devices (tests/conftest.py). The digits TFDS builder is prepared once per
+session in a temporary data_dir (no network).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from softmax_jax.train import base_config, train_and_evaluate
+from softmax_jax.train.writer import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def small_config(data_dir, **overrides):
+  c = base_config()
+  c.data.data_dir = data_dir
+  c.model.hidden = (64,)
+  c.model.dropout = 0.0
+  c.batch_size = 64
+  c.num_steps = 20
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 5
+  c.progress = False
+  c.log_every = c.eval_every = c.checkpoint_every = 1000
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def test_jit_and_pmap_on_8_devices_match_one_device(data_dir, tmp_path):
+  assert jax.local_device_count() == 8
+  losses = {}
+  for name, parallel, devices in [('one', 'jit', 1), ('jit8', 'jit', 8), ('pmap8', 'pmap', 8)]:
+    config = small_config(data_dir, parallel=parallel, num_devices=devices, log_every=1)
+    train_and_evaluate(config, str(tmp_path / name))
+    rows = [r for r in read_metrics(str(tmp_path / name)) if 'train/loss' in r]
+    losses[name] = np.array([r['train/loss'] for r in rows])
+  assert len(losses['one']) == 20
+  assert losses['one'][-1] < 0.75 * losses['one'][0]  # it trains, so the comparison has content
+  np.testing.assert_allclose(losses['jit8'], losses['one'], rtol=2e-5)
+  np.testing.assert_allclose(losses['pmap8'], losses['one'], rtol=2e-5)
+
+
+def _train_cmd(workdir, data_dir, num_steps):
+  return [sys.executable, os.path.join(REPO, 'scripts', 'train.py'), f'--workdir={workdir}',
+          f'--config.data.data_dir={data_dir}', f'--config.num_steps={num_steps}',
+          '--config.checkpoint_every=100', '--config.eval_every=100000', '--config.log_every=100',
+          '--config.num_devices=1', '--config.progress=False']
+
+
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(data_dir, tmp_path):
+  num_steps = 3000
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  subprocess.run(_train_cmd(tmp_path / 'ref', data_dir, num_steps), check=True, env=env,
+                 capture_output=True)
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(_train_cmd(killed, data_dir, num_steps), env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = killed / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 300 for p in ckpts.iterdir()):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL, 'the run finished before it could be killed'
+  saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < num_steps, saved
+  result = subprocess.run(_train_cmd(killed, data_dir, num_steps), env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / 'ref' / 'final_metrics.json') as f:
+    ref = json.load(f)
+  with open(killed / 'final_metrics.json') as f:
+    resumed = json.load(f)
+  assert ref['test/accuracy'] > 0.9
+  assert resumed == ref
+  steps = [r['step'] for r in read_metrics(str(killed)) if 'train/loss' in r]
+  assert steps == sorted(set(steps)) and steps[-1] == num_steps  # no duplicated or lost log lines
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_checkpoint(data_dir, tmp_path):
+  config = small_config(data_dir, num_devices=1, checkpoint_every=2, num_steps=50)
+  config.optimizer.name = 'sgd'
+  config.optimizer.learning_rate = 1e30
+  config.optimizer.warmup_steps = 0
+  with pytest.raises(FloatingPointError, match=r'Training loss is (nan|inf) at step \d+ .*Last good checkpoint: '):
+    train_and_evaluate(config, str(tmp_path / 'w'))
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('optimizer.lr', 0.1, r"Unknown config key config.optimizer.lr.*Did you mean 'clip_value'|Unknown config key config.optimizer.lr"),
+    ('batchsize', 3, r"Unknown config key config.batchsize.*Did you mean 'batch_size'"),
+])
+def test_unknown_config_key(data_dir, tmp_path, key, value, match):
+  config = small_config(data_dir)
+  node = config
+  *path, leaf = key.split('.')
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=match):
+    train_and_evaluate(config, str(tmp_path / 'w'))
+
+
+def test_unknown_flag_override_fails_in_the_script(tmp_path):
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'scripts', 'train.py'), f'--workdir={tmp_path}',
+       '--config.optimizer.lr=0.1'], capture_output=True, text=True)
+  assert result.returncode != 0
+  assert 'Unknown config key config.optimizer.lr in --config.optimizer.lr' in result.stderr, result.stderr[-2000:]
+
+
+def test_digits_small_run_writes_its_workdir(data_dir, tmp_path):
+  config = small_config(data_dir, num_steps=200, eval_every=100, checkpoint_every=100, log_every=50)
+  final = train_and_evaluate(config, str(tmp_path))
+  assert final['test/accuracy'] > 0.9 and final['test/ece'] < 0.1
+  assert {'test/nll', 'validation/accuracy', 'test/balanced_accuracy'} <= set(final)
+  rows = read_metrics(str(tmp_path))
+  assert any('train/grad_norm' in r for r in rows)
+  assert any(k.startswith('train/grad_norm/backbone/') for r in rows for k in r)
+  assert os.listdir(tmp_path / 'tensorboard')
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['num_steps'] == 200
