@@ -19,7 +19,7 @@ def get_config(arg: str = ''):
   c = base_config()
   c.data.name = 'fashion_mnist_idx'
   c.data.source_dir = '/usr/share/datasets/fashion-mnist'
-  c.model = dict(name='cnn', channels=(32, 64), dense=256, dropout=0.3)
+  c.model = dict(name='cnn', channels=(32, 64), convs_per_block=1, dense=256, dropout=0.3)
   c.batch_size = 128
   c.num_steps = 6000  # ~14 epochs of the 54k training images
   c.optimizer.learning_rate = 1e-3

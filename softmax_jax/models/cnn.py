@@ -1,4 +1,4 @@
-"""A small convolutional backbone: [conv3x3 -> gelu] x2 -> maxpool blocks, then a dense layer."""
+"""A small convolutional backbone: blocks of [conv3x3 -> gelu] x n -> maxpool, then a dense layer."""
 
 from typing import Sequence
 
@@ -9,15 +9,17 @@ import jax.numpy as jnp
 class CNN(nn.Module):
   """Maps images `[B, H, W, C]` to features `[B, dense]`.
 
-  Each entry of `channels` is one block of two 3x3 convolutions and a 2x2 max-pool
-  (the VGG pattern at toy scale), followed by one dense layer with dropout.
+  Each entry of `channels` is one block of `convs_per_block` 3x3 convolutions and a 2x2
+  max-pool (the VGG pattern at toy scale), followed by one dense layer with dropout.
 
   Attributes:
     channels: output channels of each block.
+    convs_per_block: 3x3 convolutions in each block.
     dense: width of the final dense layer (the feature dimension).
     dropout: dropout rate before and after the dense layer (train only; rng stream 'dropout').
   """
   channels: Sequence[int] = (32, 64)
+  convs_per_block: int = 2
   dense: int = 256
   dropout: float = 0.0
 
@@ -26,8 +28,8 @@ class CNN(nn.Module):
     if x.ndim != 4:
       raise ValueError(f'CNN: images must be [B, H, W, C] (rank 4), got shape {x.shape}.')
     for c in self.channels:
-      x = nn.gelu(nn.Conv(c, (3, 3))(x))
-      x = nn.gelu(nn.Conv(c, (3, 3))(x))
+      for _ in range(self.convs_per_block):
+        x = nn.gelu(nn.Conv(c, (3, 3))(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
