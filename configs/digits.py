@@ -20,13 +20,13 @@ def get_config(arg: str = ''):
   c.model.hidden = (512, 512)
   c.model.dropout = 0.2
   c.batch_size = 128
-  c.num_steps = 3000
+  c.num_steps = 1500
   c.optimizer.learning_rate = 1e-3
   c.optimizer.weight_decay = 1e-4
   c.optimizer.warmup_steps = 100
   c.log_every = 100
   c.eval_every = 500
-  c.checkpoint_every = 1000
+  c.checkpoint_every = 500
   if arg == 'small':
     c.num_steps = 300
     c.eval_every = c.checkpoint_every = 100
