@@ -8,7 +8,8 @@ With a network, `--config.data.name=fashion_mnist` uses the stock TFDS dataset i
 Run:
   python scripts/train.py --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
 
-Measured (WORKSPACE.md): see the results table there.
+Measured 2026-11-23 on the 2-core dev box (WORKSPACE.md): test accuracy 0.9285, NLL 0.220,
+ECE 0.023 after 6000 steps in 14 min.
 """
 
 from softmax_jax.train.config import base_config
