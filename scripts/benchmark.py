@@ -1,0 +1,299 @@
+r"""Benchmarks: compiled temporary memory (deterministic) and median wall time (needs a quiet box).
+
+Suites (`--suite`):
+  fused  `linear_cross_entropy` (reduction='mean', and 'none' then .mean()) against the naive
+         loss (optax's, the ratios' baseline, and `ops.cross_entropy`) of `x @ w + b` and, when
+         installed, the PyPI package `jax-cce` (w as [K, d], no bias); value_and_grad of the
+         mean loss w.r.t. x, w, b. `rel err`: max |diff| / max |naive| over loss and gradients.
+
+  python scripts/benchmark.py --suite=fused --preset=cpu_target   # the must-show point, ~5 min
+  python scripts/benchmark.py --suite=fused --preset=cpu_small    # a smoke run, ~2 min
+  python scripts/benchmark.py --suite=fused --preset=cpu          # the grid: memory only, ~1 min
+  python scripts/benchmark.py --suite=fused --preset=cpu --time   # ... and time (~2-3 h on 2 cores)
+  python scripts/benchmark.py --suite=fused --preset=gpu          # K=256k, N=8192, d=2048 bf16
+
+Writes OUT.json and OUT.png (`--out`, default bench_out/SUITE_PRESET) and prints markdown tables.
+Timings wait (up to `--wait_s`) for the 1-minute load to fall below `--max_load`.
+"""
+
+import datetime
+import functools
+import inspect
+import json
+import os
+import platform
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from softmax_jax import ops  # pylint: disable=g-import-not-at-top
+
+flags.DEFINE_string('suite', 'fused', 'Which suite: one of SUITES.')
+flags.DEFINE_enum('preset', 'cpu_target', ['cpu', 'cpu_small', 'cpu_target', 'gpu'], 'Grid.')
+flags.DEFINE_list('dtype', None, 'Override the preset dtypes, e.g. float32,bfloat16.')
+flags.DEFINE_string('out', None, 'Output prefix (default bench_out/SUITE_PRESET).')
+flags.DEFINE_boolean('time', None, 'Time the runs (default: all presets but cpu).')
+flags.DEFINE_integer('repeats', 5, 'Timed runs after one warm-up; the median is reported.')
+flags.DEFINE_integer('chunk_size', None, 'Vocabulary chunk of the fused op (default: its own).')
+flags.DEFINE_integer('token_chunk_size', None, 'Token chunk of the fused op (default: its own).')
+flags.DEFINE_float('max_run_gib', None, 'Compile only (no run) above this much memory '
+                   '(default: 12 on CPU presets, 60 on gpu).')
+flags.DEFINE_float('max_load', 1.3, 'Wait for a 1-minute load below this before timing; 0: never.')
+flags.DEFINE_integer('wait_s', 900, 'Longest wait for a quiet machine, seconds.')
+FLAGS = flags.FLAGS
+MiB = 2**20
+
+CPU = dict(time=True, max_run_gib=12.0, variants=[])
+PRESETS = {  # grid; timed by default; memory sweep (K, d); extra chunk settings to time
+    'cpu': dict(CPU, K=[32_000, 128_000, 256_000], N=[2048, 8192], d=[512, 1024],
+                dtypes=['float32', 'bfloat16'], time=False, sweep=(200_000, 512)),
+    'cpu_small': dict(CPU, K=[32_000], N=[2048], d=[512], dtypes=['float32', 'bfloat16'],
+                      sweep=(32_000, 512)),
+    'cpu_target': dict(CPU, K=[200_000], N=[2048], d=[512], dtypes=['float32'],
+                       sweep=(200_000, 512)),
+    'gpu': dict(K=[256_000], N=[8192], d=[2048], dtypes=['bfloat16'], time=True,
+                max_run_gib=60.0, sweep=(256_000, 2048),
+                variants=[dict(chunk_size=c, token_chunk_size=t)
+                          for c, t in ((8192, 512), (16384, 1024), (32768, 2048))]),
+}
+
+
+def _load():
+  with open('/proc/loadavg') as f:
+    return float(f.read().split()[0])
+
+
+def _wait_quiet():
+  """Waits for a quiet machine; returns the 1-minute load when timing starts."""
+  waited = 0
+  while jax.default_backend() == 'cpu' and FLAGS.max_load and _load() >= FLAGS.max_load and waited < FLAGS.wait_s:
+    print(f'load {_load():.2f} >= {FLAGS.max_load}: waiting 60 s', flush=True)
+    time.sleep(60)
+    waited += 60
+  return _load()
+
+
+def _compile(fn, *args):
+  spec = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+  compiled = jax.jit(fn).lower(*spec).compile()
+  mem = compiled.memory_analysis()
+  return compiled, mem.temp_size_in_bytes, mem.argument_size_in_bytes + mem.output_size_in_bytes
+
+
+def _time(compiled, args):
+  out = jax.block_until_ready(compiled(*args))  # warm-up
+  times = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), out
+
+
+def _rel_err(got, want):
+  """max |got - want| / max |want| over the loss and each gradient."""
+  pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want))
+  return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))
+                   / (float(jnp.max(jnp.abs(r.astype(jnp.float32)))) or 1.0)) for g, r in pairs)
+
+
+# ---------------------------------------------------------------- suite: fused
+
+
+def _fused_methods(chunks, variants):
+  """name -> (loss(x, w_or_wT, b, labels), differentiated argnums, uses w.T)."""
+  lce = functools.partial(ops.linear_cross_entropy, **chunks)
+  optax_ce = optax.softmax_cross_entropy_with_integer_labels
+  methods = {  # the first is the baseline of the ratios: the issue's "naive optax loss"
+      'naive optax': (lambda x, w, b, l: optax_ce(x @ w + b, l).mean(), (0, 1, 2), False),
+      'naive ops': (lambda x, w, b, l: ops.cross_entropy(x @ w + b, l).mean(), (0, 1, 2), False),
+      'fused mean': (lambda x, w, b, l: lce(x, w, l, bias=b, reduction='mean'), (0, 1, 2),
+                     False),
+      'fused none': (lambda x, w, b, l: lce(x, w, l, bias=b).mean(), (0, 1, 2), False),
+  }
+  for v in variants:
+    f = functools.partial(ops.linear_cross_entropy, **v)
+    tag = f"C={v['chunk_size']}, B={v['token_chunk_size']}"
+    methods[f'fused mean {tag}'] = (
+        lambda x, w, b, l, f=f: f(x, w, l, bias=b, reduction='mean'), (0, 1, 2), False)
+    methods[f'fused none {tag}'] = (
+        lambda x, w, b, l, f=f: f(x, w, l, bias=b).mean(), (0, 1, 2), False)
+  try:
+    import jax_cce  # pylint: disable=g-import-not-at-top
+    methods['jax-cce'] = (lambda x, wt, b, l: jax_cce.linear_cross_entropy(x, wt, l), (0, 1),
+                          True)  # w as [K, d], no bias
+  except ImportError:
+    pass
+  return methods
+
+
+def _fused_point(n, d, k, dtype, methods, timed, max_run_gib):
+  """One (N, d, K, dtype): every method's memory; time and error vs naive if `timed`."""
+  rows, args, ref = [], None, None
+  for name, (loss, argnums, transposed) in methods.items():
+    spec = [jax.ShapeDtypeStruct(s, dt) for s, dt in (
+        ((n, d), dtype), ((k, d) if transposed else (d, k), dtype), ((k,), dtype),
+        ((n,), jnp.int32))]
+    compiled, temp, io = _compile(jax.value_and_grad(loss, argnums), *spec)
+    row = dict(dtype=jnp.dtype(dtype).name, N=n, d=d, K=k, method=name, temp_mib=temp / MiB)
+    if timed and (temp + io) / 2**30 <= max_run_gib:
+      if args is None:
+        keys = jax.random.split(jax.random.key(0), 3)
+        args = [jax.random.normal(keys[0], (n, d), dtype),
+                (jax.random.normal(keys[1], (d, k)) / np.sqrt(d)).astype(dtype),
+                jnp.zeros(k, dtype), jax.random.randint(keys[2], (n,), 0, k)]
+      w = args[1].T.copy() if transposed else args[1]
+      row['load'] = _wait_quiet()
+      row['time_s'], (value, grads) = _time(compiled, [args[0], w, *args[2:]])
+      if transposed:  # compare dw in [d, K]; jax-cce has no bias
+        grads = (grads[0], grads[1].T)
+      if ref is None:
+        ref = value, grads
+      else:
+        row['rel_err'] = _rel_err((value, grads), (ref[0], ref[1][:len(grads)]))
+      del w, value, grads
+    rows.append(row)
+  naive = rows[0]
+  for row in rows:
+    row['mem_ratio'] = row['temp_mib'] / naive['temp_mib']
+    if 'time_s' in row and 'time_s' in naive:
+      row['time_ratio'] = row['time_s'] / naive['time_s']
+  return rows
+
+
+def _fused_sweep(k, d, dtype, chunks):
+  """Compile-only temporary memory vs N and chunk sizes at fixed K, d."""
+  lce = ops.linear_cross_entropy
+  defaults = inspect.signature(lce).parameters
+  base = {k: chunks.get(k, defaults[k].default) for k in ('chunk_size', 'token_chunk_size')}
+  points = [dict(base, N=n, naive=True) for n in (1024, 2048, 4096, 8192)]
+  points += [dict(base, N=2048, chunk_size=c) for c in (1024, 2048, 8192, 16384)]
+  points += [dict(base, N=2048, token_chunk_size=t) for t in (64, 128, 512)]
+  rows = []
+  for p in points:
+    n = p.pop('N')
+    spec = [jax.ShapeDtypeStruct(s, dt) for s, dt in
+            (((n, d), dtype), ((d, k), dtype), ((k,), dtype), ((n,), jnp.int32))]
+    kw = dict(chunk_size=p['chunk_size'], token_chunk_size=p['token_chunk_size'])
+    temp = lambda f: _compile(jax.value_and_grad(f, (0, 1, 2)), *spec)[1] / MiB
+    row = dict(N=n, **kw, K=k, d=d, dtype=jnp.dtype(dtype).name, logits_mib=n * k * 4 / MiB,
+               mean_mib=temp(lambda x, w, b, l: lce(x, w, l, bias=b, reduction='mean', **kw)),
+               none_mib=temp(lambda x, w, b, l: lce(x, w, l, bias=b, **kw).mean()))
+    if p.get('naive'):
+      row['naive_mib'] = temp(lambda x, w, b, l: optax.softmax_cross_entropy_with_integer_labels(
+          x @ w + b, l).mean())
+    rows.append(row)
+  return rows
+
+
+def _fmt(v, f):
+  return '' if v is None else f.format(v)
+
+
+def _fused_table(rows):
+  lines = ['| dtype | N | d | K | method | temp MiB | vs optax | time s | vs optax | rel err | load |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f"| {r['dtype']} | {r['N']} | {r['d']} | {r['K']} | {r['method']} | "
+                 f"{r['temp_mib']:.1f} | {r['mem_ratio']:.3f} | {_fmt(r.get('time_s'), '{:.3f}')} | "
+                 f"{_fmt(r.get('time_ratio'), '{:.2f}')} | {_fmt(r.get('rel_err'), '{:.1e}')} | "
+                 f"{_fmt(r.get('load'), '{:.2f}')} |")
+  return '\n'.join(lines)
+
+
+def _sweep_table(sweep):
+  lines = [f"Compile-only temporary memory vs N and chunk sizes, K={sweep[0]['K']}, "
+           f"d={sweep[0]['d']}, {sweep[0]['dtype']}:", '',
+           '| N | chunk_size | token_chunk_size | N*K*4 MiB | naive optax MiB | fused mean MiB | '
+           'fused none MiB |', '|---|---|---|---|---|---|---|']
+  for r in sweep:
+    lines.append(f"| {r['N']} | {r['chunk_size']} | {r['token_chunk_size']} | "
+                 f"{r['logits_mib']:.0f} | {_fmt(r.get('naive_mib'), '{:.0f}')} | "
+                 f"{r['mean_mib']:.1f} | {r['none_mib']:.1f} |")
+  return '\n'.join(lines)
+
+
+def _fused_plot(rows, sweep, path):
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+  d0, dt0 = rows[0]['d'], rows[0]['dtype']
+  color = {m: f'C{i}' for i, m in enumerate(dict.fromkeys(r['method'] for r in rows))}
+  for method in color:
+    for n, style in zip(sorted({r['N'] for r in rows}), ('o-', 's--', '^:')):
+      sel = [r for r in rows if r['method'] == method and r['N'] == n and r['d'] == d0
+             and r['dtype'] == dt0]
+      kw = dict(color=color[method], label=f'{method}, N={n}')
+      axes[0].plot([r['K'] for r in sel], [r['temp_mib'] for r in sel], style, **kw)
+      timed = [r for r in sel if 'time_s' in r]
+      if timed:
+        axes[1].plot([r['K'] for r in timed], [r['time_s'] for r in timed], style, **kw)
+  axes[0].set(xlabel='K', ylabel='temporary MiB', yscale='log', title=f'memory, d={d0} {dt0}')
+  axes[1].set(xlabel='K', ylabel='seconds (median)', title='value_and_grad time')
+  by_n = [r for r in sweep if 'naive_mib' in r]
+  for key, label in (('naive_mib', 'naive optax'), ('mean_mib', 'fused mean'),
+                     ('none_mib', 'fused none')):
+    axes[2].plot([r['N'] for r in by_n], [r[key] for r in by_n], 'o-', label=label,
+                 color=color.get(label))
+  axes[2].set(xlabel='N', ylabel='temporary MiB', xscale='log', yscale='log',
+              title=f"memory vs N, K={sweep[0]['K']}, d={sweep[0]['d']} {sweep[0]['dtype']}")
+  for ax in axes:
+    if ax.lines:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def fused_suite(preset, out):
+  chunks = {k: v for k, v in (('chunk_size', FLAGS.chunk_size),
+                              ('token_chunk_size', FLAGS.token_chunk_size)) if v}
+  timed = preset['time'] if FLAGS.time is None else FLAGS.time
+  max_run_gib = FLAGS.max_run_gib or preset['max_run_gib']
+  methods = _fused_methods(chunks, preset['variants'])
+  dtypes = FLAGS.dtype or preset['dtypes']
+  rows = []
+  for dtype in dtypes:
+    for d in preset['d']:
+      for n in preset['N']:
+        for k in preset['K']:
+          rows += _fused_point(n, d, k, jnp.dtype(dtype), methods, timed, max_run_gib)
+          print(_fused_table(rows[-len(methods):]), flush=True)
+  sweep = _fused_sweep(*preset['sweep'], jnp.dtype(dtypes[0]), chunks)
+  table = _fused_table(rows) + '\n\n' + _sweep_table(sweep)
+  if jax.default_backend() == 'gpu':
+    table += ('\n\nFor comparison, Cut Cross-Entropy paper (Wijmans et al. 2024), A100, '
+              'loss + gradient memory: baseline 28 GB -> CCE 1.1 GB.')
+  print(table)
+  _fused_plot(rows, sweep, out + '.png')
+  return dict(chunks=chunks, baseline='optax.softmax_cross_entropy_with_integer_labels(x @ w + b, labels).mean()',
+              rows=rows, sweep=sweep, markdown=table)
+
+
+SUITES = {'fused': fused_suite}
+
+
+def main(argv):
+  del argv
+  out = FLAGS.out or os.path.join('bench_out', f'{FLAGS.suite}_{FLAGS.preset}')
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  start, load = time.time(), _load()
+  result = SUITES[FLAGS.suite](PRESETS[FLAGS.preset], out)
+  result.update(suite=FLAGS.suite, preset=FLAGS.preset, date=str(datetime.date.today()),
+                device=jax.devices()[0].device_kind, cpus=os.cpu_count(),
+                machine=platform.platform(), jax=jax.__version__, load_at_start=load,
+                load_at_end=_load(), wall_s=time.time() - start)
+  with open(out + '.json', 'w') as f:
+    json.dump(result, f, indent=1)
+  print(f'wrote {out}.json and {out}.png in {time.time() - start:.0f} s')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,233 @@
+"""Tests of the fused linear cross-entropy against a float64 NumPy reference."""
+
+import itertools
+
+import jax
+import jax.extend
+from jax.test_util import check_grads
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from softmax_jax.ops import cross_entropy
+from softmax_jax.ops import linear_cross_entropy
+
+# Non-divisible everywhere: 2 * 21 = 42 tokens in chunks of 16, 300 classes in chunks of 64.
+LEAD, D, K = (2, 21), 24, 300
+CHUNKS = dict(chunk_size=64, token_chunk_size=16)
+OPTIONS = dict(label_smoothing=0.1, z_loss=1e-2, logit_soft_cap=4.0)
+
+
+def _reference(x, w, labels, ct, *, bias=None, logit_offsets=None, where=None,
+               label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None, reduction='none'):
+  """float64 loss, lse and the gradients of `sum(ct * loss)` (x, w, bias, offsets)."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  x2, l, k = x.reshape(-1, x.shape[-1]), np.asarray(labels).reshape(-1), w.shape[1]
+  b = 0.0 if bias is None else np.asarray(bias, np.float64)
+  o = 0.0 if logit_offsets is None else np.asarray(logit_offsets, np.float64)
+  m = np.ones(l.shape, bool) if where is None else np.asarray(where).reshape(-1)
+  z = x2 @ w + b
+  dcap = 1.0
+  if logit_soft_cap:
+    t = np.tanh(z / logit_soft_cap)
+    z, dcap = logit_soft_cap * t, 1.0 - t * t
+  z = z + o
+  lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+  eps, finite = label_smoothing, np.isfinite(z)  # smoothing over classes with a finite logit
+  target = (1.0 - eps) * np.eye(k)[np.where(m, l, 0)] + eps * finite / finite.sum(1, keepdims=True)
+  loss = np.where(m, lse - (target * np.where(finite, z, 0)).sum(1) + z_loss * lse**2, 0.0)
+  rows = np.broadcast_to(np.asarray(ct, np.float64), labels.shape).reshape(-1) * m
+  if reduction == 'mean':
+    rows = rows / max(m.sum(), 1)
+  p = np.exp(z - lse[:, None])  # 0 on -inf logits
+  dz = rows[:, None] * (p * (1.0 + 2.0 * z_loss * lse[:, None]) - target)
+  dzp = dz * dcap
+  grads = (dzp @ w.T).reshape(x.shape), x2.T @ dzp, dzp.sum(0), dz.sum(0)
+  if reduction != 'none':
+    loss = loss.sum() / (max(m.sum(), 1) if reduction == 'mean' else 1)
+  return loss.reshape(labels.shape if reduction == 'none' else ()), lse, grads
+
+
+def _data(dtype=jnp.float32, lead=LEAD, d=D, k=K, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(*lead, d)), dtype)
+  w = jnp.asarray(rng.normal(size=(d, k)) / np.sqrt(d) * 3, dtype)
+  bias, offsets = (rng.normal(size=k) for _ in range(2))
+  offsets[k - 3:] = -np.inf  # padded vocabulary columns, dropped by their offset
+  bias, offsets = jnp.asarray(bias, dtype), jnp.asarray(offsets, dtype)
+  labels = jnp.asarray(rng.integers(0, k - 3, lead), jnp.int32)
+  where = jnp.asarray(rng.random(lead) > 0.25)
+  labels = jnp.where(where, labels, -100)  # padding labels are ignored, whatever they are
+  return x, w, labels, bias, offsets, where
+
+
+def _close(got, want, tol):
+  got, want = np.asarray(jnp.asarray(got, jnp.float32), np.float64), np.asarray(want)
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize('reduction,dtype,options', list(itertools.product(
+    ['none', 'sum', 'mean'], [jnp.float32, jnp.bfloat16], [False, True])))
+def test_matches_float64_reference(reduction, dtype, options):
+  x, w, labels, bias, offsets, where = _data(dtype)
+  kw = dict(where=where, reduction=reduction, **(OPTIONS if options else {}))
+  ct = jnp.asarray(np.random.default_rng(1).normal(size=LEAD) if reduction == 'none' else 1.5)
+
+  def f(x, w, bias, offsets):
+    loss, lse = linear_cross_entropy(x, w, labels, bias=bias, logit_offsets=offsets,
+                                     return_lse=True, **kw, **CHUNKS)
+    return (ct * loss).sum(), (loss, lse)
+
+  (_, (loss, lse)), grads = jax.jit(jax.value_and_grad(f, (0, 1, 2, 3), has_aux=True))(
+      x, w, bias, offsets)
+  ref_loss, ref_lse, ref_grads = _reference(x, w, labels, ct, bias=bias,
+                                            logit_offsets=offsets, **kw)
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  assert loss.dtype == lse.dtype == jnp.float32 and loss.shape == ref_loss.shape
+  _close(loss, ref_loss, tol)
+  _close(lse, ref_lse.reshape(LEAD), tol)
+  for g, a, r in zip(grads, (x, w, bias, offsets), ref_grads):
+    assert g.dtype == a.dtype and g.shape == a.shape
+    _close(g, r.reshape(a.shape), tol)
+
+
+@pytest.mark.parametrize('reduction', ['none', 'sum', 'mean'])
+def test_check_grads_float64(reduction):
+  with jax.enable_x64(True):
+    x, w, labels, bias, offsets, where = _data(jnp.float64, lead=(9,), d=5, k=13)
+    f = jax.jit(lambda x, w, b, o: linear_cross_entropy(
+        x, w, labels, bias=b, logit_offsets=o, where=where, reduction=reduction,
+        chunk_size=5, token_chunk_size=4, **OPTIONS))
+    check_grads(f, (x, w, bias, offsets), order=1, modes=['rev'])
+    g = jax.jit(lambda x, w: linear_cross_entropy(x, w, labels, where=where, return_lse=True,
+                                                  reduction=reduction, chunk_size=5)[1])
+    check_grads(g, (x, w), order=1, modes=['rev'])  # through the returned lse
+
+
+def test_lse_gradient_beside_reduced_loss():
+  x, w, labels, *_ = _data()
+  labels = jnp.maximum(labels, 0)
+  def loss(fn, x, w):
+    mean, lse = fn(x, w)
+    return mean + 1e-2 * (lse**2).mean()
+  fused = lambda x, w: linear_cross_entropy(x, w, labels, reduction='mean',
+                                            return_lse=True, **CHUNKS)
+  want = _reference(x, w, labels, 1.0, reduction='mean', z_loss=1e-2)[2]  # same sum
+  got = jax.jit(jax.grad(lambda x, w: loss(fused, x, w), (0, 1)))(x, w)
+  for g, r in zip(got, want[:2]):
+    _close(g, r.reshape(g.shape), 1e-5)
+
+
+@pytest.mark.parametrize('reduction', ['none', 'mean'])
+def test_equals_cross_entropy_of_logits(reduction):
+  """The contract: `cross_entropy(x @ w + bias, labels)`, here with -inf offsets and smoothing."""
+  x, w, labels, bias, offsets, _ = _data()
+  labels = jnp.maximum(labels, 0)
+  kw = dict(label_smoothing=0.1)
+  def naive(x, w, b):
+    loss = cross_entropy(x @ w + b + offsets, labels, **kw)
+    return loss.mean() if reduction == 'mean' else (loss * labels).sum()
+  def fused(x, w, b):
+    loss = linear_cross_entropy(x, w, labels, bias=b, logit_offsets=offsets,
+                                reduction=reduction, **kw, **CHUNKS)
+    return loss if reduction == 'mean' else (loss * labels).sum()
+  got, want = (jax.jit(jax.value_and_grad(f, (0, 1, 2)))(x, w, bias) for f in (fused, naive))
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    _close(g, r, 1e-5)
+
+
+def test_where_equals_slicing():
+  x, w, labels, _, _, where = _data()
+  keep = np.asarray(where)
+  f = lambda x, w, l, m: linear_cross_entropy(x, w, l, where=m, reduction='mean', **CHUNKS)
+  got = jax.jit(jax.value_and_grad(f, (0, 1)))(x, w, labels, where)
+  want = jax.jit(jax.value_and_grad(f, (0, 1)))(x[keep], w, labels[keep], None)
+  _close(got[0], want[0], 1e-6)
+  _close(got[1][0][keep], want[1][0], 1e-6)
+  assert not np.any(np.asarray(got[1][0])[~keep])  # padding rows: exactly zero gradient
+  _close(got[1][1], want[1][1], 1e-6)
+  none = linear_cross_entropy(x, w, labels, where=where)
+  assert not np.any(np.asarray(none)[~keep])
+
+
+def _count_dots(jaxpr):
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == 'dot_general'
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      n += _count_dots(sub)
+  return n
+
+
+@pytest.mark.parametrize('reduction,argnums,dots', [
+    ('mean', (0, 1), 3), ('sum', (1,), 2), ('none', (0, 1), 4)])
+def test_matrix_products(reduction, argnums, dots):
+  x, w, labels, *_ = _data(lead=(64,), k=256)  # divisible: one loop body, no tail
+  f = lambda x, w: linear_cross_entropy(x, w, labels, reduction=reduction, chunk_size=64,
+                                        token_chunk_size=16).sum()
+  assert _count_dots(jax.make_jaxpr(jax.value_and_grad(f, argnums))(x, w).jaxpr) == dots
+
+
+@pytest.mark.parametrize('reduction', ['none', 'sum', 'mean'])
+def test_no_n_by_k_buffer(reduction):
+  n, d, k = 2048, 512, 200_000  # compile only: memory is deterministic, time is not
+  x, w = jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, k), jnp.float32)
+  labels = jax.ShapeDtypeStruct((n,), jnp.int32)
+  naive = lambda x, w, l: (jax.nn.logsumexp(x @ w, -1)
+                           - jnp.take_along_axis(x @ w, l[:, None], -1)[:, 0]).mean()
+  fused = lambda x, w, l: linear_cross_entropy(x, w, l, reduction=reduction).mean()
+  temp = lambda f: jax.jit(jax.value_and_grad(f, (0, 1))).lower(
+      x, w, labels).compile().memory_analysis().temp_size_in_bytes
+  assert temp(fused) < n * k * 4 / 4
+  assert temp(fused) < 0.1 * temp(naive)
+
+
+def test_out_of_range_labels():
+  x, w, *_ = _data(lead=(6,))
+  labels = jnp.arange(6) * 7
+  bad = labels.at[4].set(K)
+  with pytest.raises(ValueError, match=r'labels got 300 at position \(4,\)'):
+    linear_cross_entropy(x, w, bad)
+  with pytest.raises(ValueError, match=r'labels got -1 at position \(2,\)'):
+    linear_cross_entropy(x, w, labels.at[2].set(-1), reduction='mean')
+  linear_cross_entropy(x, w, bad, where=jnp.arange(6) != 4)  # masked: ignored
+  for reduction in ['none', 'sum', 'mean']:
+    f = jax.jit(lambda x, w, l: linear_cross_entropy(x, w, l, reduction=reduction, **CHUNKS))
+    loss, (dx, dw) = jax.jit(jax.value_and_grad(lambda *a: f(*a).sum(), (0, 1)))(x, w, bad)
+    assert np.isnan(np.asarray(f(x, w, bad))).any() and np.isnan(loss)
+    assert np.isnan(np.asarray(dx[4])).all() and np.isnan(np.asarray(dw)).any()
+
+
+def test_bad_arguments():
+  x, w, labels, bias, *_ = _data(lead=(6,))
+  cases = [
+      (dict(w=w[None]), r'w got shape \(1, 24, 300\), needs rank 2'),
+      (dict(x=x[:, :5]), r'x got shape \(6, 5\), needs \[..., d\] with d = w.shape\[0\] = 24'),
+      (dict(labels=labels[:5]), r'labels got shape \(5,\), needs x.shape\[:-1\] = \(6,\)'),
+      (dict(labels=labels.astype(jnp.float32)), 'labels got dtype float32, needs an integer'),
+      (dict(x=x.astype(jnp.int32), w=w.astype(jnp.int32)), 'x got dtype int32, needs a float'),
+      (dict(bias=bias[:-1]), r'bias got shape \(299,\), needs \[K\] = \(300,\)'),
+      (dict(logit_offsets=bias[None]), r'logit_offsets got shape \(1, 300\)'),
+      (dict(where=jnp.ones(6)), r'where got float32\[6\], needs bool\[6\]'),
+      (dict(label_smoothing=1.0), r'label_smoothing got 1.0, needs a value in \[0, 1\)'),
+      (dict(logit_soft_cap=0.0), 'logit_soft_cap got 0.0, needs None or a value > 0'),
+      (dict(reduction='avg'), "reduction got 'avg', needs 'none', 'sum' or 'mean'"),
+      (dict(chunk_size=0), 'chunk_size got 0, needs a positive int'),
+      (dict(token_chunk_size=2.5), 'token_chunk_size got 2.5, needs a positive int'),
+  ]
+  for kw, match in cases:
+    args = dict(x=x, w=w, labels=labels) | kw
+    with pytest.raises(ValueError, match=match):
+      linear_cross_entropy(args.pop('x'), args.pop('w'), args.pop('labels'), **args)
+
+
+def test_vmap_and_rank_one_x():
+  x, w, labels, *_ = _data(lead=(3, 10))
+  labels = jnp.maximum(labels, 0)
+  f = lambda x, l: linear_cross_entropy(x, w, l, reduction='mean', **CHUNKS)
+  g = lambda x, l: cross_entropy(x @ w, l).mean()
+  got, want = (jax.jit(jax.vmap(jax.value_and_grad(h)))(x, labels) for h in (f, g))
+  for a, b in zip(got, want):
+    _close(a, b, 1e-5)
+  _close(linear_cross_entropy(x[0, 0], w, labels[0, 0]), cross_entropy(x[0, 0] @ w, labels[0, 0]),
+         1e-6)
