@@ -6,7 +6,8 @@ Run:
   python scripts/train.py --config=configs/digits.py --workdir=/tmp/digits
   python scripts/train.py --config=configs/digits.py:small --workdir=/tmp/digits_small  # quick check
 
-Measured (WORKSPACE.md, 2-core CPU): see the results table there.
+Measured 2026-11-23 on the 2-core dev box (WORKSPACE.md): test accuracy 0.9833, NLL 0.069,
+ECE 0.012; 6.5 s for the training command, 37 s with a fresh venv and install.
 """
 
 from softmax_jax.train.config import base_config
