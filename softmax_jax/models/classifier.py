@@ -22,12 +22,15 @@ class Classifier(nn.Module):
   head: nn.Module
 
   def __call__(self, images: jnp.ndarray, labels: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Per-example loss `[B]` for `images: [B, ...]`, `labels: [B] int`."""
     return self.head(self.backbone(images, train=train), labels, train=train)
 
   def log_prob(self, images: jnp.ndarray) -> jnp.ndarray:
+    """Exact normalized log-probabilities `[B, K]` (evaluation mode)."""
     return self.head.log_prob(self.backbone(images, train=False))
 
   def predict(self, images: jnp.ndarray) -> jnp.ndarray:
+    """Most probable class `[B] int32`, the argmax of `log_prob`."""
     return self.head.predict(self.backbone(images, train=False))
 
 
