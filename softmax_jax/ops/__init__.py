@@ -1,13 +1,33 @@
 """Pure JAX ops of the softmax family. No Flax; jit/vmap/grad-safe; reduce over the last axis."""
 
 from softmax_jax.ops.fused import linear_cross_entropy
+from softmax_jax.ops.margins import arcface_logits
+from softmax_jax.ops.margins import combined_margin_logits
+from softmax_jax.ops.margins import cosface_logits
+from softmax_jax.ops.margins import cosine_logits
+from softmax_jax.ops.margins import l2_normalize
+from softmax_jax.ops.margins import sphereface_lambda
+from softmax_jax.ops.margins import sphereface_logits
+from softmax_jax.ops.margins import sphereface_psi
 from softmax_jax.ops.softmax import cross_entropy
 from softmax_jax.ops.softmax import log_softmax
 from softmax_jax.ops.softmax import logsumexp
 from softmax_jax.ops.softmax import soft_cross_entropy
 from softmax_jax.ops.softmax import softmax
+from softmax_jax.ops.spherical import spherical_softmax
+from softmax_jax.ops.spherical import taylor_softmax
 
 __all__ = [
+    "arcface_logits",
+    "combined_margin_logits",
+    "cosface_logits",
+    "cosine_logits",
+    "l2_normalize",
+    "spherical_softmax",
+    "sphereface_lambda",
+    "sphereface_logits",
+    "sphereface_psi",
+    "taylor_softmax",
     "cross_entropy",
     "linear_cross_entropy",
     "log_softmax",

@@ -133,11 +133,11 @@ def log_softmax(x, *, where=None, temperature=1.0):
   return _normalize(_scale(xc, temperature), where)[1].astype(_out_dtype(x, xc))
 
 
-def _check_labels(labels, num_classes, lead_shape):
+def _check_labels(labels, num_classes, lead_shape, logits_name='logits'):
   if not isinstance(labels, jax.Array):
     labels = np.asarray(labels)
   if labels.shape != lead_shape:
-    raise ValueError(f'`labels` must have shape logits.shape[:-1] = {lead_shape}; '
+    raise ValueError(f'`labels` must have shape {logits_name}.shape[:-1] = {lead_shape}; '
                      f'got shape {labels.shape}.')
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f'`labels` must be integer class indices; got dtype {labels.dtype}.')

@@ -1,0 +1,78 @@
+"""Softmax alternatives of the spherical family: spherical softmax and Taylor softmax.
+
+Both map scores to a distribution without `exp`: `p_k = f(x_k) / sum_j f(x_j)` with `f(z) = z^2 + eps`
+(spherical) or the even-order Taylor polynomial of `exp` (Taylor), which is positive. Maths in
+float32 for 16-bit inputs; `where=False` entries get probability exactly 0.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softmax_jax.ops.softmax import _check_where, _out_dtype
+
+
+def _float(x):
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _masked(x, where):
+  where = _check_where(where, x)
+  return x if where is None else jnp.where(where, x, 0)
+
+
+def _normalize_rows(f, where, x_dtype):
+  """`f / sum(f)` over the last axis; an all-zero row becomes uniform over its kept entries."""
+  keep = jnp.ones_like(f, dtype=jnp.bool_) if where is None else jnp.broadcast_to(where, f.shape)
+  total = jnp.sum(f, axis=-1, keepdims=True)
+  ok = total > 0
+  uniform = keep / jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
+  p = jnp.where(ok, f / jnp.where(ok, total, 1), uniform)
+  return p.astype(x_dtype)
+
+
+def spherical_softmax(x, *, eps=0.0, where=None):
+  """Spherical softmax `(x_k^2 + eps) / sum_j (x_j^2 + eps)` over the last axis.
+
+  Reference: de Brébisson & Vincent, "An exploration of softmax alternatives belonging to the
+  spherical loss family", ICLR 2016. A row of zeros with eps = 0 gives the uniform distribution.
+
+  Args:
+    x: [..., K] float.
+    eps: >= 0 added to every square.
+    where: optional [..., K] bool; False entries get probability 0.
+
+  Returns:
+    [..., K] probabilities in the dtype of `x`.
+  """
+  x = jnp.asarray(x)
+  if not isinstance(eps, jax.core.Tracer) and not float(eps) >= 0:
+    raise ValueError(f'`eps` must be >= 0; got {eps}.')
+  xf = _float(x)
+  return _normalize_rows(_masked(xf * xf + eps, where), where, _out_dtype(x, xf))
+
+
+def taylor_softmax(x, *, order=2, where=None):
+  """Taylor softmax `f(x_k) / sum_j f(x_j)`, `f(z) = sum_{i<=n} z^i / i!` (n even, so f > 0).
+
+  n = 2 is `1 + z + z^2 / 2 >= 1/2`. Reference: Vincent et al., "Efficient exact gradient update
+  for training deep networks with very large sparse targets", NeurIPS 2015; de Brébisson &
+  Vincent 2016.
+
+  Args:
+    x: [..., K] float.
+    order: even n >= 2.
+    where: optional [..., K] bool; False entries get probability 0.
+
+  Returns:
+    [..., K] probabilities in the dtype of `x`.
+  """
+  if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 2 or order % 2:
+    raise ValueError(f'`order` must be an even integer >= 2 (odd orders can be negative); got {order!r}.')
+  x = jnp.asarray(x)
+  xf = _float(x)
+  f, term = jnp.ones_like(xf), jnp.ones_like(xf)
+  for i in range(1, int(order) + 1):
+    term = term * xf / i
+    f = f + term
+  return _normalize_rows(_masked(f, where), where, _out_dtype(x, xf))
