@@ -122,6 +122,21 @@ def _channel_stats(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   return (mean / 255.0).astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
 
 
+def _keep_classes(splits: Dict[str, Split], classes, num_classes: int, dataset: str) -> Dict[str, Split]:
+  """Keeps the examples of `classes` (distinct ids) in every split; class `classes[i]` becomes i."""
+  ids = [int(c) for c in classes]
+  if len(ids) < 2 or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= num_classes:
+    raise ValueError(f"data.classes must be >= 2 distinct class ids in [0, {num_classes}) of "
+                     f"'{dataset}'; got {tuple(classes)}")
+  relabel = np.full(num_classes, -1, np.int32)
+  relabel[ids] = np.arange(len(ids), dtype=np.int32)
+  out = {}
+  for name, split in splits.items():
+    keep = relabel[split.labels] >= 0
+    out[name] = Split(split.images[keep], relabel[split.labels[keep]])
+  return out
+
+
 def load_dataset(config: Any) -> Dataset:
   """Loads a dataset into host memory with train/validation/test splits.
 
@@ -133,7 +148,9 @@ def load_dataset(config: Any) -> Dataset:
   Args:
     config: attributes (or dict keys) `name` (one of `KNOWN_DATASETS`), `data_dir` (None: TFDS
       default), `source_dir` (fashion_mnist_idx raw files; None: Debian's path),
-      `validation_fraction` (default 0.1), `split_seed` (default 0).
+      `validation_fraction` (default 0.1), `split_seed` (default 0), `classes` (None: all; else
+      the class ids to keep, relabelled 0.. in the given order, e.g. to hold classes out for
+      open-set evaluation).
 
   Returns:
     the `Dataset`; mean/std are computed on its (carved) train split.
@@ -163,15 +180,21 @@ def load_dataset(config: Any) -> Dataset:
                           split=split)
     check_labels(splits[split].labels, num_classes, dataset=name, split=split)
     splits[split].labels = splits[split].labels.astype(np.int32)
+  names = getattr(label_feature, 'names', None)
+  names = list(names) if names else None
+  classes = _field(config, 'classes')
+  if classes is not None:
+    splits = _keep_classes(splits, classes, num_classes, name)
+    num_classes = len(classes)
+    names = [names[int(c)] for c in classes] if names else None
   if 'validation' not in splits:
     splits['train'], splits['validation'] = _carve(
         splits['train'], float(_field(config, 'validation_fraction', 0.1)),
         int(_field(config, 'split_seed', 0)))
   splits = {k: splits[k] for k in ('train', 'validation', 'test')}
   mean, std = _channel_stats(splits['train'].images)
-  names = getattr(label_feature, 'names', None)
   return Dataset(name=name, num_classes=num_classes, input_shape=shape, splits=splits,
-                 mean=mean, std=std, class_names=list(names) if names else None)
+                 mean=mean, std=std, class_names=names)
 
 
 def train_batches(dataset: Dataset, batch_size: int, *, seed: int,

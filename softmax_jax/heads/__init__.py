@@ -1,7 +1,8 @@
 """Output heads (flax.linen) over `softmax_jax.ops`, all with one contract (see dense.py)."""
 
 from softmax_jax.heads.dense import DenseSoftmax
+from softmax_jax.heads.margin import MarginSoftmax
 
-HEADS = {'dense': DenseSoftmax}
+HEADS = {'dense': DenseSoftmax, 'margin': MarginSoftmax}
 
-__all__ = ['DenseSoftmax', 'HEADS']
+__all__ = ['DenseSoftmax', 'HEADS', 'MarginSoftmax']

@@ -7,7 +7,7 @@ contract: `__call__(images, labels, *, train) -> loss [B]`, `log_prob(images) ->
 
 import dataclasses
 import difflib
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -21,9 +21,19 @@ class Classifier(nn.Module):
   backbone: nn.Module
   head: nn.Module
 
-  def __call__(self, images: jnp.ndarray, labels: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    """Per-example loss `[B]` for `images: [B, ...]`, `labels: [B] int`."""
-    return self.head(self.backbone(images, train=train), labels, train=train)
+  def __call__(self, images: jnp.ndarray, labels: jnp.ndarray, *, train: bool,
+               step: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """Per-example loss `[B]` for `images: [B, ...]`, `labels: [B] int`.
+
+    `step` (the training step, [] int) reaches heads whose class sets `uses_step = True`
+    (schedules inside a loss, e.g. SphereFace's lambda); other heads never see it.
+    """
+    kwargs = {'step': step} if step is not None and getattr(type(self.head), 'uses_step', False) else {}
+    return self.head(self.backbone(images, train=train), labels, train=train, **kwargs)
+
+  def features(self, images: jnp.ndarray) -> jnp.ndarray:
+    """Backbone features `[B, d]` in evaluation mode (the embeddings the head scores)."""
+    return self.backbone(images, train=False)
 
   def log_prob(self, images: jnp.ndarray) -> jnp.ndarray:
     """Exact normalized log-probabilities `[B, K]` (evaluation mode)."""

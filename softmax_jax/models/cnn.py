@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 
 class CNN(nn.Module):
-  """Maps images `[B, H, W, C]` to features `[B, dense]`.
+  """Maps images `[B, H, W, C]` to features `[B, dense]` (or `[B, embedding]`).
 
   Each entry of `channels` is one block of `convs_per_block` 3x3 convolutions and a 2x2
   max-pool (the VGG pattern at toy scale), followed by one dense layer with dropout.
@@ -17,11 +17,14 @@ class CNN(nn.Module):
     convs_per_block: 3x3 convolutions in each block.
     dense: width of the final dense layer (the feature dimension).
     dropout: dropout rate before and after the dense layer (train only; rng stream 'dropout').
+    embedding: if > 0, a final linear layer (no activation) to this many features, e.g. 2 to
+      draw the learned features, as in the SphereFace and center-loss papers.
   """
   channels: Sequence[int] = (32, 64)
   convs_per_block: int = 2
   dense: int = 256
   dropout: float = 0.0
+  embedding: int = 0
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -34,4 +37,5 @@ class CNN(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.gelu(nn.Dense(self.dense)(x))
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.embedding)(x) if self.embedding > 0 else x

@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
       source_dir=config_dict.placeholder(str),      # raw files of a local builder (fashion_mnist_idx)
       validation_fraction=0.1,                      # carved from train with split_seed
       split_seed=0,
+      classes=config_dict.placeholder(tuple),       # keep only these class ids, relabelled 0.. in this order
   ))
   c.model = ml_collections.ConfigDict(dict(name='mlp', hidden=(256, 256), dropout=0.1))
   c.head = ml_collections.ConfigDict(dict(name='dense'))

@@ -23,7 +23,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, axis_name: Opti
 
   def loss_fn(params):
     losses = model.apply({'params': params}, batch['image'], batch['label'], train=True,
-                         rngs={'dropout': dropout_rng, 'sample': sample_rng})
+                         step=state['step'], rngs={'dropout': dropout_rng, 'sample': sample_rng})
     return jnp.mean(losses.astype(jnp.float32))
 
   loss, grads = jax.value_and_grad(loss_fn)(state['params'])

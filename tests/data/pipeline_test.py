@@ -176,3 +176,24 @@ def test_eval_batches_on_digits(digits):
   assert len(batches) == 3 and sum(int(b['mask'].sum()) for b in batches) == 360
   with pytest.raises(ValueError, match="no split 'dev'"):
     next(data.eval_batches(dataset, 'dev', 128))
+
+
+def test_keep_classes_relabels_in_the_given_order(digits):
+  config, full = digits
+  subset = data.load_dataset(dict(config, classes=(7, 2, 5)))
+  assert subset.num_classes == 3 and subset.class_names == ['7', '2', '5']
+  for split in ('train', 'validation', 'test'):
+    labels = subset.splits[split].labels
+    assert set(np.unique(labels)) == {0, 1, 2}
+  test, sub_test = full.splits['test'], subset.splits['test']
+  for new, old in enumerate((7, 2, 5)):  # the same images, in source order, under the new label
+    np.testing.assert_array_equal(sub_test.images[sub_test.labels == new], test.images[test.labels == old])
+  n_train = sum((full.splits[s].labels[:, None] == [7, 2, 5]).any(1).sum() for s in ('train', 'validation'))
+  assert len(subset.splits['train']) + len(subset.splits['validation']) == n_train
+
+
+@pytest.mark.parametrize('classes', [(3,), (1, 1), (0, 10), (-1, 2)])
+def test_bad_classes_are_named(digits, classes):
+  config, _ = digits
+  with pytest.raises(ValueError, match=r'data.classes must be >= 2 distinct class ids in \[0, 10\)'):
+    data.load_dataset(dict(config, classes=classes))

@@ -30,3 +30,13 @@ def test_unknown_keys_are_named(model_cfg, head_cfg, match):
 def test_cnn_rejects_flat_inputs():
   with pytest.raises(ValueError, match=r'CNN: images must be \[B, H, W, C\] \(rank 4\), got shape \(2, 64\)'):
     CNN().init(jax.random.PRNGKey(0), jnp.zeros((2, 64)), train=False)
+
+
+def test_cnn_embedding_is_a_final_linear_layer():
+  images = jnp.zeros((3, 8, 8, 1)).at[0].set(1.0)
+  cnn = CNN(channels=(4,), dense=8, embedding=2)
+  params = cnn.init(jax.random.PRNGKey(0), images, train=False)
+  out = cnn.apply(params, images, train=False)
+  assert out.shape == (3, 2)
+  assert params['params']['Dense_1']['kernel'].shape == (8, 2)
+  assert float(jnp.min(out)) < 0  # no activation after it (gelu's minimum is about -0.17)
