@@ -7,6 +7,7 @@ import time
 from typing import Dict
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
@@ -30,6 +31,32 @@ def evaluate(driver, state, dataset, split: str, batch_size: int) -> Dict[str, f
     masks.append(batch['mask'])
   return metrics_lib.classification_metrics(
       np.concatenate(log_probs), np.concatenate(labels), where=np.concatenate(masks), prefix=f'{split}/')
+
+
+def load_trained(workdir: str):
+  """Rebuilds a finished (or interrupted) run from its workdir, for analysis after training.
+
+  Returns:
+    `(config, dataset, model, params)`: the config of `workdir/config.json`, its dataset, the
+    `Classifier`, and the parameters of the latest checkpoint.
+
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint in `workdir`.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: is {workdir!r} a workdir of scripts/train.py?')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  dataset = data.load_dataset(config.data)
+  model = build_classifier(config.model, config.head, dataset.num_classes)
+  _, tx = make_optimizer(config.optimizer, config.num_steps)
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.max_checkpoints)
+  state, step = ckpt.restore_latest(init_state(model, tx, dataset.input_shape, config.seed))
+  ckpt.close()
+  if not step:
+    raise FileNotFoundError(f'no checkpoint under {os.path.join(workdir, "checkpoints")}')
+  return config, dataset, model, state['params']
 
 
 def _save_config(config, workdir: str) -> None:
