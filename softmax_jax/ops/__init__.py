@@ -1,6 +1,14 @@
 """Pure JAX ops of the softmax family. No Flax; jit/vmap/grad-safe; reduce over the last axis."""
 
 from softmax_jax.ops.fused import linear_cross_entropy
+from softmax_jax.ops.imbalance import class_balanced_weights
+from softmax_jax.ops.imbalance import drw_class_weights
+from softmax_jax.ops.imbalance import focal_loss
+from softmax_jax.ops.imbalance import ldam_loss
+from softmax_jax.ops.imbalance import ldam_margins
+from softmax_jax.ops.imbalance import log_prior
+from softmax_jax.ops.imbalance import logit_adjusted_cross_entropy
+from softmax_jax.ops.imbalance import posthoc_logit_adjustment
 from softmax_jax.ops.margins import arcface_logits
 from softmax_jax.ops.margins import combined_margin_logits
 from softmax_jax.ops.margins import cosface_logits
@@ -28,10 +36,18 @@ __all__ = [
     "sphereface_logits",
     "sphereface_psi",
     "taylor_softmax",
+    "class_balanced_weights",
     "cross_entropy",
+    "drw_class_weights",
+    "focal_loss",
+    "ldam_loss",
+    "ldam_margins",
     "linear_cross_entropy",
+    "log_prior",
     "log_softmax",
+    "logit_adjusted_cross_entropy",
     "logsumexp",
+    "posthoc_logit_adjustment",
     "soft_cross_entropy",
     "softmax",
 ]
