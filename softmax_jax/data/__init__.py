@@ -1,16 +1,21 @@
 """Data: local TFDS builders (digits, Fashion-MNIST IDX), stock TFDS datasets, NumPy batches.
 
 `load_dataset(config.data)` returns a `Dataset` held in host memory; `train_batches` yields
-deterministic, resumable shuffled batches and `eval_batches` one padded, masked pass.
+deterministic, resumable shuffled or class-aware batches and `eval_batches` one padded, masked
+pass. `longtail` cuts long-tailed train splits (`config.data.imbalance_ratio`) and holds the
+class-sampling weights and over/undersampling behind `train_batches(..., sampling=...)`.
 No TensorFlow: everything is read through TFDS ArrayRecord data sources.
 """
 
-from softmax_jax.data import builders
+from softmax_jax.data import builders, longtail
 from softmax_jax.data.builders import check_labels
-from softmax_jax.data.pipeline import (KNOWN_DATASETS, Dataset, Split, eval_batches, load_dataset,
-                                       train_batches)
+from softmax_jax.data.longtail import (class_sampling_weights, long_tailed_counts, make_long_tailed,
+                                       resampled_indices)
+from softmax_jax.data.pipeline import (KNOWN_DATASETS, SAMPLING, Dataset, Split, eval_batches,
+                                       load_dataset, train_batches)
 
 __all__ = [
-    'KNOWN_DATASETS', 'Dataset', 'Split', 'builders', 'check_labels', 'eval_batches',
-    'load_dataset', 'train_batches',
+    'KNOWN_DATASETS', 'SAMPLING', 'Dataset', 'Split', 'builders', 'check_labels',
+    'class_sampling_weights', 'eval_batches', 'load_dataset', 'long_tailed_counts', 'longtail',
+    'make_long_tailed', 'resampled_indices', 'train_batches',
 ]

@@ -11,13 +11,14 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
-from softmax_jax.data import builders
+from softmax_jax.data import builders, longtail
 
 # Stock TFDS datasets (need a network the first time) and the splits they ship.
 STOCK_SPLITS = {name: ('train', 'test') for name in ('mnist', 'fashion_mnist', 'cifar10', 'cifar100')}
 KNOWN_DATASETS = tuple(builders.LOCAL_BUILDERS) + tuple(STOCK_SPLITS)
 _LOCAL_SPLITS = ('train', 'test')
 _READ_CHUNK = 4096
+SAMPLING = longtail.CLASS_SAMPLING + longtail.RESAMPLING
 
 
 @dataclasses.dataclass
@@ -60,6 +61,11 @@ class Dataset:
     """Maps uint8 pixels `[..., H, W, C]` to float32 `(x / 255 - mean) / std`, same shape."""
     x = np.asarray(images_uint8, np.float32) * np.float32(1.0 / 255.0)
     return (x - self.mean) / self.std
+
+  @property
+  def class_counts(self) -> np.ndarray:
+    """`[K]` int64 number of training examples of each class."""
+    return np.bincount(self.splits['train'].labels, minlength=self.num_classes)
 
 
 check_labels = builders.check_labels
@@ -150,13 +156,17 @@ def load_dataset(config: Any) -> Dataset:
       default), `source_dir` (fashion_mnist_idx raw files; None: Debian's path),
       `validation_fraction` (default 0.1), `split_seed` (default 0), `classes` (None: all; else
       the class ids to keep, relabelled 0.. in the given order, e.g. to hold classes out for
-      open-set evaluation).
+      open-set evaluation), `imbalance_ratio` (default 1: train unchanged; r > 1: train is cut
+      to `longtail.make_long_tailed` counts, from the smallest class count down by r),
+      `imbalance_profile` ('exponential' (default) or 'step') and `imbalance_seed` (default 0).
+      The long-tailed cut applies to train only, after the validation carve and `classes`, so
+      validation and test keep their class balance.
 
   Returns:
-    the `Dataset`; mean/std are computed on its (carved) train split.
+    the `Dataset`; mean/std are computed on its final train split.
 
   Raises:
-    ValueError: unknown name, or a label outside `[0, num_classes)`.
+    ValueError: unknown name, a label outside `[0, num_classes)`, or a bad imbalance option.
     FileNotFoundError: fashion_mnist_idx files missing (says how to install them).
   """
   name = _field(config, 'name')
@@ -191,43 +201,71 @@ def load_dataset(config: Any) -> Dataset:
     splits['train'], splits['validation'] = _carve(
         splits['train'], float(_field(config, 'validation_fraction', 0.1)),
         int(_field(config, 'split_seed', 0)))
+  ratio = float(_field(config, 'imbalance_ratio', 1.0))
+  if ratio != 1.0:
+    splits['train'] = longtail.make_long_tailed(
+        splits['train'], ratio, profile=_field(config, 'imbalance_profile', 'exponential'),
+        seed=int(_field(config, 'imbalance_seed', 0)), num_classes=num_classes)
   splits = {k: splits[k] for k in ('train', 'validation', 'test')}
   mean, std = _channel_stats(splits['train'].images)
   return Dataset(name=name, num_classes=num_classes, input_shape=shape, splits=splits,
                  mean=mean, std=std, class_names=names)
 
 
-def train_batches(dataset: Dataset, batch_size: int, *, seed: int,
-                  start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
-  """Infinite shuffled training batches; the batch of step `s` depends only on `(seed, s)`.
+def train_batches(dataset: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
+                  sampling: str = 'instance', num_steps: Optional[int] = None) -> Iterator[Dict]:
+  """Infinite training batches; the batch of step `s` depends only on `(seed, s)`.
 
-  Step `s` is batch `s % steps_per_epoch` of epoch `e = s // steps_per_epoch` under the
-  permutation `np.random.default_rng([seed, e]).permutation(n)`, `steps_per_epoch = n // B`
-  (the remainder of each epoch is dropped).
+  'instance' (and 'over', 'under' over their resampled index list of length n): step `s` is
+  batch `s % steps_per_epoch` of epoch `e = s // steps_per_epoch` under the permutation
+  `np.random.default_rng([seed, e]).permutation(n)`, `steps_per_epoch = n // B` (the remainder
+  of each epoch is dropped). 'over'/'under' first resample the train split once with
+  `longtail.resampled_indices(labels, sampling, seed=seed)` (Buda et al. 2018).
+  'class', 'sqrt', 'progressive' (Kang et al. 2020): step `s` draws B examples i.i.d. with
+  `np.random.default_rng([seed, s])`, classes from `longtail.class_sampling_weights` (progress
+  `min(s / num_steps, 1)`), then a uniform example of each drawn class.
 
   Args:
     dataset: the dataset; its 'train' split is used.
-    batch_size: B, at most the number of training examples.
+    batch_size: B, at most the number of training examples (after resampling).
     seed: non-negative shuffling seed.
     start_step: first step to yield (resume).
+    sampling: one of `SAMPLING` ('instance', 'class', 'sqrt', 'progressive', 'over', 'under').
+    num_steps: T, the length of training; required by 'progressive'.
 
   Yields:
     `{'image': [B, H, W, C] float32 normalized, 'label': [B] int32}`.
   """
   train = dataset.splits['train']
-  n = len(train)
-  if not 1 <= batch_size <= n:
-    raise ValueError(f'batch_size must be in [1, {n}] (training examples of '
-                     f"'{dataset.name}'), got {batch_size}")
+  if sampling not in SAMPLING:
+    raise ValueError(f'sampling must be one of {SAMPLING}, got {sampling!r}')
+  if sampling == 'progressive' and (num_steps is None or num_steps < 1):
+    raise ValueError(f"sampling='progressive' needs num_steps >= 1, got {num_steps!r}")
   if seed < 0 or start_step < 0:
     raise ValueError(f'seed and start_step must be >= 0, got {seed} and {start_step}')
+  pool = None
+  if sampling == 'instance':
+    pool = np.arange(len(train))
+  elif sampling in longtail.RESAMPLING:
+    pool = longtail.resampled_indices(train.labels, sampling, seed=seed)
+  n = len(train) if pool is None else len(pool)
+  if not 1 <= batch_size <= n:
+    raise ValueError(f'batch_size must be in [1, {n}] (training examples of '
+                     f"'{dataset.name}' with sampling {sampling!r}), got {batch_size}")
+  if pool is None:  # Class-aware i.i.d. sampling.
+    draw, counts = longtail.class_sampler(train.labels, dataset.num_classes), dataset.class_counts
   steps_per_epoch = n // batch_size
   step, epoch, perm = start_step, -1, None
   while True:
-    e, i = divmod(step, steps_per_epoch)
-    if e != epoch:
-      epoch, perm = e, np.random.default_rng([seed, e]).permutation(n)
-    idx = perm[i * batch_size:(i + 1) * batch_size]
+    if pool is None:
+      progress = min(step / num_steps, 1.0) if sampling == 'progressive' else 0.0
+      weights = longtail.class_sampling_weights(counts, sampling, progress=progress)
+      idx = draw(weights, batch_size, np.random.default_rng([seed, step]))
+    else:
+      e, i = divmod(step, steps_per_epoch)
+      if e != epoch:
+        epoch, perm = e, pool[np.random.default_rng([seed, e]).permutation(n)]
+      idx = perm[i * batch_size:(i + 1) * batch_size]
     yield {'image': dataset.normalize(train.images[idx]), 'label': train.labels[idx]}
     step += 1
 

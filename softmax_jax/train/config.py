@@ -20,6 +20,10 @@ def base_config() -> ml_collections.ConfigDict:
       validation_fraction=0.1,                      # carved from train with split_seed
       split_seed=0,
       classes=config_dict.placeholder(tuple),       # keep only these class ids, relabelled 0.. in this order
+      imbalance_ratio=1.0,                          # > 1: long-tailed train split, n_max / n_min (1: unchanged)
+      imbalance_profile='exponential',              # exponential | step (Cao 2019)
+      imbalance_seed=0,                             # which train examples the long-tailed cut keeps
+      sampling='instance',                          # instance | class | sqrt | progressive | over | under
   ))
   c.model = ml_collections.ConfigDict(dict(name='mlp', hidden=(256, 256), dropout=0.1))
   c.head = ml_collections.ConfigDict(dict(name='dense'))
