@@ -249,6 +249,60 @@ def perplexity(log_probs, labels, *, where=None):
   return jnp.exp(nll(log_probs, labels, where=where))
 
 
+_BUCKETS = ("many", "medium", "few")
+
+
+def _frequency_masks(class_counts, num_classes, many, few):  # -> [3, K] bool (many, medium, few)
+  for name, t in (("many", many), ("few", few)):
+    if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t < 0:
+      raise ValueError(f"{name} must be an int >= 0, got {t!r}.")
+  if few > many:
+    raise ValueError(f"few must be <= many, got few={few} and many={many}.")
+  if isinstance(class_counts, jax.core.Tracer):
+    raise ValueError("class_counts must be concrete (host NumPy training counts), got a tracer.")
+  n = np.asarray(class_counts)
+  if n.shape != (num_classes,) or not np.issubdtype(n.dtype, np.integer):
+    raise ValueError(f"class_counts must be [num_classes] = ({num_classes},) integer training "
+                     f"counts, got shape {n.shape} and dtype {n.dtype}.")
+  if n.size and n.min() < 0:
+    raise ValueError(f"class_counts must be >= 0, got min {n.min()}.")
+  return np.stack([n > many, (n >= few) & (n <= many), n < few])
+
+
+@jax.jit
+def _bucket_recall(log_probs, labels, where, masks):  # -> [3] mean recall per bucket
+  tp, support, _ = _class_counts(log_probs, labels, where)
+  in_bucket = masks & (support > 0)
+  return jnp.sum(jnp.where(in_bucket, _safe_div(tp, support), 0.0), -1) / jnp.sum(in_bucket, -1)
+
+
+def accuracy_by_frequency(log_probs, labels, *, class_counts, where=None, many=100, few=20):
+  """Mean per-class recall within training-frequency buckets (many-, medium-, few-shot).
+
+  Classes split by TRAINING count n_c: 'many' n_c > many, 'medium' few <= n_c <= many, 'few'
+  n_c < few. Per bucket: mean of `tp_c / support_c` over its classes with test support > 0
+  (balanced accuracy restricted to the bucket); NaN when there is none. Jit-safe in
+  `log_probs`, `labels`, `where`; `class_counts` must be concrete. Ref: Liu et al., Large-Scale
+  Long-Tailed Recognition in an Open World (OLTR), CVPR 2019.
+
+  Args:
+    log_probs: [N, num_classes] float scores (ordering only).
+    labels: [N] int true classes.
+    class_counts: [num_classes] int >= 0 training examples per class (host array).
+    where: [N] bool or None; False rows are excluded.
+    many: int; classes with more than `many` training examples are many-shot.
+    few: int <= many; classes with fewer than `few` training examples are few-shot.
+
+  Returns: dict: 'many_accuracy', 'medium_accuracy', 'few_accuracy' [] float and
+    'many_classes', 'medium_classes', 'few_classes' int (classes in the bucket by training count).
+  """
+  log_probs, labels, where = _check(log_probs, labels, where)
+  masks = _frequency_masks(class_counts, log_probs.shape[1], many, few)
+  recall = _bucket_recall(log_probs, labels, where, masks)
+  out = {f"{b}_accuracy": recall[i] for i, b in enumerate(_BUCKETS)}
+  return out | {f"{b}_classes": int(masks[i].sum()) for i, b in enumerate(_BUCKETS)}
+
+
 @functools.partial(jax.jit, static_argnames="top5")
 def _summary(log_probs, labels, where, top5):
   fns = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy, "macro_f1": macro_f1,
@@ -258,18 +312,21 @@ def _summary(log_probs, labels, where, top5):
   return {name: fn(log_probs, labels, where=where) for name, fn in fns.items()}
 
 
-def classification_metrics(log_probs, labels, *, where=None, prefix=""):
+def classification_metrics(log_probs, labels, *, where=None, prefix="", class_counts=None):
   """Scalar summary of an evaluation split, on the host (not jittable: returns Python floats).
 
-  Keys `accuracy`, `balanced_accuracy`, `macro_f1`, `nll`, `ece` (15 bins) and, only when
-  num_classes > 5 (else it is trivially 1), `top5_accuracy`, each as `prefix + key`. Labels of
-  valid rows must lie in [0, num_classes) (checked, as the values are concrete here).
+  Keys `accuracy`, `balanced_accuracy`, `macro_f1`, `nll`, `ece` (15 bins), only when
+  num_classes > 5 (else it is trivially 1) `top5_accuracy`, and only with `class_counts`
+  `many_accuracy`, `medium_accuracy`, `few_accuracy` (`accuracy_by_frequency`, default
+  thresholds), each as `prefix + key`. Labels of valid rows must lie in [0, num_classes)
+  (checked, as the values are concrete here).
 
   Args:
     log_probs: [N, num_classes] float normalized log-probabilities.
     labels: [N] int true classes.
     where: [N] bool or None; False rows are excluded.
     prefix: str put before every key, e.g. 'test/'.
+    class_counts: [num_classes] int training counts per class, or None.
 
   Returns: dict[str, float].
   """
@@ -279,5 +336,9 @@ def classification_metrics(log_probs, labels, *, where=None, prefix=""):
   if valid.size and (valid.min() < 0 or valid.max() >= k):
     raise ValueError(f"labels must lie in [0, num_classes={k}), got values in "
                      f"[{valid.min()}, {valid.max()}].")
-  values = jax.device_get(_summary(lp, lab, w, top5=k > 5))
+  values = {}
+  if class_counts is not None:  # first, so a bad class_counts fails before any compute
+    by_freq = accuracy_by_frequency(lp, lab, class_counts=class_counts, where=w)
+    values = {f"{b}_accuracy": by_freq[f"{b}_accuracy"] for b in _BUCKETS}
+  values = jax.device_get(values | _summary(lp, lab, w, top5=k > 5))
   return {prefix + name: float(value) for name, value in sorted(values.items())}

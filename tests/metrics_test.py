@@ -243,3 +243,95 @@ def test_bad_inputs_raise(call, match):
   lp, y = _data(7, n=10)
   with pytest.raises(ValueError, match=match):
     call(lp, y)
+
+
+def _by_frequency_reference(log_probs, labels, counts, many=100, few=20):
+  """Naive loop: per-class recall over classes with test support, averaged per bucket."""
+  pred = log_probs.argmax(-1)
+  recalls = {"many": [], "medium": [], "few": []}
+  for c, n in enumerate(counts):
+    if (labels == c).any():
+      bucket = "many" if n > many else "few" if n < few else "medium"
+      recalls[bucket].append(np.mean(pred[labels == c] == c))
+  return {b: np.mean(r) if r else np.nan for b, r in recalls.items()}
+
+
+@pytest.mark.parametrize("k", [7, 20])
+def test_accuracy_by_frequency_matches_loop(k):
+  lp, y = _data(k, n=400)
+  counts = np.random.default_rng(k).integers(0, 300, size=k)
+  counts[:4] = [19, 20, 100, 101]
+  got = metrics.accuracy_by_frequency(lp, y, class_counts=counts)
+  want = _by_frequency_reference(lp, y, counts)
+  for b in ("many", "medium", "few"):
+    np.testing.assert_allclose(got[f"{b}_accuracy"], want[b], rtol=1e-6, err_msg=b)
+  assert (got["many_classes"], got["medium_classes"], got["few_classes"]) == (
+      np.sum(counts > 100), np.sum((counts >= 20) & (counts <= 100)), np.sum(counts < 20))
+  got = metrics.accuracy_by_frequency(lp, y, class_counts=counts, many=50, few=10)
+  want = _by_frequency_reference(lp, y, counts, many=50, few=10)
+  np.testing.assert_allclose([got[f"{b}_accuracy"] for b in want], list(want.values()), rtol=1e-6)
+
+
+def test_accuracy_by_frequency_bucket_boundaries():
+  # Training counts 19, 20, 100, 101 -> few, medium, medium, many; test recalls 1, 1/2, 1/4, 0.
+  labels = np.repeat(np.arange(4), 4)
+  pred = np.array([0, 0, 0, 0, 1, 1, 3, 3, 2, 3, 3, 3, 0, 0, 0, 0])
+  lp = np.log(np.full((16, 4), 0.1, np.float32))
+  lp[np.arange(16), pred] = np.log(0.7)
+  got = metrics.accuracy_by_frequency(lp, labels, class_counts=np.array([19, 20, 100, 101]))
+  np.testing.assert_allclose([got["few_accuracy"], got["medium_accuracy"], got["many_accuracy"]],
+                             [1.0, 0.375, 0.0])
+  assert (got["few_classes"], got["medium_classes"], got["many_classes"]) == (1, 2, 1)
+
+
+def test_accuracy_by_frequency_empty_bucket_is_nan_and_where_and_jit():
+  lp_pad, y_pad, where, lp, y = _padded(7)
+  counts = np.array([500, 200, 101, 150, 300, 1000, 5])  # no medium class; the few one (class 6)
+  got = metrics.accuracy_by_frequency(lp_pad, y_pad, class_counts=counts, where=where)
+  assert np.isnan(got["medium_accuracy"]) and got["medium_classes"] == 0
+  assert np.isnan(got["few_accuracy"]) and got["few_classes"] == 1  # ... never in the labels
+  assert not (y == 6).any()
+  want = metrics.accuracy_by_frequency(lp, y, class_counts=counts)
+  np.testing.assert_allclose(got["many_accuracy"], want["many_accuracy"], rtol=1e-6)
+  np.testing.assert_allclose(want["many_accuracy"], metrics.balanced_accuracy(lp, y), rtol=1e-6)
+  jitted = jax.jit(lambda a, b, w: metrics.accuracy_by_frequency(a, b, class_counts=counts,
+                                                                 where=w))(lp_pad, y_pad, where)
+  np.testing.assert_allclose(jitted["many_accuracy"], want["many_accuracy"], rtol=1e-6)
+
+
+def test_classification_metrics_with_class_counts():
+  lp_pad, y_pad, where, lp, y = _padded(7)
+  counts = np.array([5, 30, 150, 20, 100, 101, 19])
+  got = metrics.classification_metrics(lp_pad, y_pad, where=where, prefix="t/",
+                                       class_counts=counts)
+  plain = metrics.classification_metrics(lp_pad, y_pad, where=where, prefix="t/")
+  by_freq = metrics.accuracy_by_frequency(lp, y, class_counts=counts)
+  assert set(got) == set(plain) | {"t/many_accuracy", "t/medium_accuracy", "t/few_accuracy"}
+  assert all(got[key] == value for key, value in plain.items())
+  for b in ("many", "medium", "few"):
+    assert type(got[f"t/{b}_accuracy"]) is float
+    np.testing.assert_allclose(got[f"t/{b}_accuracy"], by_freq[f"{b}_accuracy"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(class_counts=np.ones(6, int)), r"class_counts must be \[num_classes\] = \(7,\).*\(6,\)"),
+    (dict(class_counts=np.ones(7)), r"class_counts must be .*integer.*float64"),
+    (dict(class_counts=-np.arange(7)), r"class_counts must be >= 0, got min -6"),
+    (dict(class_counts=np.ones(7, int), few=30, many=20), r"few must be <= many.*few=30.*many=20"),
+    (dict(class_counts=np.ones(7, int), many=-1), r"many must be an int >= 0, got -1"),
+    (dict(class_counts=np.ones(7, int), few=2.5), r"few must be an int >= 0, got 2.5"),
+])
+def test_accuracy_by_frequency_bad_inputs_raise(kwargs, match):
+  lp, y = _data(7, n=10)
+  with pytest.raises(ValueError, match=match):
+    metrics.accuracy_by_frequency(lp, y, **kwargs)
+  if "few" not in kwargs and "many" not in kwargs:
+    with pytest.raises(ValueError, match=match):
+      metrics.classification_metrics(lp, y, **kwargs)
+
+
+def test_accuracy_by_frequency_needs_concrete_class_counts():
+  lp, y = _data(7, n=10)
+  fn = jax.jit(lambda c: metrics.accuracy_by_frequency(lp, y, class_counts=c))
+  with pytest.raises(ValueError, match=r"class_counts must be concrete .*got a tracer"):
+    fn(np.ones(7, np.int32))

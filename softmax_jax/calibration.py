@@ -1,0 +1,218 @@
+"""Temperature scaling and reliability diagrams, in float64 NumPy on the host.
+
+Temperature scaling (Guo et al., On Calibration of Modern Neural Networks, ICML 2017) fits one
+scalar T > 0 on held-out data so that `log_softmax(logits / T)` has the smallest mean negative
+log-likelihood; the argmax, hence accuracy, is unchanged. With `beta = 1 / T` and the logits
+shifted per row by the true-class logit, `d_ic = z_ic - z_iy`, the NLL
+
+  f(beta) = mean_i logsumexp_c(beta d_ic),  f' = mean_i E_p[d_i],  f'' = mean_i Var_p[d_i] >= 0
+
+(p = softmax(beta d_i)) is convex, so Newton's method on beta, safeguarded by bisection inside a
+bracket where f' changes sign, finds the minimizer to near machine precision. A per-row
+constant leaves f unchanged, so log-probabilities work as well as logits. Logits may hold -inf
+(a class of probability 0) except at a valid row's label; NaN and +inf are rejected. Rows
+with `where` False are ignored and may hold anything.
+"""
+
+import numbers
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from softmax_jax import metrics
+
+_MAX_ITERS = 100
+_RTOL = 1e-10  # Newton stops when a step moves beta (hence T) by less than this, relatively
+
+
+def _check_logits(logits, name="logits"):  # -> float64 [N, K]
+  z = np.asarray(logits)
+  if z.ndim != 2 or z.shape[0] < 1 or z.shape[1] < 1:
+    raise ValueError(f"{name} must be [N, num_classes] (rank 2, N >= 1, num_classes >= 1), "
+                     f"got shape {z.shape}.")
+  if not (jnp.issubdtype(z.dtype, jnp.floating) or jnp.issubdtype(z.dtype, jnp.integer)):
+    raise ValueError(f"{name} must be real numbers, got dtype {z.dtype}.")
+  return z.astype(np.float64)
+
+
+def _check_labels(labels, where, n, k):  # -> int64 [N], bool [N]
+  y = np.asarray(labels)
+  if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"labels must be [N] = ({n},) integer class ids, got shape {y.shape} and "
+                     f"dtype {y.dtype}.")
+  w = np.ones(n, bool) if where is None else np.asarray(where)
+  if w.shape != (n,) or w.dtype != np.bool_:
+    raise ValueError(f"where must be [N] = ({n},) bool, got shape {w.shape} and dtype {w.dtype}.")
+  valid = y[w]
+  if valid.size and (valid.min() < 0 or valid.max() >= k):
+    raise ValueError(f"labels must lie in [0, num_classes={k}), got values in "
+                     f"[{valid.min()}, {valid.max()}].")
+  return y.astype(np.int64), w
+
+
+def _log_softmax(z):  # float64 [N, K] -> [N, K]; -inf stays -inf, a row without finite max: NaN
+  m = np.max(z, axis=-1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    return z - m - np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
+
+
+def _slope_curvature(d, beta):  # d: [n, K] with d[i, y_i] = 0 -> f'(beta), f''(beta)
+  p = np.exp(_log_softmax(beta * d))  # 0 where d == -inf
+  d0 = np.where(np.isfinite(d), d, 0.0)
+  mean = np.sum(p * d0, axis=-1)
+  var = np.sum(p * (d0 - mean[:, None]) ** 2, axis=-1)
+  return float(np.mean(mean)), float(np.mean(var))
+
+
+def fit_temperature(logits, labels, *, where=None, bounds=(0.05, 20.0)):
+  """The temperature `T = argmin_T -mean_i log_softmax(logits_i / T)[labels_i]` (Guo et al. 2017).
+
+  Fit on validation data, then `apply_temperature` to the test logits. The NLL is convex in
+  `1 / T`; it is minimized by safeguarded Newton in float64 to relative precision ~1e-10 in T.
+  When the minimizer lies outside `bounds` the nearer bound is returned (e.g. the low bound
+  for data the logits separate perfectly, whose NLL falls as T -> 0). When the logits carry no
+  information (every row's finite entries equal) the NLL is flat and 1.0, clipped to `bounds`,
+  is returned.
+
+  Args:
+    logits: [N, num_classes] float logits or log-probabilities (a per-row constant is
+      irrelevant). Finite or -inf in valid rows, finite at their labels.
+    labels: [N] int true classes in [0, num_classes) for valid rows.
+    where: [N] bool or None; False rows are excluded; at least one row must be valid.
+    bounds: (low, high) with 0 < low < high < inf; the search range for T.
+
+  Returns: float T in [low, high].
+  """
+  z = _check_logits(logits)
+  y, w = _check_labels(labels, where, *z.shape)
+  ok = (isinstance(bounds, (tuple, list)) and len(bounds) == 2
+        and all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in bounds))
+  if not ok or not 0 < bounds[0] < bounds[1] < np.inf:
+    raise ValueError(f"bounds must be (low, high) with 0 < low < high < inf, got {bounds!r}.")
+  t_lo, t_hi = float(bounds[0]), float(bounds[1])
+  if not w.any():
+    raise ValueError("where must select at least one row, got none.")
+  z, y = z[w], y[w]
+  bad = np.isnan(z) | (z == np.inf)
+  if bad.any():
+    raise ValueError(f"logits must be finite or -inf in valid rows, got NaN or +inf in row "
+                     f"{np.flatnonzero(w)[np.argmax(bad.any(-1))]}.")
+  z_true = z[np.arange(len(y)), y]
+  if not np.isfinite(z_true).all():
+    raise ValueError(f"logits must be finite at the labels (-inf gives an infinite NLL), got "
+                     f"-inf in row {np.flatnonzero(w)[np.argmin(np.isfinite(z_true))]}.")
+  d = z - z_true[:, None]
+  if np.all((d == 0) | (d == -np.inf)):
+    return float(np.clip(1.0, t_lo, t_hi))
+  b_lo, b_hi = 1.0 / t_hi, 1.0 / t_lo  # beta = 1 / T; f' is increasing in beta
+  if _slope_curvature(d, b_lo)[0] >= 0:
+    return t_hi
+  if _slope_curvature(d, b_hi)[0] <= 0:
+    return t_lo
+  beta = float(np.clip(1.0, b_lo, b_hi))
+  for _ in range(_MAX_ITERS):
+    g, h = _slope_curvature(d, beta)
+    if g == 0:
+      break
+    b_lo, b_hi = (beta, b_hi) if g < 0 else (b_lo, beta)
+    step = -g / h if h > 0 else np.inf
+    if abs(step) <= _RTOL * beta:  # converged; the error left is ~ step**2
+      beta += step
+      break
+    beta = beta + step if b_lo < beta + step < b_hi else 0.5 * (b_lo + b_hi)  # else bisect
+    if b_hi - b_lo <= _RTOL * beta:
+      break
+  return float(np.clip(1.0 / beta, t_lo, t_hi))
+
+
+def apply_temperature(logits, temperature):
+  """Temperature-scaled log-probabilities `log_softmax(logits / T)` in float64.
+
+  Rows are independent: a row holding NaN or +inf (e.g. padding) comes out NaN; -inf stays -inf.
+
+  Args:
+    logits: [N, num_classes] float logits or log-probabilities.
+    temperature: float T > 0 (finite), e.g. from `fit_temperature`.
+
+  Returns: [N, num_classes] float64 normalized log-probabilities (logsumexp over classes 0).
+  """
+  z = _check_logits(logits)
+  if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool)
+      or not 0 < temperature < np.inf):
+    raise ValueError(f"temperature must be a finite real number > 0, got {temperature!r}.")
+  return _log_softmax(z / float(temperature))
+
+
+def reliability_diagram(ax, log_probs, labels, *, num_bins=15, where=None, label=None):
+  """Draws a reliability diagram (Guo et al. 2017, Fig. 1) on a matplotlib Axes.
+
+  Bars: per-bin accuracy over confidence bins `(b/B, (b+1)/B]`; shaded: the gap from each
+  bar's top to the bin's mean confidence; dashed: the diagonal of perfect calibration. The
+  numbers are `metrics.reliability_bins` and the legend's ECE `metrics.expected_calibration_error`,
+  so the picture and the metric agree (ECE = count-weighted mean height of the shading).
+
+  Args:
+    ax: matplotlib.axes.Axes to draw on.
+    log_probs: [N, num_classes] float normalized log-probabilities.
+    labels: [N] int true classes in [0, num_classes) for valid rows.
+    num_bins: int B >= 1.
+    where: [N] bool or None; False rows are excluded.
+    label: str or None, names the accuracy bars in the legend.
+
+  Returns: float, the ECE drawn in the legend.
+  """
+  lp = _check_logits(log_probs, "log_probs")
+  _, w = _check_labels(labels, where, *lp.shape)
+  with np.errstate(invalid="ignore"):
+    lse = np.logaddexp.reduce(lp[w], axis=-1)
+  if lse.size and not np.all(np.abs(lse) < 0.05):  # loose enough for bfloat16
+    raise ValueError("log_probs must be normalized (logsumexp over classes = 0 in valid rows), "
+                     f"got {lse[np.argmax(~(np.abs(lse) < 0.05))]}; use apply_temperature.")
+  bins = {k: np.asarray(v) for k, v in
+          metrics.reliability_bins(log_probs, labels, num_bins=num_bins, where=where).items()}
+  ece = float(metrics.expected_calibration_error(log_probs, labels, num_bins=num_bins,
+                                                 where=where))
+  left, width, shown = bins["edges"][:-1], 1.0 / num_bins, bins["count"] > 0
+  acc, conf = bins["accuracy"][shown], bins["confidence"][shown]
+  ax.bar(left[shown], acc, width=width, align="edge", color="tab:blue", edgecolor="black",
+         linewidth=0.5, label=f"{label or 'accuracy'} (ECE = {ece:.4f})")
+  ax.bar(left[shown], conf - acc, bottom=acc, width=width, align="edge", color="tab:red",
+         alpha=0.3, hatch="//", edgecolor="tab:red", linewidth=0.5, label="gap to confidence")
+  ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", aspect="equal")
+  ax.legend(loc="upper left", fontsize="small")
+  return ece
+
+
+def save_reliability_figure(path, panels, *, num_bins=15, where=None):
+  """Writes one reliability diagram per panel side by side (Agg backend, format from `path`).
+
+  Args:
+    path: str output file, e.g. 'reliability.png'; missing parent folders are created.
+    panels: non-empty dict title -> (log_probs [N, num_classes], labels [N]), e.g.
+      {'before': (lp, y), 'after temperature scaling': (apply_temperature(lp, t), y)}.
+    num_bins: int B >= 1.
+    where: [N] bool or None, applied to every panel.
+
+  Returns: path.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  if not isinstance(panels, dict) or not panels:
+    raise ValueError(f"panels must be a non-empty dict title -> (log_probs, labels), got "
+                     f"{panels!r:.80}.")
+  for title, value in panels.items():
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+      raise ValueError(f"panels[{title!r}] must be a (log_probs, labels) pair, got "
+                       f"{type(value).__name__}.")
+  fig = Figure(figsize=(4.2 * len(panels), 4.4), layout="constrained")
+  FigureCanvasAgg(fig)
+  for ax, (title, (log_probs, labels)) in zip(fig.subplots(1, len(panels), squeeze=False)[0],
+                                              panels.items()):
+    reliability_diagram(ax, log_probs, labels, num_bins=num_bins, where=where)
+    ax.set_title(str(title))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  return path

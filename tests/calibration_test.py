@@ -1,0 +1,211 @@
+"""Tests for softmax_jax.calibration: temperature scaling against float64 NumPy references."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy.special import log_softmax, logsumexp
+
+from softmax_jax import calibration
+from softmax_jax import metrics
+
+fit, apply, diagram = (calibration.fit_temperature, calibration.apply_temperature,
+                       calibration.reliability_diagram)
+
+
+def _tempered(t_true, n=20000, k=10, seed=0):
+  """Logits z = 3 N(0, 1) [n, k] and labels drawn from softmax(z / t_true)."""
+  rng = np.random.default_rng(seed)
+  z = 3.0 * rng.normal(size=(n, k))
+  p = np.exp(log_softmax(z / t_true, axis=-1))
+  labels = np.argmax(p.cumsum(-1) > rng.random((n, 1)), axis=-1)
+  return z, labels
+
+
+def _nll(z, labels, t):
+  """Reference mean NLL of log_softmax(z / t), float64, scipy logsumexp."""
+  z = np.asarray(z, np.float64) / t
+  return np.mean(logsumexp(z, axis=-1) - z[np.arange(len(labels)), labels])
+
+
+def _grid_temperature(z, labels, lo=0.05, hi=20.0):
+  """Brute force: a log-spaced grid over [lo, hi], then two finer grids around its best point."""
+  grid = np.geomspace(lo, hi, 401)
+  for _ in range(3):
+    best = int(np.argmin([_nll(z, labels, t) for t in grid]))
+    grid = np.linspace(grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)], 201)
+  return grid[int(np.argmin([_nll(z, labels, t) for t in grid]))]
+
+
+@pytest.mark.parametrize("t_true", [0.5, 1.0, 2.5], ids=["sharp", "calibrated", "soft"])
+def test_fit_temperature_recovers_true_temperature(t_true):
+  # Labels drawn from softmax(z / T) make T the maximum-likelihood target. Its standard error
+  # from the Fisher information in beta = 1/T, I = mean_i Var_{softmax(beta z_i)}(z_i), is
+  # se(T) = T^2 / sqrt(N I); the fit must land within 4 se (z-scores over 5 seeds: |z| < 1.9).
+  # t_true = 1 is a perfectly calibrated model: T must come out ~1.
+  z, y = _tempered(t_true)
+  p = np.exp(log_softmax(z / t_true, axis=-1))
+  fisher = np.mean((p * z**2).sum(-1) - (p * z).sum(-1) ** 2)
+  se = t_true**2 / np.sqrt(len(y) * fisher)
+  assert 4 * se < 0.05 * t_true  # the tolerance is tight enough to mean something
+  t = calibration.fit_temperature(z, y)
+  assert isinstance(t, float)
+  assert abs(t - t_true) < 4 * se, (t, t_true, se)
+
+
+@pytest.mark.parametrize("case", ["tempered", "overconfident", "neg_inf_and_padding", "k2"])
+def test_fit_temperature_matches_grid_search(case):
+  rng = np.random.default_rng(3)
+  if case == "tempered":
+    z, y = _tempered(1.7, n=2000)
+  elif case == "overconfident":  # labels are right only 60% of the time but z is very peaked
+    z, y = 8.0 * rng.normal(size=(1500, 5)), rng.integers(0, 5, 1500)
+    y = np.where(rng.random(1500) < 0.6, z.argmax(-1), y)
+  elif case == "k2":
+    z, y = _tempered(0.3, n=1000, k=2)
+  else:
+    z, y = _tempered(0.8, n=1500, k=6)
+    zero = rng.random(z.shape) < 0.2  # zero-probability classes ...
+    zero[np.arange(len(y)), y] = False  # ... never at the label
+    z[zero] = -np.inf
+  where = None
+  want = _grid_temperature(np.where(np.isfinite(z), z, -1e300), y)
+  if case == "neg_inf_and_padding":  # padding rows hold NaN and bad labels
+    where = np.ones(len(y) + 50, bool)
+    where[-50:] = False
+    z = np.concatenate([z, np.full((50, z.shape[1]), np.nan)])
+    y = np.concatenate([y, np.full(50, -7)])
+  t = calibration.fit_temperature(z, y, where=where)
+  np.testing.assert_allclose(t, want, rtol=1e-4)
+  sel = slice(None) if where is None else where
+  zs = np.where(np.isfinite(z[sel]), z[sel], -1e300)
+  assert _nll(zs, y[sel], t) <= _nll(zs, y[sel], want) + 1e-12  # at least as good as the grid
+
+
+def test_fit_temperature_is_invariant_to_row_constants():
+  z, y = _tempered(1.9, n=3000)
+  rng = np.random.default_rng(1)
+  t = calibration.fit_temperature(z, y)
+  np.testing.assert_allclose(calibration.fit_temperature(log_softmax(z, axis=-1), y), t,
+                             rtol=1e-8)
+  shifted = z + 1e3 * rng.normal(size=(len(y), 1))
+  np.testing.assert_allclose(calibration.fit_temperature(shifted, y), t, rtol=1e-8)
+  np.testing.assert_allclose(calibration.fit_temperature(z.astype(np.float32), y), t, rtol=1e-5)
+
+
+def test_fit_temperature_at_the_bounds_and_flat():
+  z, y = _tempered(3.0, n=3000)
+  assert calibration.fit_temperature(z, y, bounds=(0.1, 2.0)) == 2.0  # optimum above high
+  assert calibration.fit_temperature(z, y, bounds=(4.0, 9.0)) == 4.0  # optimum below low
+  separable = np.eye(4)[[0, 1, 2, 3, 1]] * 5.0  # argmax always right: NLL falls as T -> 0
+  assert calibration.fit_temperature(separable, np.array([0, 1, 2, 3, 1])) == 0.05
+  assert calibration.fit_temperature(np.zeros((6, 3)), np.arange(6) % 3) == 1.0  # flat NLL
+  assert calibration.fit_temperature(np.zeros((6, 3)), np.arange(6) % 3, bounds=(2, 3)) == 2.0
+
+
+@pytest.mark.parametrize("t_true", [0.4, 2.5])  # under- and overconfident logits
+def test_temperature_scaling_lowers_ece_and_nll_and_keeps_accuracy(t_true):
+  z_val, y_val = _tempered(t_true, n=5000, seed=1)
+  z_test, y_test = _tempered(t_true, n=5000, seed=2)
+  t = calibration.fit_temperature(z_val, y_val)
+  before = log_softmax(z_test, axis=-1).astype(np.float32)
+  after = calibration.apply_temperature(z_test, t).astype(np.float32)
+  ece_before = metrics.expected_calibration_error(before, y_test)
+  ece_after = metrics.expected_calibration_error(after, y_test)
+  assert ece_before > 0.05 and ece_after < 0.5 * ece_before, (ece_before, ece_after)
+  assert metrics.nll(after, y_test) < metrics.nll(before, y_test)
+  np.testing.assert_array_equal(after.argmax(-1), before.argmax(-1))
+
+
+def test_apply_temperature():
+  z, _ = _tempered(1.0, n=50, k=7)
+  z32 = z.astype(np.float32)
+  got = calibration.apply_temperature(z32, 2.5)
+  assert got.dtype == np.float64 and got.shape == (50, 7)
+  np.testing.assert_allclose(got, log_softmax(z32.astype(np.float64) / 2.5, axis=-1), rtol=1e-12)
+  np.testing.assert_allclose(logsumexp(got, axis=-1), 0.0, atol=1e-12)
+  lp = log_softmax(z, axis=-1)
+  np.testing.assert_allclose(calibration.apply_temperature(lp, 1), lp, atol=1e-12)
+  np.testing.assert_allclose(calibration.apply_temperature(z + 1e4, 0.5),
+                             log_softmax(2 * z, axis=-1), atol=1e-9)  # stable for big logits
+  z[3, 2], z[5] = -np.inf, np.nan
+  got = calibration.apply_temperature(z, 3.0)
+  assert got[3, 2] == -np.inf and np.isfinite(np.delete(got[3], 2)).all()
+  assert np.isnan(got[5]).all() and np.isfinite(np.delete(got, [3, 5], axis=0)).all()
+
+
+def test_reliability_diagram_draws_the_metric():
+  z, y = _tempered(2.0, n=2000, k=5)
+  lp = log_softmax(z, axis=-1).astype(np.float32)
+  fig = Figure()
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  ece = calibration.reliability_diagram(ax, lp, y, num_bins=10, label="raw")
+  np.testing.assert_allclose(ece, metrics.expected_calibration_error(lp, y, num_bins=10))
+  assert f"{ece:.4f}" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+  bins = metrics.reliability_bins(lp, y, num_bins=10)
+  shown = np.asarray(bins["count"]) > 0
+  bars, gaps = ax.containers
+  np.testing.assert_allclose([b.get_height() for b in bars], np.asarray(bins["accuracy"])[shown])
+  np.testing.assert_allclose([b.get_y() + b.get_height() for b in gaps],
+                             np.asarray(bins["confidence"])[shown], rtol=1e-6)
+  np.testing.assert_allclose([b.get_x() for b in bars], np.flatnonzero(shown) / 10)
+
+
+def test_save_reliability_figure(tmp_path):
+  z, y = _tempered(2.0, n=1000, k=5)
+  where = np.arange(1000) % 7 != 0
+  t = calibration.fit_temperature(z, y, where=where)
+  path = str(tmp_path / "figs" / "reliability.png")
+  panels = {"before": (log_softmax(z, axis=-1), y),
+            "after temperature scaling": (calibration.apply_temperature(z, t), y)}
+  assert calibration.save_reliability_figure(path, panels, num_bins=12, where=where) == path
+  with open(path, "rb") as f:
+    data = f.read()
+  assert len(data) > 10_000 and data.startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda z, y: fit(z[0], y), r"logits must be \[N, num_classes\].*\(3,\)"),
+    (lambda z, y: fit(z[:0], y[:0]), r"logits must be .*N >= 1.*\(0, 3\)"),
+    (lambda z, y: fit(z.astype(bool), y), r"logits must be real.*bool"),
+    (lambda z, y: fit(z, y[:3]), r"labels must be \[N\] = \(4,\).*\(3,\)"),
+    (lambda z, y: fit(z, y * 1.0), r"labels must be .*integer.*float64"),
+    (lambda z, y: fit(z, y + 1), r"labels must lie in \[0, num_classes=3\).*\[1, 3\]"),
+    (lambda z, y: fit(z, y - 1), r"labels must lie in .*\[-1, 1\]"),
+    (lambda z, y: fit(z, y, where=np.ones(4)), r"where must be .*float"),
+    (lambda z, y: fit(z, y, where=np.zeros(4, bool)), r"where must select"),
+    (lambda z, y: fit(np.where(z > 2.5, np.nan, z), y), r"logits must be finite or -inf.*row 1"),
+    (lambda z, y: fit(np.where(z > 2.5, np.inf, z), y), r"NaN or \+inf in row 1"),
+    (lambda z, y: fit(np.where(z < -1, -np.inf, z), y), r"finite at the labels.*row 3"),
+    (lambda z, y: fit(z, y, bounds=(0.0, 2.0)), r"bounds must be .*got \(0.0, 2.0\)"),
+    (lambda z, y: fit(z, y, bounds=(3, 2)), r"bounds must be .*0 < low < high"),
+    (lambda z, y: fit(z, y, bounds=(1, np.inf)), r"bounds must be .*inf\)"),
+    (lambda z, y: fit(z, y, bounds=1.0), r"bounds must be .*got 1.0"),
+    (lambda z, y: apply(z, 0.0), r"temperature must be .*> 0, got 0.0"),
+    (lambda z, y: apply(z, -1), r"temperature must be .*got -1"),
+    (lambda z, y: apply(z, np.nan), r"temperature must be .*got nan"),
+    (lambda z, y: apply(z, "2"), r"temperature must be .*got '2'"),
+    (lambda z, y: apply(z[None], 1.0), r"logits must be .*\(1, 4, 3\)"),
+    (lambda z, y: diagram(None, z, y), r"log_probs must be normalized"),
+    (lambda z, y: diagram(None, z[0], y), r"log_probs must be \[N, num"),
+    (lambda z, y: diagram(None, log_softmax(z, -1), y + 1), r"labels must lie"),
+    (lambda z, y: calibration.save_reliability_figure("x.png", {}), r"panels must be a non-empty"),
+    (lambda z, y: calibration.save_reliability_figure("x.png", {"a": z}),
+     r"panels\['a'\] must be a \(log_probs, labels\) pair, got ndarray"),
+])
+def test_bad_inputs_raise(call, match):
+  z = np.array([[0.0, 1.0, 2.0], [3.0, 0.5, 0.0], [1.0, 1.0, 1.0], [-2.0, 0.0, 0.3]])
+  y = np.array([0, 1, 2, 0])
+  with pytest.raises(ValueError, match=match):
+    call(z, y)
+
+
+def test_accepts_jax_and_bfloat16_arrays():
+  z, y = _tempered(1.5, n=2000, k=4)
+  want = calibration.fit_temperature(z, y)
+  np.testing.assert_allclose(calibration.fit_temperature(jnp.asarray(z), jnp.asarray(y)), want,
+                             rtol=1e-6)  # float32 on device
+  got16 = calibration.fit_temperature(jnp.asarray(z, jnp.bfloat16), y)
+  np.testing.assert_allclose(got16, want, rtol=2e-2)
