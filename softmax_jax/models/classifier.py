@@ -62,8 +62,17 @@ def build_module(registry: Mapping[str, type], cfg: Mapping[str, Any], where: st
   return cls(**cfg, **fixed)
 
 
-def build_classifier(model_cfg: Mapping[str, Any], head_cfg: Mapping[str, Any], num_classes: int) -> Classifier:
-  """`Classifier` from `config.model` ({'name': 'mlp'|'cnn', ...}) and `config.head` ({'name': 'dense', ...})."""
+def build_classifier(model_cfg: Mapping[str, Any], head_cfg: Mapping[str, Any], num_classes: int,
+                     class_counts=None) -> Classifier:
+  """`Classifier` from `config.model` ({'name': 'mlp'|'cnn', ...}) and `config.head` ({'name': 'dense', ...}).
+
+  `class_counts` (training examples per class, `[num_classes]`) reaches heads that have a
+  `class_counts` field (losses for long-tailed data); the config never sets it.
+  """
   backbone = build_module(BACKBONES, model_cfg, 'config.model')
-  head = build_module(HEADS, head_cfg, 'config.head', num_classes=num_classes)
+  head_cls = HEADS.get(dict(head_cfg).get('name'))
+  fixed = {'num_classes': num_classes}
+  if head_cls is not None and 'class_counts' in {f.name for f in dataclasses.fields(head_cls)}:
+    fixed['class_counts'] = None if class_counts is None else tuple(int(c) for c in class_counts)
+  head = build_module(HEADS, head_cfg, 'config.head', **fixed)
   return Classifier(backbone=backbone, head=head)

@@ -12,8 +12,10 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from softmax_jax import calibration
 from softmax_jax import data
 from softmax_jax import metrics as metrics_lib
+from softmax_jax import ops
 from softmax_jax.models.classifier import build_classifier
 from softmax_jax.train.checkpoint import Checkpointer
 from softmax_jax.train.config import validate_config
@@ -22,15 +24,57 @@ from softmax_jax.train.state import init_state, make_optimizer
 from softmax_jax.train.writer import MetricWriter
 
 
-def evaluate(driver, state, dataset, split: str, batch_size: int) -> Dict[str, float]:
-  """Classification metrics of the whole `split`, keys prefixed with f'{split}/'."""
+def predict_split(driver, state, dataset, split: str, batch_size: int):
+  """`(log_probs [N, K], labels [N], mask [N])` on the host for the whole `split` (padded rows masked)."""
   log_probs, labels, masks = [], [], []
   for batch in data.eval_batches(dataset, split, batch_size):
     log_probs.append(np.asarray(driver.log_prob(state, batch['image'])))
     labels.append(batch['label'])
     masks.append(batch['mask'])
-  return metrics_lib.classification_metrics(
-      np.concatenate(log_probs), np.concatenate(labels), where=np.concatenate(masks), prefix=f'{split}/')
+  return np.concatenate(log_probs), np.concatenate(labels), np.concatenate(masks)
+
+
+def evaluate(driver, state, dataset, split: str, batch_size: int, class_counts=None) -> Dict[str, float]:
+  """Classification metrics of the whole `split`, keys prefixed with f'{split}/'.
+
+  With `class_counts` (training examples per class) also many/medium/few-shot accuracy.
+  """
+  log_probs, labels, mask = predict_split(driver, state, dataset, split, batch_size)
+  return metrics_lib.classification_metrics(log_probs, labels, where=mask, prefix=f'{split}/',
+                                            class_counts=class_counts)
+
+
+def final_evaluation(driver, state, dataset, batch_size: int, workdir: str,
+                     class_counts=None) -> Dict[str, float]:
+  """Validation and test metrics, plus the post-training views of the test split.
+
+  - 'temperature' fitted on validation (Guo et al. 2017) and f'test_ts/...' metrics with it;
+    `workdir/reliability.png` draws test reliability before and after;
+  - with `class_counts` (a long-tailed run): many/medium/few-shot accuracy, and
+    f'test_posthoc/...', post-hoc logit adjustment `log_probs - log prior` (tau = 1, Menon 2021).
+  """
+  counts = class_counts
+  out, preds = {}, {}
+  for split in ('validation', 'test'):
+    preds[split] = predict_split(driver, state, dataset, split, batch_size)
+    lp, y, mask = preds[split]
+    out.update(metrics_lib.classification_metrics(lp, y, where=mask, prefix=f'{split}/',
+                                                  class_counts=counts))
+  lp, y, mask = preds['test']
+  t = calibration.fit_temperature(preds['validation'][0], preds['validation'][1],
+                                  where=preds['validation'][2])
+  scaled = calibration.apply_temperature(lp, t).astype(np.float32)
+  out['temperature'] = t
+  out.update(metrics_lib.classification_metrics(scaled, y, where=mask, prefix='test_ts/',
+                                                class_counts=counts))
+  calibration.save_reliability_figure(
+      os.path.join(workdir, 'reliability.png'),
+      {'test': (lp, y), f'test, temperature {t:.2f}': (scaled, y)}, where=mask)
+  if counts is not None:
+    adjusted = np.asarray(ops.log_softmax(ops.posthoc_logit_adjustment(lp, log_prior=ops.log_prior(counts))))
+    out.update(metrics_lib.classification_metrics(adjusted, y, where=mask, prefix='test_posthoc/',
+                                                  class_counts=counts))
+  return out
 
 
 def load_trained(workdir: str):
@@ -49,7 +93,7 @@ def load_trained(workdir: str):
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   dataset = data.load_dataset(config.data)
-  model = build_classifier(config.model, config.head, dataset.num_classes)
+  model = build_classifier(config.model, config.head, dataset.num_classes, dataset.class_counts)
   _, tx = make_optimizer(config.optimizer, config.num_steps)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.max_checkpoints)
   state, step = ckpt.restore_latest(init_state(model, tx, dataset.input_shape, config.seed))
@@ -88,7 +132,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   _save_config(config, workdir)
 
   dataset = data.load_dataset(config.data)
-  model = build_classifier(config.model, config.head, dataset.num_classes)
+  model = build_classifier(config.model, config.head, dataset.num_classes, dataset.class_counts)
+  lt_counts = dataset.class_counts if config.data.imbalance_ratio > 1 else None  # long-tail metrics
   schedule, tx = make_optimizer(config.optimizer, config.num_steps)
   driver = DRIVERS[config.parallel](model, tx, schedule, config.num_devices)
   check_divisible(config.batch_size, len(driver.devices), 'batch_size')
@@ -101,7 +146,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   last_good = start_step if start_step else None
   state = driver.put_state(host_state)
   writer = MetricWriter(workdir, start_step)
-  batches = data.train_batches(dataset, config.batch_size, seed=config.seed, start_step=start_step)
+  batches = data.train_batches(dataset, config.batch_size, seed=config.seed, start_step=start_step,
+                               sampling=config.data.sampling, num_steps=config.num_steps)
 
   def check_finite(step: int, loss) -> None:
     loss = float(loss)
@@ -134,7 +180,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
       bar.set_postfix(loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.0f}")
       window, t0 = [], time.perf_counter()
     if step % config.eval_every == 0 and step != config.num_steps:
-      writer.write(step, evaluate(driver, state, dataset, 'validation', config.eval_batch_size))
+      writer.write(step, evaluate(driver, state, dataset, 'validation', config.eval_batch_size, lt_counts))
     if step % config.checkpoint_every == 0 or step == config.num_steps:
       ckpt.save(step, driver.get_state(state))
       last_good = step
@@ -142,9 +188,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
     check_finite(*pending)
   bar.close()
 
-  final = {}
-  for split in ('validation', 'test'):
-    final.update(evaluate(driver, state, dataset, split, config.eval_batch_size))
+  final = final_evaluation(driver, state, dataset, config.eval_batch_size, workdir, lt_counts)
   writer.write(config.num_steps, final)
   writer.close()
   ckpt.close()

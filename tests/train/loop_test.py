@@ -133,10 +133,25 @@ def test_digits_small_run_writes_its_workdir(data_dir, tmp_path):
   config = small_config(data_dir, num_steps=200, eval_every=100, checkpoint_every=100, log_every=50)
   final = train_and_evaluate(config, str(tmp_path))
   assert final['test/accuracy'] > 0.9 and final['test/ece'] < 0.1
-  assert {'test/nll', 'validation/accuracy', 'test/balanced_accuracy'} <= set(final)
+  assert {'test/nll', 'validation/accuracy', 'test/balanced_accuracy', 'temperature', 'test_ts/ece'} <= set(final)
+  assert not {'test/many_accuracy', 'test_posthoc/accuracy'} & set(final)  # balanced: no long-tail views
   rows = read_metrics(str(tmp_path))
   assert any('train/grad_norm' in r for r in rows)
   assert any(k.startswith('train/grad_norm/backbone/') for r in rows for k in r)
   assert os.listdir(tmp_path / 'tensorboard')
   with open(tmp_path / 'config.json') as f:
     assert json.load(f)['num_steps'] == 200
+
+
+def test_long_tailed_run_reports_frequency_buckets_temperature_and_posthoc(data_dir, tmp_path):
+  config = small_config(data_dir, num_steps=60, **{'data.imbalance_ratio': 10.0,
+                                                   'data.sampling': 'sqrt',
+                                                   'head': {'name': 'imbalanced', 'loss': 'ldam',
+                                                            'drw_start_step': 40}})
+  final = train_and_evaluate(config, str(tmp_path))
+  assert 0.05 <= final['temperature'] <= 20
+  for prefix in ('test/', 'test_ts/', 'test_posthoc/'):
+    assert {prefix + k for k in ('accuracy', 'many_accuracy', 'medium_accuracy', 'ece')} <= set(final)
+  assert final['test_ts/accuracy'] == final['test/accuracy']  # a temperature never changes argmax
+  assert final['test_posthoc/accuracy'] != final['test/accuracy']
+  assert os.path.getsize(tmp_path / 'reliability.png') > 10000

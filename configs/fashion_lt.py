@@ -1,0 +1,69 @@
+"""Fashion-MNIST-LT (exponential profile, imbalance ratio 100): long-tail losses and resampling.
+
+`get_config('<method>[,seed=N][,small]')`, method one of
+  ce              cross-entropy (post-hoc logit adjustment is reported from this run: test_posthoc/)
+  focal           focal loss, gamma 1 (Lin 2017)
+  cb              class-balanced CE, beta 0.9999 (Cui 2019)
+  cb_focal        class-balanced focal, beta 0.9999, gamma 1
+  resample        CE with class-balanced sampling
+  ldam_drw        LDAM (max margin 0.5, s 30, cosine logits) with deferred re-weighting at 80% of
+                  training (Cao 2019)
+  logit_adjusted  logit-adjusted CE, tau 1 (Menon 2021)
+
+Train keeps 5374 images of class 0 down to 53 of class 9 (13,333 in all; no class has < 20, so
+the "few" bucket is empty); validation (6000) and test (10000) stay balanced. Run the table (WORKSPACE.md, "Imbalance"):
+  python scripts/train.py --config=configs/fashion_lt.py:ldam_drw,seed=1 --workdir=workdirs/lt/ldam_drw_1
+"""
+
+from softmax_jax.train.config import base_config
+
+METHODS = {
+    'ce': dict(loss='ce'),
+    'focal': dict(loss='focal', gamma=1.0),
+    'cb': dict(loss='cb', beta=0.9999),
+    'cb_focal': dict(loss='cb_focal', beta=0.9999, gamma=1.0),
+    'resample': dict(loss='ce'),
+    'ldam_drw': dict(loss='ldam', max_margin=0.5, scale=30.0),
+    'logit_adjusted': dict(loss='logit_adjusted', tau=1.0),
+}
+
+
+def get_config(arg: str = 'ce'):
+  """See the module docstring for `arg`."""
+  parts = [p for p in arg.split(',') if p]
+  method, seed, small = None, 0, False
+  for p in parts:
+    if p == 'small':
+      small = True
+    elif p.startswith('seed='):
+      seed = int(p[len('seed='):])
+    elif p in METHODS and method is None:
+      method = p
+    else:
+      raise ValueError(f"configs/fashion_lt.py takes '<method>[,seed=N][,small]' with method in "
+                       f'{sorted(METHODS)}; got {arg!r} ({p!r} not understood).')
+  method = method or 'ce'
+  c = base_config()
+  c.seed = seed
+  c.data.name = 'fashion_mnist_idx'
+  c.data.source_dir = '/usr/share/datasets/fashion-mnist'
+  c.data.imbalance_ratio = 100.0
+  c.data.sampling = 'class' if method == 'resample' else 'instance'
+  c.model = dict(name='cnn', channels=(16, 32), convs_per_block=1, dense=128, dropout=0.2)
+  c.head = dict(name='imbalanced', **METHODS[method])
+  c.batch_size = 128
+  c.num_steps = 1500  # ~14 epochs of the 13.3k long-tailed training images
+  if method == 'ldam_drw':
+    c.head.drw_start_step = int(0.8 * c.num_steps)  # Cao: epoch 160 of 200
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.warmup_steps = 100
+  c.log_every = 100
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  if small:
+    c.num_steps = 100
+    c.log_every, c.eval_every, c.checkpoint_every = 25, 50, 50
+    if method == 'ldam_drw':
+      c.head.drw_start_step = 80
+  return c.lock()
