@@ -1,11 +1,13 @@
 """Fashion-MNIST, CNN with a low-dimensional embedding: plain softmax vs angular-margin heads.
 
-`get_config('<head>,<setting>[,small]')`:
+`get_config('<head>,<setting>[,margin=M][,small]')`:
   head: softmax (DenseSoftmax) | sphereface | cosface | arcface | combined | normface (MarginSoftmax)
   setting: 2d   -- all 10 classes, a 2-D embedding, to draw the learned features;
            open -- a 64-D embedding trained on 8 classes; classes 2 (Pullover) and 4 (Coat), two
                    look-alike garments (a hard pair, chosen before any run), are held out for
                    open-set verification by cosine (scripts/geometry.py).
+  margin=M: the margin of arcface/cosface instead of the paper's (e.g. 0.1 for 2-D: ten classes
+            cannot all keep the papers' angular margins on a circle).
   small: 100 steps, a smoke run.
 
 Run one (then analyse and draw; WORKSPACE.md has the whole table's loop):
@@ -34,7 +36,8 @@ def get_config(arg: str = 'arcface,2d'):
   """See the module docstring for `arg`."""
   parts = [p for p in arg.split(',') if p]
   small = 'small' in parts
-  parts = [p for p in parts if p != 'small']
+  margin = [float(p[len('margin='):]) for p in parts if p.startswith('margin=')]
+  parts = [p for p in parts if p != 'small' and not p.startswith('margin=')]
   if len(parts) != 2 or parts[0] not in HEADS or parts[1] not in ('2d', 'open'):
     raise ValueError(f"configs/fashion_margins.py takes '<head>,<2d|open>[,small]' with head in "
                      f'{sorted(HEADS)}; got {arg!r}.')
@@ -47,6 +50,10 @@ def get_config(arg: str = 'arcface,2d'):
   c.model = dict(name='cnn', channels=(32, 64), convs_per_block=1, dense=256, dropout=0.2,
                  embedding=2 if setting == '2d' else 64)
   c.head = dict(HEADS[head])
+  if margin:
+    if head not in ('arcface', 'cosface'):
+      raise ValueError(f'configs/fashion_margins.py: margin= applies to arcface and cosface, not {head!r}.')
+    c.head.margin = margin[0]
   c.batch_size = 128
   c.num_steps = 2500  # ~6 epochs
   c.optimizer.learning_rate = 1e-3
