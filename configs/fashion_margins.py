@@ -1,6 +1,6 @@
 """Fashion-MNIST, CNN with a low-dimensional embedding: plain softmax vs angular-margin heads.
 
-`get_config('<head>,<setting>[,margin=M][,small]')`:
+`get_config('<head>,<setting>[,margin=M][,heldout=A-B][,small]')`:
   head: softmax (DenseSoftmax) | sphereface | cosface | arcface | combined | normface (MarginSoftmax)
   setting: 2d   -- all 10 classes, a 2-D embedding, to draw the learned features;
            open -- a 64-D embedding trained on 8 classes; classes 2 (Pullover) and 4 (Coat), two
@@ -8,6 +8,7 @@
                    open-set verification by cosine (scripts/geometry.py).
   margin=M: the margin of arcface/cosface instead of the paper's (e.g. 0.1 for 2-D: ten classes
             cannot all keep the papers' angular margins on a circle).
+  heldout=A-B: hold out classes A and B instead of (2, 4) in the 'open' setting.
   small: 100 steps, a smoke run.
 
 Run one (then analyse and draw; WORKSPACE.md has the whole table's loop):
@@ -37,7 +38,9 @@ def get_config(arg: str = 'arcface,2d'):
   parts = [p for p in arg.split(',') if p]
   small = 'small' in parts
   margin = [float(p[len('margin='):]) for p in parts if p.startswith('margin=')]
-  parts = [p for p in parts if p != 'small' and not p.startswith('margin=')]
+  heldout = [tuple(int(k) for k in p[len('heldout='):].split('-')) for p in parts
+             if p.startswith('heldout=')]
+  parts = [p for p in parts if p != 'small' and not p.startswith(('margin=', 'heldout='))]
   if len(parts) != 2 or parts[0] not in HEADS or parts[1] not in ('2d', 'open'):
     raise ValueError(f"configs/fashion_margins.py takes '<head>,<2d|open>[,small]' with head in "
                      f'{sorted(HEADS)}; got {arg!r}.')
@@ -46,7 +49,8 @@ def get_config(arg: str = 'arcface,2d'):
   c.data.name = 'fashion_mnist_idx'
   c.data.source_dir = '/usr/share/datasets/fashion-mnist'
   if setting == 'open':
-    c.data.classes = tuple(k for k in range(10) if k not in HELD_OUT)
+    held = heldout[0] if heldout else HELD_OUT
+    c.data.classes = tuple(k for k in range(10) if k not in held)
   c.model = dict(name='cnn', channels=(32, 64), convs_per_block=1, dense=256, dropout=0.2,
                  embedding=2 if setting == '2d' else 64)
   c.head = dict(HEADS[head])
