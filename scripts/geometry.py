@@ -33,10 +33,13 @@ flags.DEFINE_float('far', 1e-2, 'False accept rate at which TAR is reported.')
 flags.DEFINE_integer('batch_size', 1000, 'Embedding batch size.')
 
 
-def embed(model, params, dataset, images: np.ndarray, batch_size: int) -> np.ndarray:
-  """Backbone features `[n, d]` float32 of uint8 `images` normalized with `dataset`'s statistics."""
-  fn = jax.jit(lambda p, x: model.apply({'params': p}, x, method='features'))
-  out = [np.asarray(fn(params, dataset.normalize(images[i:i + batch_size])))
+def embed(model, variables, dataset, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """Backbone features `[n, d]` float32 of uint8 `images` normalized with `dataset`'s statistics.
+
+  `variables` is `load_trained`'s: {'params', ...} with any mutable collections (batch_stats).
+  """
+  fn = jax.jit(lambda v, x: model.apply(v, x, method='features'))
+  out = [np.asarray(fn(variables, dataset.normalize(images[i:i + batch_size])))
          for i in range(0, len(images), batch_size)]
   return np.concatenate(out).astype(np.float32)
 
@@ -51,11 +54,11 @@ def verification(emb, labels, *, max_pairs, far):
 
 def analyse(workdir: str):
   """Computes and writes geometry.json and embeddings.npz of one workdir; returns the dict."""
-  config, dataset, model, params = load_trained(workdir)
+  config, dataset, model, variables = load_trained(workdir)
   head = config.head.to_dict()
   title = head.get('kind', 'softmax') if head['name'] == 'margin' else 'softmax'
   test = dataset.splits['test']
-  emb = embed(model, params, dataset, test.images, flags.FLAGS.batch_size)
+  emb = embed(model, variables, dataset, test.images, flags.FLAGS.batch_size)
   result = {'title': title, 'embedding_dim': int(emb.shape[1]),
             'angles': geometry.angular_statistics(emb, test.labels, dataset.num_classes),
             'closed_set': verification(emb, test.labels, max_pairs=flags.FLAGS.max_pairs,
@@ -71,7 +74,7 @@ def analyse(workdir: str):
     full = data.load_dataset(dict(config.data.to_dict(), classes=None))
     held = sorted(set(range(full.num_classes)) - {int(c) for c in classes})
     keep = np.isin(full.splits['test'].labels, held)
-    held_emb = embed(model, params, dataset, full.splits['test'].images[keep], flags.FLAGS.batch_size)
+    held_emb = embed(model, variables, dataset, full.splits['test'].images[keep], flags.FLAGS.batch_size)
     held_labels = full.splits['test'].labels[keep]
     result['held_out_classes'] = held
     result['open_set'] = verification(held_emb, held_labels, max_pairs=None, far=flags.FLAGS.far)
@@ -86,7 +89,7 @@ def table_row(workdir: str, r) -> str:
   a, c, o = r['angles'], r['closed_set'], r.get('open_set')
   cells = [r['title'], os.path.basename(workdir), str(r['embedding_dim']),
            f"{100 * r.get('test_accuracy', float('nan')):.2f}", f"{a['mean_intra_angle']:.1f}",
-           f"{a['min_inter_center_angle']:.1f}", f"{100 * c['accuracy']:.2f}"]
+           f"{a['min_inter_center_angle']:.1f}", f"{100 * c['accuracy']:.2f}", f"{100 * c['tar']:.2f}"]
   if o:
     cells += [f"{100 * o['accuracy']:.2f} ± {100 * o['accuracy_std']:.2f}", f"{100 * o['tar']:.2f}"]
   else:
@@ -99,8 +102,9 @@ def main(argv):
   rows = [table_row(w, analyse(w)) for w in flags.FLAGS.workdir]
   far = flags.FLAGS.far
   print('| head | workdir | dim | test acc % | intra angle ° | min centre angle ° | '
-        f'closed-set verif. % | open-set verif. % | open-set TAR@FAR={far:g} % |')
-  print('|' + '---|' * 9)
+        f'closed-set verif. % | closed-set TAR@FAR={far:g} % | open-set verif. % | '
+        f'open-set TAR@FAR={far:g} % |')
+  print('|' + '---|' * 10)
   print('\n'.join(rows))
 
 

@@ -25,15 +25,16 @@ def test_margin_run_then_geometry_and_feature_plot(tmp_path):
   final = train_and_evaluate(c, workdir)
   assert final['test/accuracy'] > 0.5  # 8 classes: chance is 0.125
 
-  config, dataset, model, params = load_trained(workdir)
+  config, dataset, model, variables = load_trained(workdir)
   assert dataset.num_classes == 8 and tuple(config.data.classes) == tuple(range(8))
-  assert params['head']['kernel'].shape == (2, 8)
+  assert set(variables) == {'params'}  # the CNN has no mutable collections
+  assert variables['params']['head']['kernel'].shape == (2, 8)
 
   result = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'geometry.py'),
                            f'--workdir={workdir}', '--max_pairs=20000'],
                           capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert '| sphereface | run | 2 |' in result.stdout, result.stdout
+  assert '| sphereface | run | 2 |' in result.stdout and result.stdout.count('|---') == 10, result.stdout
   with open(os.path.join(workdir, 'geometry.json')) as f:
     geo = json.load(f)
   assert geo['held_out_classes'] == [8, 9]

@@ -4,10 +4,12 @@
 deterministic, resumable shuffled or class-aware batches and `eval_batches` one padded, masked
 pass. `longtail` cuts long-tailed train splits (`config.data.imbalance_ratio`) and holds the
 class-sampling weights and over/undersampling behind `train_batches(..., sampling=...)`.
+`augment.random_crop_flip` augments image batches on device, inside the train step.
 No TensorFlow: everything is read through TFDS ArrayRecord data sources.
 """
 
-from softmax_jax.data import builders, longtail
+from softmax_jax.data import augment, builders, longtail
+from softmax_jax.data.augment import random_crop_flip
 from softmax_jax.data.builders import check_labels
 from softmax_jax.data.longtail import (class_sampling_weights, long_tailed_counts, make_long_tailed,
                                        resampled_indices)
@@ -15,7 +17,7 @@ from softmax_jax.data.pipeline import (KNOWN_DATASETS, SAMPLING, Dataset, Split,
                                        load_dataset, train_batches)
 
 __all__ = [
-    'KNOWN_DATASETS', 'SAMPLING', 'Dataset', 'Split', 'builders', 'check_labels',
+    'KNOWN_DATASETS', 'SAMPLING', 'Dataset', 'Split', 'augment', 'builders', 'check_labels',
     'class_sampling_weights', 'eval_batches', 'load_dataset', 'long_tailed_counts', 'longtail',
-    'make_long_tailed', 'resampled_indices', 'train_batches',
+    'make_long_tailed', 'random_crop_flip', 'resampled_indices', 'train_batches',
 ]

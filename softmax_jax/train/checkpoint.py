@@ -30,12 +30,22 @@ class Checkpointer:
     self._mgr.wait_until_finished()
 
   def restore_latest(self, template) -> Tuple[object, int]:
-    """(state, step) from the latest checkpoint, or (template, 0) when there is none."""
+    """(state, step) from the latest checkpoint, or (template, 0) when there is none.
+
+    Checkpoints written before the train state had 'model_state' restore into a template whose
+    'model_state' is {} (models without mutable collections), so older workdirs still resume.
+    """
     step = self._mgr.latest_step()
     if step is None:
       return template, 0
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    state = self._mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+      state = self._mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except ValueError:
+      if not (isinstance(abstract, dict) and abstract.get('model_state') == {}):
+        raise
+      older = {k: v for k, v in abstract.items() if k != 'model_state'}
+      state = dict(self._mgr.restore(step, args=ocp.args.StandardRestore(older)), model_state={})
     return jax.tree.map(np.asarray, state), step
 
   def close(self) -> None:

@@ -33,14 +33,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw',             # adamw | sgd (with momentum)
       learning_rate=1e-3,       # peak learning rate
-      schedule='cosine',        # cosine | constant, both after a linear warmup from 0
+      schedule='cosine',        # cosine | constant | step, all after a linear warmup from 0
       warmup_steps=100,
-      end_learning_rate_fraction=0.0,
+      end_learning_rate_fraction=0.0,  # cosine: the final rate, a fraction of the peak
+      decay_at=(0.8, 0.9),      # step: fractions of num_steps at which the rate is multiplied...
+      decay_factor=0.01,        # ...by this (Cao 2019 CIFAR: x0.01 at epochs 160 and 180 of 200)
       weight_decay=1e-4,        # decoupled (adamw) or added to the gradient (sgd)
       b1=0.9, b2=0.999,         # adamw
       momentum=0.9, nesterov=True,  # sgd
       clip_global_norm=0.0,     # > 0: clip the gradient by its global norm
       clip_value=0.0,           # > 0: clip each gradient entry to [-v, v]
+  ))
+  # On-device augmentation of image batches in the train step (data/augment.py); off by default.
+  c.augment = ml_collections.ConfigDict(dict(
+      crop_padding=0,           # > 0: zero-pad (normalized) images by this, random crop back to H x W
+      flip=False,               # random horizontal flip, probability 1/2
   ))
   c.parallel = 'jit'            # jit (over a Mesh, 'data' axis) | pmap (lax.pmean)
   c.num_devices = 0             # 0: all local devices; the batch sizes must divide by it
@@ -69,6 +76,9 @@ def validate_config(config, reference=None, path='config') -> None:
     for key in ('batch_size', 'eval_batch_size', 'num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
       if int(config[key]) < 1:
         raise ValueError(f'config.{key} must be >= 1, got {config[key]!r}.')
+    padding = config.augment.crop_padding
+    if int(padding) != padding or padding < 0:
+      raise ValueError(f'config.augment.crop_padding must be an integer >= 0, got {padding!r}.')
 
 
 def check_key_path(config, dotted: str) -> None:

@@ -81,8 +81,9 @@ def load_trained(workdir: str):
   """Rebuilds a finished (or interrupted) run from its workdir, for analysis after training.
 
   Returns:
-    `(config, dataset, model, params)`: the config of `workdir/config.json`, its dataset, the
-    `Classifier`, and the parameters of the latest checkpoint.
+    `(config, dataset, model, variables)`: the config of `workdir/config.json`, its dataset, the
+    `Classifier`, and the variables of the latest checkpoint for `model.apply`:
+    `{'params': ..., **model_state}` (e.g. with 'batch_stats' for a ResNet).
 
   Raises:
     FileNotFoundError: no config.json or no checkpoint in `workdir`.
@@ -100,7 +101,7 @@ def load_trained(workdir: str):
   ckpt.close()
   if not step:
     raise FileNotFoundError(f'no checkpoint under {os.path.join(workdir, "checkpoints")}')
-  return config, dataset, model, state['params']
+  return config, dataset, model, {'params': state['params'], **state['model_state']}
 
 
 def _save_config(config, workdir: str) -> None:
@@ -135,7 +136,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   model = build_classifier(config.model, config.head, dataset.num_classes, dataset.class_counts)
   lt_counts = dataset.class_counts if config.data.imbalance_ratio > 1 else None  # long-tail metrics
   schedule, tx = make_optimizer(config.optimizer, config.num_steps)
-  driver = DRIVERS[config.parallel](model, tx, schedule, config.num_devices)
+  driver = DRIVERS[config.parallel](model, tx, schedule, config.num_devices,
+                                    augment=config.augment.to_dict())
   check_divisible(config.batch_size, len(driver.devices), 'batch_size')
   check_divisible(config.eval_batch_size, len(driver.devices), 'eval_batch_size')
 

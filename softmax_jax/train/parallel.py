@@ -2,9 +2,13 @@
 
 Both take host batches `[B, ...]` with B divisible by the number of devices, hold the
 state replicated, and return host-readable metrics, so the loop does not know which runs.
+`augment` ({'crop_padding', 'flip'}, i.e. `config.augment`) reaches the step as `model`, `tx` and
+`schedule` do. Under pmap the augmentation (as dropout) draws from per-device keys, so with it a
+pmap run is not the same as a jit run; jit runs agree across device counts.
 """
 
 import functools
+from typing import Mapping, Optional
 
 import jax
 import numpy as np
@@ -28,16 +32,18 @@ def check_divisible(batch_size: int, n: int, key: str) -> None:
 class JitDriver:
   """`jax.jit` over a 1-D Mesh: the batch is split on axis 'data', the state is replicated."""
 
-  def __init__(self, model, tx, schedule, num_devices: int = 0):
+  def __init__(self, model, tx, schedule, num_devices: int = 0, *,
+               augment: Optional[Mapping[str, object]] = None):
     self.devices = _devices(num_devices)
+    self.augment = dict(augment or {})
     mesh = Mesh(np.array(self.devices), ('data',))
     self.replicated = NamedSharding(mesh, P())
     self.sharded = NamedSharding(mesh, P('data'))
-    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule)
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, **self.augment)
     self._step = jax.jit(step, in_shardings=(self.replicated, self.sharded),
                          out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
     self._log_prob = jax.jit(
-        lambda params, images: model.apply({'params': params}, images, method='log_prob'),
+        lambda variables, images: model.apply(variables, images, method='log_prob'),
         in_shardings=(self.replicated, self.sharded), out_shardings=self.sharded)
 
   def put_state(self, state):
@@ -50,15 +56,18 @@ class JitDriver:
     return self._step(state, jax.device_put(batch, self.sharded))
 
   def log_prob(self, state, images):
-    return self._log_prob(state['params'], jax.device_put(images, self.sharded))
+    variables = {'params': state['params'], **state['model_state']}
+    return self._log_prob(variables, jax.device_put(images, self.sharded))
 
 
 class PmapDriver(JitDriver):
   """`jax.pmap` with `lax.pmean` over axis 'batch': state stacked per device, batch reshaped."""
 
-  def __init__(self, model, tx, schedule, num_devices: int = 0):
-    super().__init__(model, tx, schedule, num_devices)  # evaluation reuses the jit path
-    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, axis_name='batch')
+  def __init__(self, model, tx, schedule, num_devices: int = 0, *,
+               augment: Optional[Mapping[str, object]] = None):
+    super().__init__(model, tx, schedule, num_devices, augment=augment)  # evaluation reuses the jit path
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, axis_name='batch',
+                             **self.augment)
     self._pstep = jax.pmap(step, axis_name='batch', devices=self.devices, donate_argnums=(0,))
 
   def put_state(self, state):
@@ -77,8 +86,8 @@ class PmapDriver(JitDriver):
     return state, jax.tree.map(lambda m: m[0], metrics)
 
   def log_prob(self, state, images):
-    params = jax.tree.map(lambda x: x[0], state['params'])
-    return self._log_prob(params, jax.device_put(images, self.sharded))
+    variables = jax.tree.map(lambda x: x[0], {'params': state['params'], **state['model_state']})
+    return self._log_prob(variables, jax.device_put(images, self.sharded))
 
 
 DRIVERS = {'jit': JitDriver, 'pmap': PmapDriver}

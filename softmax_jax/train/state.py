@@ -1,17 +1,52 @@
 """Train state (a plain dict pytree), optimizer from config, gradient norms."""
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-TrainState = Dict[str, Any]  # {'step': int32[], 'params', 'opt_state', 'rng': uint32[2]}
+# {'step': int32[], 'params', 'model_state', 'opt_state', 'rng': uint32[2]}; 'model_state' holds the
+# mutable collections of the model other than 'params' (BatchNorm's 'batch_stats'), {} for most.
+TrainState = Dict[str, Any]
+
+
+def step_schedule(learning_rate: float, warmup_steps: int, boundaries: Sequence[int],
+                  decay_factor: float) -> optax.Schedule:
+  """Linear warmup from 0, then `lr * decay_factor^k` after the k-th boundary (Cao et al. 2019).
+
+  `lr(s) = lr * s / warmup` for `s < warmup`, else `lr * decay_factor^#{b in boundaries: s >= b}`,
+  e.g. Cao's CIFAR schedule: warmup 5 epochs, x0.01 at epochs 160 and 180 of 200.
+
+  Args:
+    learning_rate: the peak rate lr.
+    warmup_steps: steps of linear warmup (0: none).
+    boundaries: steps at which the rate is multiplied by `decay_factor` (from that step on).
+    decay_factor: the multiplier, > 0.
+
+  Returns:
+    `schedule(step) -> [] float32`.
+  """
+  bounds = tuple(sorted(int(b) for b in boundaries))
+
+  def schedule(step):
+    step = jnp.asarray(step)
+    decays = sum((step >= b).astype(jnp.int32) for b in bounds)  # 0 without boundaries
+    value = learning_rate * jnp.float32(decay_factor) ** decays
+    if warmup_steps <= 0:
+      return value
+    return jnp.where(step < warmup_steps, learning_rate * step / warmup_steps, value)
+
+  return schedule
 
 
 def make_optimizer(opt_cfg, num_steps: int) -> Tuple[optax.Schedule, optax.GradientTransformation]:
-  """Schedule and optax chain (clipping, then the optimizer) from `config.optimizer`."""
+  """Schedule and optax chain (clipping, then the optimizer) from `config.optimizer`.
+
+  Schedules ('cosine', 'constant', 'step') all start with a linear warmup from 0; 'step' then
+  multiplies the rate by `decay_factor` at each fraction `decay_at` of `num_steps` (`step_schedule`).
+  """
   lr, warmup = opt_cfg.learning_rate, min(opt_cfg.warmup_steps, num_steps)
   if opt_cfg.schedule == 'cosine':
     schedule = optax.warmup_cosine_decay_schedule(
@@ -19,8 +54,18 @@ def make_optimizer(opt_cfg, num_steps: int) -> Tuple[optax.Schedule, optax.Gradi
   elif opt_cfg.schedule == 'constant':
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+  elif opt_cfg.schedule == 'step':
+    fractions = [float(f) for f in opt_cfg.decay_at]
+    if any(not 0.0 <= f <= 1.0 for f in fractions) or fractions != sorted(set(fractions)):
+      raise ValueError(f'config.optimizer.decay_at must be increasing fractions of training in '
+                       f'[0, 1], got {tuple(opt_cfg.decay_at)!r}.')
+    if not opt_cfg.decay_factor > 0:
+      raise ValueError(f'config.optimizer.decay_factor must be > 0, got {opt_cfg.decay_factor!r}.')
+    boundaries = [int(round(f * num_steps)) for f in fractions]
+    schedule = step_schedule(lr, warmup, boundaries, opt_cfg.decay_factor)
   else:
-    raise ValueError(f"config.optimizer.schedule must be 'cosine' or 'constant', got {opt_cfg.schedule!r}.")
+    raise ValueError(f"config.optimizer.schedule must be 'cosine', 'constant' or 'step', "
+                     f'got {opt_cfg.schedule!r}.')
   chain = []
   if opt_cfg.clip_value > 0:
     chain.append(optax.clip(opt_cfg.clip_value))
@@ -38,12 +83,18 @@ def make_optimizer(opt_cfg, num_steps: int) -> Tuple[optax.Schedule, optax.Gradi
 
 
 def init_state(model, tx, input_shape, seed: int) -> TrainState:
-  """Initial state on host: params from `model.init` on a dummy batch of two."""
+  """Initial state on host from `model.init` on a dummy batch of two.
+
+  'params' is the 'params' collection; 'model_state' every other collection `model.init` returns
+  (e.g. {'batch_stats': ...} for BatchNorm; {} for models without one).
+  """
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
   images = jnp.zeros((2, *input_shape), jnp.float32)
   labels = jnp.zeros((2,), jnp.int32)
-  params = jax.jit(lambda r: model.init(r, images, labels, train=False)['params'])(init_rng)
-  state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=train_rng)
+  variables = jax.jit(lambda r: dict(model.init(r, images, labels, train=False)))(init_rng)
+  params = variables.pop('params')
+  state = dict(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+               opt_state=tx.init(params), rng=train_rng)
   return jax.tree.map(np.asarray, state)
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from softmax_jax.train import base_config, train_and_evaluate
+from softmax_jax.train import base_config, train_and_evaluate, validate_config
 from softmax_jax.train.writer import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -119,6 +119,13 @@ def test_unknown_config_key(data_dir, tmp_path, key, value, match):
   node[leaf] = value
   with pytest.raises(ValueError, match=match):
     train_and_evaluate(config, str(tmp_path / 'w'))
+
+
+def test_negative_crop_padding_is_named():
+  config = base_config()
+  config.augment.crop_padding = -4
+  with pytest.raises(ValueError, match=r'config.augment.crop_padding must be an integer >= 0, got -4'):
+    validate_config(config)
 
 
 def test_unknown_flag_override_fails_in_the_script(tmp_path):

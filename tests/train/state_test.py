@@ -50,3 +50,31 @@ def test_unknown_optimizer_is_named():
   opt.name = 'adam_w'
   with pytest.raises(ValueError, match=r"config.optimizer.name must be 'adamw' or 'sgd', got 'adam_w'"):
     make_optimizer(opt, num_steps=10)
+
+
+def test_step_schedule_warms_up_then_decays_at_fractions_of_training():
+  opt = base_config().optimizer
+  opt.schedule, opt.learning_rate, opt.warmup_steps = 'step', 0.1, 5
+  opt.decay_at, opt.decay_factor = (0.8, 0.9), 0.01  # Cao 2019: epochs 160 and 180 of 200
+  schedule, _ = make_optimizer(opt, num_steps=200)
+  steps = [0, 1, 4, 5, 159, 160, 179, 180, 199]
+  expected = [0.0, 0.02, 0.08, 0.1, 0.1, 1e-3, 1e-3, 1e-5, 1e-5]
+  np.testing.assert_allclose([schedule(s) for s in steps], expected, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(jax.vmap(schedule))(jnp.array(steps, jnp.int32)), expected, rtol=1e-6)
+  opt.decay_at, opt.warmup_steps = [], 0  # a list, as config.json gives it back; no decay
+  schedule, _ = make_optimizer(opt, num_steps=200)
+  np.testing.assert_allclose([schedule(0), schedule(199)], [0.1, 0.1])
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('decay_at', (0.9, 0.8), r'config.optimizer.decay_at must be increasing fractions of training in \[0, 1\], got \(0.9, 0.8\)'),
+    ('decay_at', (0.5, 1.5), r'decay_at must be increasing fractions'),
+    ('decay_factor', 0.0, r'config.optimizer.decay_factor must be > 0, got 0.0'),
+    ('schedule', 'linear', r"schedule must be 'cosine', 'constant' or 'step', got 'linear'"),
+])
+def test_bad_schedule_options_are_named(key, value, match):
+  opt = base_config().optimizer
+  opt.schedule = 'step'
+  opt[key] = value
+  with pytest.raises(ValueError, match=match):
+    make_optimizer(opt, num_steps=10)
