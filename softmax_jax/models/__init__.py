@@ -2,7 +2,8 @@
 
 from softmax_jax.models.cnn import CNN
 from softmax_jax.models.mlp import MLP
+from softmax_jax.models.resnet import ResNet
 
-BACKBONES = {'mlp': MLP, 'cnn': CNN}
+BACKBONES = {'mlp': MLP, 'cnn': CNN, 'resnet': ResNet}
 
-__all__ = ['BACKBONES', 'CNN', 'MLP']
+__all__ = ['BACKBONES', 'CNN', 'MLP', 'ResNet']

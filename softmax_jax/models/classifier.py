@@ -64,7 +64,7 @@ def build_module(registry: Mapping[str, type], cfg: Mapping[str, Any], where: st
 
 def build_classifier(model_cfg: Mapping[str, Any], head_cfg: Mapping[str, Any], num_classes: int,
                      class_counts=None) -> Classifier:
-  """`Classifier` from `config.model` ({'name': 'mlp'|'cnn', ...}) and `config.head` ({'name': 'dense', ...}).
+  """`Classifier` from `config.model` ({'name': 'mlp'|'cnn'|'resnet', ...}) and `config.head` ({'name': 'dense', ...}).
 
   `class_counts` (training examples per class, `[num_classes]`) reaches heads that have a
   `class_counts` field (losses for long-tailed data); the config never sets it.
