@@ -5,6 +5,9 @@ import difflib
 import ml_collections
 from ml_collections import config_dict
 
+from softmax_jax.data.longtail import PROFILES
+from softmax_jax.data.pipeline import SAMPLING
+
 # Sub-configs whose keys depend on `name` are checked against the module they build instead.
 _FREE_FORM = ('model', 'head')
 
@@ -79,6 +82,13 @@ def validate_config(config, reference=None, path='config') -> None:
     padding = config.augment.crop_padding
     if int(padding) != padding or padding < 0:
       raise ValueError(f'config.augment.crop_padding must be an integer >= 0, got {padding!r}.')
+    d = config.data
+    if d.sampling not in SAMPLING:
+      raise ValueError(f'config.data.sampling must be one of {SAMPLING}, got {d.sampling!r}.')
+    if d.imbalance_profile not in PROFILES:
+      raise ValueError(f'config.data.imbalance_profile must be one of {PROFILES}, got {d.imbalance_profile!r}.')
+    if not d.imbalance_ratio >= 1:
+      raise ValueError(f'config.data.imbalance_ratio must be >= 1 (1: unchanged), got {d.imbalance_ratio!r}.')
 
 
 def check_key_path(config, dotted: str) -> None:

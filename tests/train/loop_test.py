@@ -162,3 +162,14 @@ def test_long_tailed_run_reports_frequency_buckets_temperature_and_posthoc(data_
   assert final['test_ts/accuracy'] == final['test/accuracy']  # a temperature never changes argmax
   assert final['test_posthoc/accuracy'] != final['test/accuracy']
   assert os.path.getsize(tmp_path / 'reliability.png') > 10000
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('data.sampling', 'balanced', r"config.data.sampling must be one of .*'class'.*got 'balanced'"),
+    ('data.imbalance_profile', 'linear', r"config.data.imbalance_profile must be one of .*got 'linear'"),
+    ('data.imbalance_ratio', 0.5, r'config.data.imbalance_ratio must be >= 1 .*got 0.5'),
+])
+def test_bad_long_tail_config_values_are_named(data_dir, tmp_path, key, value, match):
+  config = small_config(data_dir, **{key: value})
+  with pytest.raises(ValueError, match=match):
+    train_and_evaluate(config, str(tmp_path / 'w'))
