@@ -6,7 +6,8 @@ r"""Markdown table (mean ± std over seeds) of the final metrics of several runs
 
 Runs are grouped by workdir name without a trailing `_<seed>` (`ce_0`, `ce_1` -> `ce`); each
 group gives one row of its f'{--prefix}<metric>' values from `final_metrics.json` (accuracies in
-%). `--extra=group:prefix` adds a row of the same runs read under another prefix (e.g. the
+%); a metric written `/key` is read as `key` without prefix (e.g. `/temperature`,
+`/test_ts/ece`). `--extra=group:prefix` adds a row of the same runs read under another prefix (e.g. the
 post-hoc logit adjustment of the CE runs, or their temperature-scaled metrics).
 """
 
@@ -58,7 +59,10 @@ def main(argv):
   for group, prefix in rows:
     runs = groups[group]
     name = group if prefix == flags.FLAGS.prefix else f'{group} ({prefix.rstrip("/")})'
-    cells = [_cell([r.get(prefix + m) for r in runs], 'accuracy' in m) for m in metrics]
+    extra = prefix != flags.FLAGS.prefix  # absolute keys belong to the main rows only
+    keys = [None if extra and m.startswith('/') else m[1:] if m.startswith('/') else prefix + m
+            for m in metrics]
+    cells = [_cell([r.get(k) for r in runs] if k else [], 'accuracy' in (k or '')) for k in keys]
     print(f'| {name} | {len(runs)} | ' + ' | '.join(cells) + ' |')
 
 
