@@ -13,6 +13,10 @@
 Train keeps 5374 images of class 0 down to 53 of class 9 (13,333 in all; no class has < 20, so
 the "few" bucket is empty); validation (6000) and test (10000) stay balanced. Run the table (WORKSPACE.md, "Imbalance"):
   python scripts/train.py --config=configs/fashion_lt.py:ldam_drw,seed=1 --workdir=workdirs/lt/ldam_drw_1
+
+Measured 2026-11-23 on the 2-core dev box, 3 seeds, test balanced accuracy (~85 s per run): CE
+84.10 ± 0.19, focal 84.04, CB 86.73, CB focal 86.50, resampling 86.85, LDAM-DRW 86.88,
+logit-adjusted 87.44 ± 0.28, CE + post-hoc adjustment 87.44 ± 0.33 (WORKSPACE.md).
 """
 
 from softmax_jax.train.config import base_config
