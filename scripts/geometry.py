@@ -57,6 +57,8 @@ def analyse(workdir: str):
   config, dataset, model, variables = load_trained(workdir)
   head = config.head.to_dict()
   title = head.get('kind', 'softmax') if head['name'] == 'margin' else 'softmax'
+  if head.get('margin') is not None:
+    title += f" m={head['margin']:g}"
   test = dataset.splits['test']
   emb = embed(model, variables, dataset, test.images, flags.FLAGS.batch_size)
   result = {'title': title, 'embedding_dim': int(emb.shape[1]),
