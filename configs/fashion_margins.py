@@ -17,7 +17,12 @@ Run one (then analyse and draw; WORKSPACE.md has the whole table's loop):
   python scripts/plot.py --features=workdirs/margins/softmax_2d,workdirs/margins/arcface_2d
 
 Margins are the papers' (SphereFace m=4 with its lambda annealing and the feature norm as scale;
-CosFace s=64, m=0.35; ArcFace s=64, m=0.5). Measured results: WORKSPACE.md, "Geometry".
+CosFace s=64, m=0.35; ArcFace s=64, m=0.5). Measured 2026-11-23 on the 2-core dev box, one seed,
+~4-6 min per run (WORKSPACE.md, "Geometry"): in 64-D on 8 classes the margins raise closed-set
+TAR@FAR=1e-2 from 65% (softmax) to 85-88% at equal accuracy (95.0-95.1%), but none verifies the
+held-out Pullover/Coat pair (52-55%, chance 50%); on Trouser/Bag held out, softmax 74.6% and
+CosFace 74.9% beat SphereFace 65.8% and ArcFace 61.3%. In 2-D the papers' ArcFace/CosFace margins
+merge classes (68% / 73% vs softmax 87%, SphereFace 88%).
 """
 
 from softmax_jax.train.config import base_config
