@@ -8,6 +8,7 @@ and the compiled temporary memory (`memory_analysis().temp_size_in_bytes`). Head
   dense         DenseSoftmax, the baseline: `ops.cross_entropy(x @ W + b)`
   dense fused   DenseSoftmax(fused=True): `ops.linear_cross_entropy`, no [N, K] logits
   adaptive      AdaptiveSoftmax, cutoffs (2000, 10000, 50000) (those below K), div_value 4
+  adaptive all  the same with capacity_fractions=None: every tail on every row, no routing
   sampled       SampledSoftmax, 1024 log-uniform samples without replacement
   hierarchical  HierarchicalSoftmax, Huffman tree of the Zipf class counts
 """
@@ -31,8 +32,8 @@ NUM_SAMPLED = 1024
 
 def zipf_probs(k: int) -> np.ndarray:
   """`[K]` float64 log-uniform probabilities, non-increasing in the class id."""
-  ids = np.arange(k, dtype=np.float64)
-  return np.log((ids + 2) / (ids + 1)) / np.log(k + 1)
+  from softmax_jax.ops import log_uniform_probs  # pylint: disable=g-import-not-at-top
+  return log_uniform_probs(k)
 
 
 def zipf_labels(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -50,6 +51,9 @@ def make_heads(k: int):
       'dense fused': lambda: heads.DenseSoftmax(num_classes=k, fused=True),
       'adaptive': lambda: heads.AdaptiveSoftmax(
           num_classes=k, cutoffs=tuple(c for c in CUTOFFS if c < k), div_value=4.0),
+      'adaptive all': lambda: heads.AdaptiveSoftmax(
+          num_classes=k, cutoffs=tuple(c for c in CUTOFFS if c < k), div_value=4.0,
+          capacity_fractions=None),
       'sampled': lambda: heads.SampledSoftmax(num_classes=k, num_sampled=NUM_SAMPLED,
                                               sampler='log_uniform'),
       'hierarchical': lambda: heads.HierarchicalSoftmax(num_classes=k, tree='huffman',

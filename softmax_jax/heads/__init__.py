@@ -1,12 +1,14 @@
 """Output heads (flax.linen) over `softmax_jax.ops`, all with one contract (see dense.py)."""
 
+from softmax_jax.heads.adaptive import AdaptiveSoftmax
 from softmax_jax.heads.dense import DenseSoftmax
 from softmax_jax.heads.hierarchical import HierarchicalSoftmax
 from softmax_jax.heads.imbalanced import ImbalancedSoftmax
 from softmax_jax.heads.margin import MarginSoftmax
 from softmax_jax.heads.sampled import SampledSoftmax
 
-HEADS = {'dense': DenseSoftmax, 'hierarchical': HierarchicalSoftmax, 'imbalanced': ImbalancedSoftmax, 'margin': MarginSoftmax,
-         'sampled': SampledSoftmax}
+HEADS = {'adaptive': AdaptiveSoftmax, 'dense': DenseSoftmax, 'hierarchical': HierarchicalSoftmax,
+         'imbalanced': ImbalancedSoftmax, 'margin': MarginSoftmax, 'sampled': SampledSoftmax}
 
-__all__ = ['DenseSoftmax', 'HEADS', 'HierarchicalSoftmax', 'ImbalancedSoftmax', 'MarginSoftmax', 'SampledSoftmax']
+__all__ = ['AdaptiveSoftmax', 'DenseSoftmax', 'HEADS', 'HierarchicalSoftmax', 'ImbalancedSoftmax',
+           'MarginSoftmax', 'SampledSoftmax']

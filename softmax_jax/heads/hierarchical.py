@@ -22,14 +22,14 @@ import numpy as np
 
 from softmax_jax.heads.dense import check_features_and_labels
 from softmax_jax.ops import hierarchical as hs
+from softmax_jax.ops.sampled import log_uniform_probs
 
 TREES = ('huffman', 'balanced')
 
 
 @functools.lru_cache(maxsize=8)
 def _zipf_counts(num_classes: int) -> Tuple[float, ...]:
-  k = np.arange(num_classes, dtype=np.float64)
-  return tuple((np.log((k + 2) / (k + 1)) / np.log(num_classes + 1)).tolist())
+  return tuple(log_uniform_probs(num_classes).tolist())
 
 
 def build_tree(num_classes: int, tree: str = 'huffman',

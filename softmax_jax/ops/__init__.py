@@ -1,5 +1,9 @@
 """Pure JAX ops of the softmax family. No Flax; jit/vmap/grad-safe; reduce over the last axis."""
 
+from softmax_jax.ops.adaptive import adaptive_cutoffs
+from softmax_jax.ops.adaptive import adaptive_log_softmax
+from softmax_jax.ops.adaptive import adaptive_predict
+from softmax_jax.ops.adaptive import adaptive_softmax_loss
 from softmax_jax.ops.fused import linear_cross_entropy
 from softmax_jax.ops.hierarchical import Tree
 from softmax_jax.ops.hierarchical import balanced_tree
@@ -24,6 +28,7 @@ from softmax_jax.ops.margins import sphereface_lambda
 from softmax_jax.ops.margins import sphereface_logits
 from softmax_jax.ops.margins import sphereface_psi
 from softmax_jax.ops.sampled import SampledValues
+from softmax_jax.ops.sampled import log_uniform_probs
 from softmax_jax.ops.sampled import log_uniform_sampler
 from softmax_jax.ops.sampled import negative_sampling_loss
 from softmax_jax.ops.sampled import nce_loss
@@ -40,7 +45,12 @@ from softmax_jax.ops.spherical import spherical_softmax
 from softmax_jax.ops.spherical import taylor_softmax
 
 __all__ = [
+    "adaptive_cutoffs",
+    "adaptive_log_softmax",
+    "adaptive_predict",
+    "adaptive_softmax_loss",
     "SampledValues",
+    "log_uniform_probs",
     "log_uniform_sampler",
     "negative_sampling_loss",
     "nce_loss",

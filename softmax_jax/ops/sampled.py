@@ -123,6 +123,11 @@ def uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_classes=
                      unique, true_classes)
 
 
+def log_uniform_probs(num_classes: int) -> np.ndarray:
+  """`[K]` float64 log-uniform (Zipf) law `p(k) = log((k + 2) / (k + 1)) / log(K + 1)` of sorted ids."""
+  return np.log1p(1.0 / np.arange(1.0, num_classes + 1.0)) / np.log(num_classes + 1.0)
+
+
 def log_uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_classes=None):
   """Log-uniform (Zipf) sampler, `P(k) = log((k + 2) / (k + 1)) / log(K + 1)`.
 
@@ -133,7 +138,7 @@ def log_uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_clas
   s = _check_num_sampled(num_sampled, k, unique)
   log_k1 = np.log(k + 1.0)
   prob = lambda ids: jnp.log1p(1.0 / (jnp.asarray(ids, jnp.float32) + 1.0)) / np.float32(log_k1)
-  p = np.log1p(1.0 / np.arange(1.0, k + 1.0)) / log_k1
+  p = log_uniform_probs(k)
   return _candidates(key, s, p, prob, unique, true_classes)
 
 
