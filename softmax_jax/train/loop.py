@@ -127,6 +127,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
     FloatingPointError: the training loss became NaN or infinite; names the step and the last
       good checkpoint.
   """
+  from softmax_jax.train.lm import LM_DATASETS, train_and_evaluate_lm  # pylint: disable=g-import-not-at-top
+  if config.data.name in LM_DATASETS:  # word-level language modelling: train/lm.py
+    return train_and_evaluate_lm(config, workdir)
   validate_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
