@@ -222,7 +222,8 @@ def train_and_evaluate_lm(config, workdir: str, *, dataset=None) -> Dict[str, fl
     pending = None
     window.append(step_metrics)
     bar.update(1)
-    must_sync = step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.num_steps
+    must_sync = (step % config.log_every == 0 or step % config.eval_every == 0
+                 or step % config.checkpoint_every == 0 or step == config.num_steps)
     if not must_sync:
       pending = (step, step_metrics['loss'])  # read after the next step is dispatched
       continue

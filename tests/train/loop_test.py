@@ -137,13 +137,15 @@ def test_unknown_flag_override_fails_in_the_script(tmp_path):
 
 
 def test_digits_small_run_writes_its_workdir(data_dir, tmp_path):
-  config = small_config(data_dir, num_steps=200, eval_every=100, checkpoint_every=100, log_every=50)
+  # eval_every is not a multiple of log_every or checkpoint_every: evaluation must still happen.
+  config = small_config(data_dir, num_steps=200, eval_every=70, checkpoint_every=100, log_every=50)
   final = train_and_evaluate(config, str(tmp_path))
   assert final['test/accuracy'] > 0.9 and final['test/ece'] < 0.1
   assert {'test/nll', 'validation/accuracy', 'test/balanced_accuracy', 'temperature', 'test_ts/ece'} <= set(final)
   assert not {'test/many_accuracy', 'test_posthoc/accuracy'} & set(final)  # balanced: no long-tail views
   rows = read_metrics(str(tmp_path))
   assert any('train/grad_norm' in r for r in rows)
+  assert [r['step'] for r in rows if 'validation/accuracy' in r] == [70, 140, 200]
   assert any(k.startswith('train/grad_norm/backbone/') for r in rows for k in r)
   assert os.listdir(tmp_path / 'tensorboard')
   with open(tmp_path / 'config.json') as f:
