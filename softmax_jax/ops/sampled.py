@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_jax.ops.softmax import logsumexp
+from softmax_jax.ops.softmax import _check_in_range, logsumexp
 
 
 class SampledValues(NamedTuple):
@@ -177,18 +177,6 @@ def unigram_sampler(key, num_sampled, counts, *, distortion=0.75, unique=True,
                      true_classes)
 
 
-def _check_ids(name, ids, num_classes):
-  """Concrete ids must lie in [0, K); traced ones give NaN losses downstream."""
-  if isinstance(ids, jax.core.Tracer):
-    return
-  a = np.asarray(ids)
-  bad = np.argwhere((a < 0) | (a >= num_classes))
-  if bad.size:
-    pos = tuple(int(i) for i in bad[0])
-    raise ValueError(f'`{name}` must lie in [0, {num_classes}); got {a[pos]} at position {pos} '
-                     f'({len(bad)} out of range in all).')
-
-
 def _sampled_logits(fn, features, kernel, labels, sampled_values, bias, remove_hits, log_q):
   """Checks; returns z_true [N], z_sampled [N, S], keep [N, S] bool, in_range [N], lead shape."""
   def fail(arg, got, needs):
@@ -213,7 +201,7 @@ def _sampled_logits(fn, features, kernel, labels, sampled_values, bias, remove_h
   if sampled.ndim != 1 or not jnp.issubdtype(sampled.dtype, jnp.integer):
     fail('sampled_values', f'sampled ids {sampled.dtype}{list(sampled.shape)}', 'int [S]')
   for name, ids in (('labels', labels), ('sampled_values', sampled)):
-    _check_ids(name, ids, k)
+    _check_in_range(name, ids, k)
   if bias is not None and jnp.shape(bias) != (k,):
     fail('bias', f'shape {jnp.shape(bias)}', f'[num_classes] = ({k},)')
   if log_q:

@@ -133,6 +133,18 @@ def log_softmax(x, *, where=None, temperature=1.0):
   return _normalize(_scale(xc, temperature), where)[1].astype(_out_dtype(x, xc))
 
 
+def _check_in_range(name, ids, num_classes):
+  """Concrete `ids` must lie in [0, K): raises naming the first bad one; traced ids pass (NaN later)."""
+  if isinstance(ids, jax.core.Tracer):
+    return
+  a = np.asarray(ids)
+  bad = np.argwhere((a < 0) | (a >= num_classes))
+  if bad.size:
+    pos = tuple(int(i) for i in bad[0])
+    raise ValueError(f'`{name}` must lie in [0, {num_classes}); got {a[pos]} at position {pos} '
+                     f'({len(bad)} out of range in all).')
+
+
 def _check_labels(labels, num_classes, lead_shape, logits_name='logits'):
   if not isinstance(labels, jax.Array):
     labels = np.asarray(labels)
@@ -141,13 +153,7 @@ def _check_labels(labels, num_classes, lead_shape, logits_name='logits'):
                      f'got shape {labels.shape}.')
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f'`labels` must be integer class indices; got dtype {labels.dtype}.')
-  if not isinstance(labels, jax.core.Tracer):
-    concrete = np.asarray(labels)
-    bad = np.argwhere((concrete < 0) | (concrete >= num_classes))
-    if bad.size:
-      pos = tuple(int(i) for i in bad[0])
-      raise ValueError(f'`labels` must lie in [0, {num_classes}); got {concrete[pos]} at '
-                       f'position {pos} ({len(bad)} out of range in all).')
+  _check_in_range('labels', labels, num_classes)
   return jnp.asarray(labels)
 
 
