@@ -24,7 +24,6 @@ import functools
 import json
 import math
 import os
-import time
 from typing import Dict
 
 import jax
@@ -33,7 +32,6 @@ import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
 from softmax_jax.data.text import (LM_DATASETS, lm_batches, lm_eval_batches, lm_steps_per_epoch,
                                    load_text_dataset)
@@ -41,6 +39,7 @@ from softmax_jax.models.lm import build_language_model
 from softmax_jax.train.checkpoint import Checkpointer
 from softmax_jax.train.config import validate_config
 from softmax_jax.train.parallel import _devices, check_divisible
+from softmax_jax.train.runner import run_steps
 from softmax_jax.train.state import TrainState, make_optimizer
 from softmax_jax.train.writer import MetricWriter
 
@@ -191,70 +190,17 @@ def train_and_evaluate_lm(config, workdir: str, *, dataset=None) -> Dict[str, fl
   host_state, start_step = ckpt.restore_latest(init_lm_state(model, tx, batch_size, seq_len, config.seed))
   if start_step:
     logging.info('Resuming from %s', ckpt.path(start_step))
-  last_good = start_step if start_step else None
   num_params = sum(int(np.size(p)) for p in jax.tree.leaves(host_state['params']))
   state = driver.put_state(host_state)
   writer = MetricWriter(workdir, start_step)
   batches = lm_batches(train, batch_size, seq_len, start_step=start_step, num_steps=config.num_steps)
-  tokens_per_step = batch_size * seq_len
 
-  def check_finite(step: int, loss) -> None:
-    loss = float(loss)
-    if not math.isfinite(loss):
-      writer.write(step, {'nonfinite_loss': loss})
-      raise FloatingPointError(
-          f'Training loss is {loss} at step {step} (config: {config.data.name}, {config.model.name}, '
-          f'{config.head.name}). Last good checkpoint: {ckpt.path(last_good)}. Lower '
-          'config.optimizer.learning_rate or set config.optimizer.clip_global_norm.')
-
-  bar = tqdm(total=config.num_steps, initial=start_step, desc='train', disable=not config.progress,
-             dynamic_ncols=True)
-  t_begin = time.perf_counter()
-  t_steady, steady_from, t_paused, untimed = None, start_step + 1, 0.0, 0  # t_paused: eval, checkpoints
-  window, t0, pending = [], t_begin, None
-  for step in range(start_step + 1, config.num_steps + 1):  # `step` counts steps done after this one
-    state, step_metrics = driver.step(state, next(batches))
-    if t_steady is None:  # the first step compiles: rates count from its end
-      check_finite(step, step_metrics['loss'])
-      t_steady, steady_from, t0, untimed = time.perf_counter(), step, time.perf_counter(), 1
-    if pending is not None:  # check the previous step while this one runs
-      check_finite(*pending)
-    pending = None
-    window.append(step_metrics)
-    bar.update(1)
-    must_sync = (step % config.log_every == 0 or step % config.eval_every == 0
-                 or step % config.checkpoint_every == 0 or step == config.num_steps)
-    if not must_sync:
-      pending = (step, step_metrics['loss'])  # read after the next step is dispatched
-      continue
-    check_finite(step, step_metrics['loss'])
-    if step % config.log_every == 0 or step == config.num_steps:
-      scalars = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
-      scalars['perplexity'] = math.exp(min(scalars['loss'], 700.0))
-      if len(window) > untimed:  # the first step of a run (compilation) is not timed
-        scalars['tokens_per_second'] = (len(window) - untimed) * tokens_per_step / (time.perf_counter() - t0)
-      writer.write(step, {f'train/{k}': v for k, v in scalars.items()})
-      bar.set_postfix(ppl=f"{scalars['perplexity']:.1f}", tok_s=f"{scalars.get('tokens_per_second', 0):.0f}")
-      window, t0, untimed = [], time.perf_counter(), 0
-    t_pause = time.perf_counter()
-    if step % config.eval_every == 0 and step != config.num_steps:
-      writer.write(step, driver.evaluate(state, dataset.splits['validation'], eval_batch_size, seq_len,
-                                         'validation'))
-    if step % config.checkpoint_every == 0 or step == config.num_steps:
-      ckpt.save(step, driver.get_state(state))
-      last_good = step
-    paused = time.perf_counter() - t_pause
-    t0, t_paused = t0 + paused, t_paused + paused
-  if pending is not None:
-    check_finite(*pending)
-  jax.block_until_ready(state)
-  t_end = time.perf_counter()
-  bar.close()
-
-  final = {'train_wall_s': t_end - t_begin, 'num_params': float(num_params)}
-  steady_steps = config.num_steps - steady_from
-  final['train/tokens_per_second'] = (steady_steps * tokens_per_step / (t_end - t_steady - t_paused)
-                                      if t_steady is not None and steady_steps > 0 else 0.0)
+  state, final = run_steps(
+      config, driver, state, batches, start_step=start_step, writer=writer, ckpt=ckpt,
+      evaluate=lambda s: driver.evaluate(s, dataset.splits['validation'], eval_batch_size, seq_len,
+                                         'validation'),
+      items_per_step=batch_size * seq_len, rate='tokens_per_second', log_perplexity=True)
+  final['num_params'] = float(num_params)
   for split in ('validation', 'test'):
     final.update(driver.evaluate(state, dataset.splits[split], eval_batch_size, seq_len, split))
   writer.write(config.num_steps, final)

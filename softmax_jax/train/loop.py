@@ -1,16 +1,13 @@
 """`train_and_evaluate(config, workdir)`: the training loop that scripts, tests and notebooks share."""
 
 import json
-import math
 import os
-import time
 from typing import Dict
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from tqdm.auto import tqdm
 
 from softmax_jax import calibration
 from softmax_jax import data
@@ -20,6 +17,7 @@ from softmax_jax.models.classifier import build_classifier
 from softmax_jax.train.checkpoint import Checkpointer
 from softmax_jax.train.config import validate_config
 from softmax_jax.train.parallel import DRIVERS, check_divisible
+from softmax_jax.train.runner import run_steps
 from softmax_jax.train.state import init_state, make_optimizer
 from softmax_jax.train.writer import MetricWriter
 
@@ -148,52 +146,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
   host_state, start_step = ckpt.restore_latest(init_state(model, tx, dataset.input_shape, config.seed))
   if start_step:
     logging.info('Resuming from %s', ckpt.path(start_step))
-  last_good = start_step if start_step else None
   state = driver.put_state(host_state)
   writer = MetricWriter(workdir, start_step)
   batches = data.train_batches(dataset, config.batch_size, seed=config.seed, start_step=start_step,
                                sampling=config.data.sampling, num_steps=config.num_steps)
 
-  def check_finite(step: int, loss) -> None:
-    loss = float(loss)
-    if not math.isfinite(loss):
-      writer.write(step, {'nonfinite_loss': loss})
-      raise FloatingPointError(
-          f'Training loss is {loss} at step {step} (config: {config.data.name}, {config.model.name}, '
-          f'{config.head.name}). Last good checkpoint: {ckpt.path(last_good)}. Lower '
-          'config.optimizer.learning_rate or set config.optimizer.clip_global_norm.')
-
-  bar = tqdm(total=config.num_steps, initial=start_step, desc='train', disable=not config.progress,
-             dynamic_ncols=True)
-  window, t0, pending = [], time.perf_counter(), None
-  for step in range(start_step + 1, config.num_steps + 1):  # `step` counts steps done after this one
-    state, step_metrics = driver.step(state, next(batches))
-    if pending is not None:  # check the previous step while this one runs
-      check_finite(*pending)
-    pending = None
-    window.append(step_metrics)
-    bar.update(1)
-    must_sync = (step % config.log_every == 0 or step % config.eval_every == 0
-                 or step % config.checkpoint_every == 0 or step == config.num_steps)
-    if not must_sync:
-      pending = (step, step_metrics['loss'])  # read after the next step is dispatched
-      continue
-    check_finite(step, step_metrics['loss'])
-    if step % config.log_every == 0 or step == config.num_steps:
-      scalars = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
-      scalars['examples_per_second'] = len(window) * config.batch_size / (time.perf_counter() - t0)
-      writer.write(step, {f'train/{k}': v for k, v in scalars.items()})
-      bar.set_postfix(loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.0f}")
-      window, t0 = [], time.perf_counter()
-    if step % config.eval_every == 0 and step != config.num_steps:
-      writer.write(step, evaluate(driver, state, dataset, 'validation', config.eval_batch_size, lt_counts))
-    if step % config.checkpoint_every == 0 or step == config.num_steps:
-      ckpt.save(step, driver.get_state(state))
-      last_good = step
-  if pending is not None:
-    check_finite(*pending)
-  bar.close()
-
+  state, _ = run_steps(
+      config, driver, state, batches, start_step=start_step, writer=writer, ckpt=ckpt,
+      evaluate=lambda s: evaluate(driver, s, dataset, 'validation', config.eval_batch_size, lt_counts),
+      items_per_step=config.batch_size, rate='examples_per_second')
   final = final_evaluation(driver, state, dataset, config.eval_batch_size, workdir, lt_counts)
   writer.write(config.num_steps, final)
   writer.close()

@@ -1,0 +1,112 @@
+"""`run_steps` (train/runner.py) with a fake driver on a fake clock: dispatch, rates, failures."""
+
+import math
+
+import jax.numpy as jnp
+import pytest
+
+from softmax_jax.train import base_config
+from softmax_jax.train import runner
+
+STEP_S, COMPILE_S, EVAL_S, SAVE_S, ITEMS = 1.0, 100.0, 50.0, 30.0, 10
+
+
+class Clock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+class Driver:
+  """Each step costs STEP_S on the clock (the first COMPILE_S); loss = `losses[step]` or 1.0."""
+
+  def __init__(self, clock, losses=None):
+    self.clock, self.losses = clock, losses or {}
+
+  def step(self, state, batch):
+    self.clock.now += COMPILE_S if not self.clock.now else STEP_S
+    step = int(state) + 1
+    assert batch == step  # batches arrive in order
+    return jnp.asarray(step), {'loss': jnp.asarray(self.losses.get(step, 1.0)), 'lr': jnp.asarray(0.1)}
+
+  def get_state(self, state):
+    return int(state)
+
+
+class Writer:
+  def __init__(self):
+    self.rows = []
+
+  def write(self, step, scalars):
+    self.rows.append((step, dict(scalars)))
+
+
+class Ckpt:
+  def __init__(self, clock):
+    self.clock, self.saved = clock, []
+
+  def save(self, step, state):
+    assert state == step
+    self.clock.now += SAVE_S
+    self.saved.append(step)
+
+  def path(self, step):
+    return None if step is None else f'ckpt/{step}'
+
+
+def run(monkeypatch, *, start_step=0, losses=None, num_steps=12):
+  clock = Clock()
+  monkeypatch.setattr(runner.time, 'perf_counter', clock)
+  config = base_config()
+  config.update_from_flattened_dict(dict(num_steps=num_steps, log_every=4, eval_every=6,
+                                         checkpoint_every=5, progress=False))
+  writer, ckpt, evaluated = Writer(), Ckpt(clock), []
+
+  def evaluate(state):
+    clock.now += EVAL_S
+    evaluated.append(int(state))
+    return {'validation/accuracy': 0.5}
+
+  state, timing = runner.run_steps(
+      config, Driver(clock, losses), jnp.asarray(start_step), iter(range(start_step + 1, 100)),
+      start_step=start_step, writer=writer, ckpt=ckpt, evaluate=evaluate, items_per_step=ITEMS,
+      rate='tokens_per_second', log_perplexity=True)
+  return state, timing, writer.rows, ckpt.saved, evaluated, clock.now
+
+
+def test_logs_evaluates_and_checkpoints_on_schedule(monkeypatch):
+  state, _, rows, saved, evaluated, _ = run(monkeypatch)
+  assert int(state) == 12
+  assert [s for s, r in rows if 'train/loss' in r] == [4, 8, 12]
+  assert evaluated == [6]  # every eval_every steps but the last: the caller evaluates the final state
+  assert saved == [5, 10, 12]
+  assert all(r['train/loss'] == 1.0 and r['train/perplexity'] == pytest.approx(math.e)
+             for _, r in rows if 'train/loss' in r)
+
+
+def test_rates_leave_out_the_compiling_step_evaluation_and_checkpoints(monkeypatch):
+  _, timing, rows, _, _, wall = run(monkeypatch)
+  rates = [r['train/tokens_per_second'] for _, r in rows if 'train/loss' in r]
+  assert rates == [ITEMS / STEP_S] * 3
+  assert timing['train/tokens_per_second'] == ITEMS / STEP_S
+  assert timing['train_wall_s'] == wall == COMPILE_S + 11 * STEP_S + EVAL_S + 3 * SAVE_S
+
+
+def test_resumed_at_the_end_runs_nothing(monkeypatch):
+  state, timing, rows, saved, _, _ = run(monkeypatch, start_step=12)
+  assert int(state) == 12 and rows == [] and saved == []
+  assert timing['train/tokens_per_second'] == 0.0
+
+
+@pytest.mark.parametrize('bad_step, last_good', [(7, 'ckpt/5'), (3, 'None'), (12, 'ckpt/10')])
+def test_nonfinite_loss_names_the_step_and_last_checkpoint(monkeypatch, bad_step, last_good):
+  # 7 and 3 are read back a step late (no sync there); 12 syncs at once.
+  with pytest.raises(FloatingPointError, match=f'loss is nan at step {bad_step} .*checkpoint: {last_good}'):
+    run(monkeypatch, losses={bad_step: math.nan})
+
+
+def test_resume_names_the_checkpoint_it_started_from(monkeypatch):
+  with pytest.raises(FloatingPointError, match='step 9 .*checkpoint: ckpt/8'):
+    run(monkeypatch, start_step=8, losses={9: math.inf})
