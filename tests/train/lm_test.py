@@ -54,12 +54,7 @@ def small_config(**overrides):
   c.optimizer.schedule = 'constant'
   c.progress = False
   c.log_every = c.eval_every = c.checkpoint_every = 1000
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)  # dotted keys: {'model.dropout': 0.2}
   return c
 
 

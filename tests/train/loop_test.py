@@ -37,12 +37,7 @@ def small_config(data_dir, **overrides):
   c.optimizer.warmup_steps = 5
   c.progress = False
   c.log_every = c.eval_every = c.checkpoint_every = 1000
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)  # dotted keys: {'model.dropout': 0.2}
   return c
 
 
