@@ -9,7 +9,8 @@ Suites (`--suite`):
   python scripts/benchmark.py --suite=fused --preset=cpu_target   # the must-show point, ~5 min
   python scripts/benchmark.py --suite=fused --preset=cpu_small    # a smoke run, ~2 min
   python scripts/benchmark.py --suite=fused --preset=cpu          # the grid: memory only, ~1 min
-  python scripts/benchmark.py --suite=fused --preset=cpu --time   # ... and time (~2-3 h on 2 cores)
+  python scripts/benchmark.py --suite=fused --preset=cpu --time   # ... and time (see WORKSPACE.md)
+  python scripts/benchmark.py --suite=fused --preset=cpu --time --K=256000 --N=8192  # a sub-grid
   python scripts/benchmark.py --suite=fused --preset=gpu          # K=256k, N=8192, d=2048 bf16
 
   heads  one training step (value_and_grad of the mean loss w.r.t. head parameters and features) of
@@ -49,6 +50,9 @@ flags.DEFINE_enum('suite', 'fused', ['fused', 'heads'], 'Which suite (see the do
 flags.DEFINE_list('heads', None, 'heads suite: only these heads (default: all), e.g. dense,adaptive.')
 flags.DEFINE_enum('preset', 'cpu_target', ['cpu', 'cpu_small', 'cpu_target', 'gpu'], 'Grid.')
 flags.DEFINE_list('dtype', None, 'Override the preset dtypes, e.g. float32,bfloat16.')
+flags.DEFINE_list('K', None, 'fused suite: override the preset vocabulary sizes, e.g. 256000.')
+flags.DEFINE_list('N', None, 'fused suite: override the preset token counts, e.g. 2048,8192.')
+flags.DEFINE_list('d', None, 'fused suite: override the preset feature sizes, e.g. 512.')
 flags.DEFINE_string('out', None, 'Output prefix (default bench_out/SUITE_PRESET).')
 flags.DEFINE_boolean('time', None, 'Time the runs (default: all presets but cpu).')
 flags.DEFINE_integer('repeats', 5, 'Timed runs after one warm-up; the median is reported.')
@@ -248,14 +252,19 @@ def fused_suite(preset_name, out):
   max_run_gib = FLAGS.max_run_gib or preset['max_run_gib']
   methods = _fused_methods(chunks, preset['variants'])
   dtypes = FLAGS.dtype or preset['dtypes']
+  grid = {key: [int(v) for v in FLAGS[key].value] if FLAGS[key].value else preset[key]
+          for key in ('K', 'N', 'd')}
   rows = []
   for dtype in dtypes:
-    for d in preset['d']:
-      for n in preset['N']:
-        for k in preset['K']:
+    for d in grid['d']:
+      for n in grid['N']:
+        for k in grid['K']:
           rows += _fused_point(n, d, k, jnp.dtype(dtype), methods, timed, max_run_gib)
           print(_fused_table(rows[-len(methods):]), flush=True)
-  sweep = _fused_sweep(*preset['sweep'], jnp.dtype(dtypes[0]), chunks)
+  sweep_k, sweep_d = preset['sweep']
+  if FLAGS.K or FLAGS.d:  # a sub-grid: sweep at its largest K and first d
+    sweep_k, sweep_d = max(grid['K']), grid['d'][0]
+  sweep = _fused_sweep(sweep_k, sweep_d, jnp.dtype(dtypes[0]), chunks)
   table = _fused_table(rows) + '\n\n' + _sweep_table(sweep)
   if jax.default_backend() == 'gpu':
     table += ('\n\nFor comparison, Cut Cross-Entropy paper (Wijmans et al. 2024), A100, '
