@@ -4,7 +4,8 @@ Suites (`--suite`):
   fused  `linear_cross_entropy` (reduction='mean', and 'none' then .mean()) against the naive
          loss (optax's, the ratios' baseline, and `ops.cross_entropy`) of `x @ w + b` and, when
          installed, the PyPI package `jax-cce` (w as [K, d], no bias); value_and_grad of the
-         mean loss w.r.t. x, w, b. `rel err`: max |diff| / max |naive| over loss and gradients.
+         mean loss w.r.t. x, w, b. `rel err`: max |diff| / max |naive| over loss and gradients,
+         against the naive optax loss in float32 on the same input values (bfloat16 included).
 
   python scripts/benchmark.py --suite=fused --preset=cpu_target   # the must-show point, ~5 min
   python scripts/benchmark.py --suite=fused --preset=cpu_small    # a smoke run, ~2 min
@@ -129,9 +130,21 @@ def _fused_methods(chunks, variants):
   return methods
 
 
+def _float32_reference(loss, args, max_run_gib):
+  """value_and_grad of `loss` on `args` upcast to float32 (same values), or None if too big to run."""
+  f32 = [a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in args]
+  compiled, temp, io = _compile(jax.value_and_grad(loss, (0, 1, 2)), *f32)
+  return compiled(*f32) if (temp + io) / 2**30 <= max_run_gib else None
+
+
 def _fused_point(n, d, k, dtype, methods, timed, max_run_gib):
-  """One (N, d, K, dtype): every method's memory; time and error vs naive if `timed`."""
-  rows, args, ref = [], None, None
+  """One (N, d, K, dtype): every method's memory; time and error if `timed`.
+
+  rel err is against the naive optax loss in float32 on the same input values (for float32
+  inputs: the naive optax row itself); where that does not fit in `max_run_gib`, against the
+  first method that ran, named in 'rel_err_vs'.
+  """
+  rows, args, ref, ref_name = [], None, None, None
   for name, (loss, argnums, transposed) in methods.items():
     spec = [jax.ShapeDtypeStruct(s, dt) for s, dt in (
         ((n, d), dtype), ((k, d) if transposed else (d, k), dtype), ((k,), dtype),
@@ -144,15 +157,20 @@ def _fused_point(n, d, k, dtype, methods, timed, max_run_gib):
         args = [jax.random.normal(keys[0], (n, d), dtype),
                 (jax.random.normal(keys[1], (d, k)) / np.sqrt(d)).astype(dtype),
                 jnp.zeros(k, dtype), jax.random.randint(keys[2], (n,), 0, k)]
+        if jnp.dtype(dtype) != jnp.float32:
+          ref = _float32_reference(methods['naive optax'][0], args, max_run_gib)
+          ref_name = None if ref is None else 'naive optax float32'
       w = args[1].T.copy() if transposed else args[1]
       row['load'] = _wait_quiet()
       row['time_s'], (value, grads) = _time(compiled, [args[0], w, *args[2:]])
       if transposed:  # compare dw in [d, K]; jax-cce has no bias
         grads = (grads[0], grads[1].T)
       if ref is None:
-        ref = value, grads
+        ref, ref_name = (value, grads), name
       else:
         row['rel_err'] = _rel_err((value, grads), (ref[0], ref[1][:len(grads)]))
+        if ref_name not in ('naive optax', 'naive optax float32'):
+          row['rel_err_vs'] = ref_name
       del w, value, grads
     rows.append(row)
   naive = rows[0]
@@ -198,7 +216,8 @@ def _fused_table(rows):
   for r in rows:
     lines.append(f"| {r['dtype']} | {r['N']} | {r['d']} | {r['K']} | {r['method']} | "
                  f"{r['temp_mib']:.1f} | {r['mem_ratio']:.3f} | {_fmt(r.get('time_s'), '{:.3f}')} | "
-                 f"{_fmt(r.get('time_ratio'), '{:.2f}')} | {_fmt(r.get('rel_err'), '{:.1e}')} | "
+                 f"{_fmt(r.get('time_ratio'), '{:.2f}')} | {_fmt(r.get('rel_err'), '{:.1e}')}"
+                 f"{_fmt(r.get('rel_err_vs'), ' (vs {})')} | "
                  f"{_fmt(r.get('load'), '{:.2f}')} |")
   return '\n'.join(lines)
 
