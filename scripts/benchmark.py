@@ -54,6 +54,10 @@ flags.DEFINE_list('dtype', None, 'Override the preset dtypes, e.g. float32,bfloa
 flags.DEFINE_list('K', None, 'fused suite: override the preset vocabulary sizes, e.g. 256000.')
 flags.DEFINE_list('N', None, 'fused suite: override the preset token counts, e.g. 2048,8192.')
 flags.DEFINE_list('d', None, 'fused suite: override the preset feature sizes, e.g. 512.')
+for _name in ('K', 'N', 'd'):
+  flags.register_validator(
+      _name, lambda v: v is None or all(s.isdigit() and int(s) > 0 for s in v),
+      message=f'--{_name} must be positive integers separated by commas, e.g. 2048,8192.')
 flags.DEFINE_string('out', None, 'Output prefix (default bench_out/SUITE_PRESET).')
 flags.DEFINE_boolean('time', None, 'Time the runs (default: all presets but cpu).')
 flags.DEFINE_integer('repeats', 5, 'Timed runs after one warm-up; the median is reported.')

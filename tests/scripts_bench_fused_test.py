@@ -38,3 +38,10 @@ def test_fused_suite_on_a_sub_grid_writes_rows_sweep_and_plot(tmp_path):
   assert [r['N'] for r in sweep if 'naive_mib' in r] == [1024, 2048, 4096, 8192]
   assert result['markdown'].count(' | 64 | 16 | ') == len(rows)
   assert os.path.getsize(out + '.png') > 0
+
+
+def test_a_bad_grid_flag_is_named():
+  run = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'benchmark.py'), '--suite=fused',
+                        '--N=2048,8k'], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode != 0 and '--N must be positive integers' in run.stderr

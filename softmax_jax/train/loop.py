@@ -4,7 +4,6 @@ import json
 import os
 from typing import Dict
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
