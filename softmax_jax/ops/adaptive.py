@@ -37,7 +37,7 @@ import numpy as np
 
 from softmax_jax.ops.fused import linear_cross_entropy
 from softmax_jax.ops.sampled import log_uniform_probs  # pylint: disable=unused-import (re-export)
-from softmax_jax.ops.softmax import _check_labels
+from softmax_jax.ops import _checks
 
 DEFAULT_CAPACITY_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4)
 
@@ -314,7 +314,7 @@ def adaptive_softmax_loss(features, labels, head_kernel, tail_kernels, *, cutoff
   """
   features, cutoffs, k = _check(features, head_kernel, tail_kernels, cutoffs, head_bias)
   lead, s = features.shape[:-1], cutoffs[0]
-  labels = _check_labels(labels, k, lead, 'features')
+  labels = _checks.labels(labels, k, lead, 'features')
   x, y = features.reshape(-1, features.shape[-1]), labels.reshape(-1).astype(jnp.int32)
   head_lp = _head_log_prob(x, head_kernel, head_bias)
   cluster = sum((y >= c).astype(jnp.int32) for c in cutoffs)  # 0: shortlist, i + 1: tail i.

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_jax.ops.softmax import _check_labels
+from softmax_jax.ops import _checks
 
 
 class Tree(NamedTuple):
@@ -236,7 +236,7 @@ def hierarchical_loss(features, labels, node_vectors, tree, *, node_bias=None):
     [...] float32 per-example loss (float64 for float64 inputs).
   """
   x, w, bias, k, acc = _check(features, node_vectors, tree, node_bias)
-  labels = _check_labels(labels, k, x.shape[:-1], 'features')
+  labels = _checks.labels(labels, k, x.shape[:-1], 'features')
   # One [K, D] table `code * (node + 1)` (0 at padding): a single gather per label, at trace time.
   signed = np.where(tree.mask, np.asarray(tree.codes, np.int32) * (np.asarray(tree.paths) + 1), 0)
   in_range = (labels >= 0) & (labels < k)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_jax.ops.softmax import _check_labels
+from softmax_jax.ops import _checks
 from softmax_jax.ops.softmax import _normalize
 from softmax_jax.ops.softmax import _out_dtype
 from softmax_jax.ops.softmax import _prepare
@@ -122,7 +122,7 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None):
     alpha = _check_class_vector('alpha', alpha, num_classes, x.dtype)
   if _is_static_zero(gamma):
     return cross_entropy(logits, labels, where=where, class_weights=alpha)
-  labels = _check_labels(labels, num_classes, x.shape[:-1])
+  labels = _checks.labels(labels, num_classes, x.shape[:-1])
   _, log_p, _ = _normalize(x, mask)
   in_range = (labels >= 0) & (labels < num_classes)
   safe = jnp.where(in_range, labels, 0)
@@ -185,7 +185,7 @@ def ldam_loss(logits, labels, *, class_counts, max_margin=0.5, scale=30.0, class
   num_classes = x.shape[-1]
   margins = ldam_margins(_counts(class_counts, num_classes), max_margin).astype(x.dtype)
   _check_at_least('scale', scale, 0, strict=True)
-  labels = _check_labels(labels, num_classes, x.shape[:-1])
+  labels = _checks.labels(labels, num_classes, x.shape[:-1])
   onehot = jax.nn.one_hot(labels, num_classes, dtype=x.dtype)  # Zero row if out of range.
   z = jnp.asarray(scale, x.dtype) * (x - margins * onehot)
   return cross_entropy(z, labels, class_weights=class_weights)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_jax.ops.softmax import _check_labels
+from softmax_jax.ops import _checks
 
 _TINY = 1e-12  # floor of 1 - cos^2; float32 1 - cos^2 is 0 or >= 1.19e-7, so only +-1 is touched.
 
@@ -52,7 +52,7 @@ def _prepare(cos, labels):
   cos = _float(cos)
   if cos.ndim < 1 or cos.shape[-1] < 1:
     raise ValueError(f'`cos` must have shape [..., num_classes] with num_classes >= 1; got shape {cos.shape}.')
-  labels = _check_labels(labels, cos.shape[-1], cos.shape[:-1], 'cos')
+  labels = _checks.labels(labels, cos.shape[-1], cos.shape[:-1], 'cos')
   onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=jnp.bool_)
   return cos, onehot
 

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_jax.ops.softmax import _check_in_range, logsumexp
+from softmax_jax.ops import _checks
+from softmax_jax.ops.softmax import logsumexp
 
 
 class SampledValues(NamedTuple):
@@ -201,7 +202,7 @@ def _sampled_logits(fn, features, kernel, labels, sampled_values, bias, remove_h
   if sampled.ndim != 1 or not jnp.issubdtype(sampled.dtype, jnp.integer):
     fail('sampled_values', f'sampled ids {sampled.dtype}{list(sampled.shape)}', 'int [S]')
   for name, ids in (('labels', labels), ('sampled_values', sampled)):
-    _check_in_range(name, ids, k)
+    _checks.in_range(name, ids, k)
   if bias is not None and jnp.shape(bias) != (k,):
     fail('bias', f'shape {jnp.shape(bias)}', f'[num_classes] = ({k},)')
   if log_q:

@@ -10,39 +10,20 @@ Nothing takes `log(p + eps)`.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-
-def _check_where(where, x):
-  if where is None:
-    return None
-  where = jnp.asarray(where)
-  if where.dtype != jnp.bool_:
-    raise ValueError(f'`where` must be a bool mask; got dtype {where.dtype}.')
-  try:
-    ok = jnp.broadcast_shapes(where.shape, x.shape) == x.shape
-  except ValueError:
-    ok = False
-  if not ok:
-    raise ValueError(f'`where` must broadcast to shape {x.shape}; got shape {where.shape}.')
-  return where
+from softmax_jax.ops import _checks
 
 
 def _prepare(x, where, name):
-  """Checks `x` and `where`; returns x in the compute dtype (float32 for 16-bit floats)."""
+  """Checks `x` ([..., K], K >= 1) and `where`; returns x in the compute dtype (float32 for 16-bit floats)."""
   x = jnp.asarray(x)
-  if x.ndim < 1 or x.shape[-1] < 1:
-    raise ValueError(f'`{name}` must have shape [..., num_classes] with num_classes >= 1; '
-                     f'got shape {x.shape}.')
-  where = _check_where(where, x)
+  _checks.last_dim_at_least(x, 1, name, '[..., num_classes]')
+  where = _checks.where_mask(where, x, target=name)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32)), where
 
 
 def _check_temperature(temperature):
-  if isinstance(temperature, jax.core.Tracer):
-    return
-  if not np.all(np.asarray(temperature) > 0):
-    raise ValueError(f'`temperature` must be > 0; got {temperature}.')
+  _checks.positive('temperature', temperature)
 
 
 def _scale(x, temperature):
@@ -133,30 +114,6 @@ def log_softmax(x, *, where=None, temperature=1.0):
   return _normalize(_scale(xc, temperature), where)[1].astype(_out_dtype(x, xc))
 
 
-def _check_in_range(name, ids, num_classes):
-  """Concrete `ids` must lie in [0, K): raises naming the first bad one; traced ids pass (NaN later)."""
-  if isinstance(ids, jax.core.Tracer):
-    return
-  a = np.asarray(ids)
-  bad = np.argwhere((a < 0) | (a >= num_classes))
-  if bad.size:
-    pos = tuple(int(i) for i in bad[0])
-    raise ValueError(f'`{name}` must lie in [0, {num_classes}); got {a[pos]} at position {pos} '
-                     f'({len(bad)} out of range in all).')
-
-
-def _check_labels(labels, num_classes, lead_shape, logits_name='logits'):
-  if not isinstance(labels, jax.Array):
-    labels = np.asarray(labels)
-  if labels.shape != lead_shape:
-    raise ValueError(f'`labels` must have shape {logits_name}.shape[:-1] = {lead_shape}; '
-                     f'got shape {labels.shape}.')
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f'`labels` must be integer class indices; got dtype {labels.dtype}.')
-  _check_in_range('labels', labels, num_classes)
-  return jnp.asarray(labels)
-
-
 def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weights=None):
   """Per-example softmax cross-entropy with integer labels.
 
@@ -180,7 +137,7 @@ def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weig
   """
   x, where = _prepare(logits, where, 'logits')
   num_classes = x.shape[-1]
-  labels = _check_labels(labels, num_classes, x.shape[:-1])
+  labels = _checks.labels(labels, num_classes, x.shape[:-1])
   if not isinstance(label_smoothing, jax.core.Tracer) and not 0 <= label_smoothing < 1:
     raise ValueError(f'`label_smoothing` must be in [0, 1); got {label_smoothing}.')
   if class_weights is not None:

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_jax.ops.softmax import _check_where, _out_dtype
+from softmax_jax.ops import _checks
+from softmax_jax.ops.softmax import _out_dtype
 
 
 def _float(x):
@@ -17,7 +18,7 @@ def _float(x):
 
 
 def _masked(x, where):
-  where = _check_where(where, x)
+  where = _checks.where_mask(where, x, target="x")
   return x if where is None else jnp.where(where, x, 0)
 
 

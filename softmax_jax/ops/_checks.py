@@ -1,0 +1,143 @@
+"""Argument checks shared by the ops (and the heads): chex assertions whose errors name the argument.
+
+Two kinds of check, and the docstrings of the ops say which they use:
+
+- **Static** checks (ranks, shapes, shape prefixes, dtypes, broadcasting): chex assertions on
+  `.shape`/`.dtype`, so they run the same eagerly and under `jit`/`vmap`/`grad`, on tracers.
+- **Value** checks (labels in [0, K), positive scalars): only on concrete values. A traced value
+  passes them, and the op documents what it then returns (a NaN, never a clipped index).
+
+A failed check raises `ArgumentError`: a `ValueError` (what callers of a numerical library catch)
+that is also an `AssertionError` (what chex raises), with the message
+`` `name` must <what it needs>; got <what it got>. `` and chex's own message chained behind it.
+"""
+
+from typing import Any, Callable, Optional, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_ANY_RANK = frozenset(range(0, 65))
+
+
+class ArgumentError(ValueError, AssertionError):
+  """A public function got an argument of the wrong rank, shape, dtype or value."""
+
+
+def is_traced(x) -> bool:
+  """True for a tracer (under jit/vmap/grad): its values are unknown, only its shape and dtype."""
+  return isinstance(x, jax.core.Tracer)
+
+
+def chex_check(assertion: Callable[..., Any], *args, name: str, need: str, got: str, **kwargs) -> None:
+  """Runs `assertion(*args, **kwargs)` (a chex assertion); on failure raises `ArgumentError`
+  ``f'`{name}` must {need}; got {got}.'`` chained to chex's message."""
+  try:
+    assertion(*args, **kwargs)
+  except AssertionError as e:
+    raise ArgumentError(f'`{name}` must {need}; got {got}.') from e
+
+
+def _shape(x) -> tuple:
+  return tuple(np.shape(x))
+
+
+def rank_at_least(x, min_rank: int, name: str, layout: str) -> None:
+  """`x` has rank >= `min_rank`; `layout` says what the axes are, e.g. '[..., num_classes]'."""
+  chex_check(chex.assert_rank, x, set(range(min_rank, 65)), name=name,
+             need=f'have shape {layout} (rank >= {min_rank})', got=f'shape {_shape(x)}')
+
+
+def rank(x, expected: int, name: str, layout: str) -> None:
+  """`x` has rank exactly `expected`."""
+  chex_check(chex.assert_rank, x, expected, name=name, need=f'have shape {layout} (rank {expected})',
+             got=f'shape {_shape(x)}')
+
+
+def last_dim_at_least(x, n: int, name: str, layout: str, dim: str = 'num_classes') -> None:
+  """`x` is `[..., dim]` with dim >= n (so rank >= 1); `dim` names the last axis in `layout`."""
+  need = f'have shape {layout} with {dim} >= {n}'
+  chex_check(chex.assert_rank, x, set(range(1, 65)), name=name, need=need, got=f'shape {_shape(x)}')
+  chex_check(chex.assert_axis_dimension_gteq, x, -1, n, name=name, need=need, got=f'shape {_shape(x)}')
+
+
+def shape(x, expected: Sequence[Optional[int]], name: str, what: str = '') -> None:
+  """`x.shape == expected` (None in `expected` matches any size); `what` explains `expected`."""
+  expected = tuple(expected)
+  chex_check(chex.assert_shape, x, expected, name=name,
+             need=f'have shape {what + " = " if what else ""}{expected}', got=f'shape {_shape(x)}')
+
+
+def shape_prefix(x, y, n: int, x_name: str, y_name: str) -> None:
+  """The first `n` axes of `x` and `y` are equal."""
+  chex_check(chex.assert_rank, x, set(range(n, 65)), name=x_name,
+             need=f'have at least the {n} leading axes of `{y_name}` {_shape(y)[:n]}',
+             got=f'shape {_shape(x)}')
+  chex_check(chex.assert_equal_shape_prefix, [x, y], n, name=x_name,
+             need=f'share its leading {n} axes with `{y_name}` {_shape(y)[:n]}',
+             got=f'shape {_shape(x)}')
+
+
+def dtype(x, kind, name: str, need: str) -> None:
+  """`x` has a dtype of `kind` (`float`, `int`, `bool` or a dtype), as `chex.assert_type` reads it."""
+  chex_check(chex.assert_type, x, kind, name=name, need=need, got=f'dtype {jnp.result_type(x)}')
+
+
+def broadcastable(x, target_shape: Sequence[int], name: str, target: str) -> None:
+  """`x` broadcasts to `target_shape` (the shape of the argument named `target`)."""
+  target_shape = tuple(target_shape)
+  ok = True
+  try:
+    ok = jnp.broadcast_shapes(_shape(x), target_shape) == target_shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ArgumentError(f'`{name}` must broadcast to the shape of `{target}` {target_shape}; '
+                        f'got shape {_shape(x)}.')
+
+
+def where_mask(where, x, *, name: str = 'where', target: str = 'logits'):
+  """A bool mask broadcastable to `x`; None passes through. Returns it as an array."""
+  if where is None:
+    return None
+  where = jnp.asarray(where)
+  dtype(where, bool, name, 'be a bool mask')
+  broadcastable(where, jnp.shape(x), name, target)
+  return where
+
+
+def in_range(name: str, ids, num_classes: int) -> None:
+  """Concrete `ids` must lie in [0, K): raises naming the first bad one; traced ids pass (NaN later)."""
+  if is_traced(ids):
+    return
+  a = np.asarray(ids)
+  bad = np.argwhere((a < 0) | (a >= num_classes))
+  if bad.size:
+    pos = tuple(int(i) for i in bad[0])
+    raise ArgumentError(f'`{name}` must lie in [0, {num_classes}); got {a[pos]} at position {pos} '
+                        f'({len(bad)} out of range in all).')
+
+
+def labels(labels_, num_classes: int, lead_shape: Sequence[int], logits_name: str = 'logits'):
+  """Integer class ids of shape `lead_shape` (= `{logits_name}.shape[:-1]`) in [0, K).
+
+  Shape and dtype are checked always; the range only for concrete labels (see `in_range`).
+  Returns the labels as a jax array.
+  """
+  if not isinstance(labels_, jax.Array):
+    labels_ = np.asarray(labels_)
+  shape(labels_, lead_shape, 'labels', f'{logits_name}.shape[:-1]')
+  dtype(labels_, int, 'labels', 'be integer class indices')
+  in_range('labels', labels_, num_classes)
+  return jnp.asarray(labels_)
+
+
+def positive(name: str, value) -> None:
+  """Concrete `value` (a scalar or array) must be finite and > 0; traced values pass."""
+  if is_traced(value):
+    return
+  a = np.asarray(value)
+  if not (np.all(np.isfinite(a)) and np.all(a > 0)):
+    raise ArgumentError(f'`{name}` must be finite and > 0; got {value}.')
