@@ -11,6 +11,14 @@ Trees are NumPy `Tree`s built once on the host and cached: `huffman_tree(class_c
 length under the count distribution is minimal) or `balanced_tree(num_classes)` (depth
 ceil(log2 K)). Paths are padded to the maximum depth D so that shapes are static under `jit`.
 
+Checks: the tree builders are host functions of concrete counts (a traced argument is rejected);
+build the tree outside `jit` or from closed-over values. The ops check the shapes and dtypes of
+`features`, `node_vectors`, `node_bias`, `labels` and the tree's arrays always, also under
+`jit`/`vmap`/`grad`; labels lie in [0, K) is checked only when they are concrete (a traced
+out-of-range label gives a NaN loss). The tree itself must be concrete NumPy (close over it or
+bind it with `functools.partial`; never pass it as a traced `jit` argument). Failures raise a
+ValueError naming the argument.
+
 Costs: `hierarchical_loss` gathers only the label's D node vectors, O(N D d), never the
 `[N, K-1]` matmul; `hierarchical_log_prob` (evaluation) is one `features @ node_vectors.T`
 matmul plus D gathers of `[N, K]`, accumulated level by level (never an `[N, K, D]` array).
@@ -37,6 +45,7 @@ import functools
 import heapq
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,25 +129,40 @@ def huffman_tree(class_counts) -> Tree:
   200k Zipf classes); adversarial (geometric) counts can make it K - 1, where a balanced tree or
   smoothed counts are the remedy (word2vec caps codes at 40).
 
+  Works on concrete counts only (a host function: NumPy, list or tuple; inside `jit`, close
+  over the counts, whose tree is then a compile-time constant).
+
   Args:
     class_counts: [K] non-negative counts (ints or floats), K >= 2; a tuple is used as the cache
       key directly.
 
   Returns:
     A `Tree` (read-only arrays shared with the cache).
+
+  Raises:
+    ValueError: `class_counts` is traced, not 1-D, has fewer than 2 classes, is not numeric, or
+      has a negative or non-finite count (all checked on the concrete counts).
+
+  References:
+    Huffman, "A method for the construction of minimum-redundancy codes", Proc. IRE 1952;
+    Mikolov et al., "Distributed representations of words and phrases and their
+    compositionality", NIPS 2013.
   """
+  if _checks.is_traced(class_counts):
+    raise _checks.ArgumentError('`class_counts` must be concrete (NumPy array, list or tuple) to '
+                                'build a tree on the host; got a traced array.')
   key = class_counts if isinstance(class_counts, tuple) else None
   counts = np.asarray(class_counts)
-  if counts.ndim != 1:
-    raise ValueError(f'`class_counts` must be 1-D [num_classes]; got shape {counts.shape}.')
+  _checks.rank(counts, 1, 'class_counts', '[num_classes]')
   if counts.size < 2:
-    raise ValueError(f'`class_counts` must have at least 2 classes; got {counts.size}.')
+    raise _checks.ArgumentError(
+        f'`class_counts` must have at least 2 classes; got {counts.size}.')
   if not (np.issubdtype(counts.dtype, np.integer) or np.issubdtype(counts.dtype, np.floating)):
-    raise ValueError(f'`class_counts` must be numbers; got dtype {counts.dtype}.')
+    raise _checks.ArgumentError(f'`class_counts` must be numbers; got dtype {counts.dtype}.')
   bad = np.flatnonzero(~(np.isfinite(counts) & (counts >= 0)))
   if bad.size:
-    raise ValueError(f'`class_counts` must be finite and >= 0; got {counts[bad[0]]} at class '
-                     f'{bad[0]} ({bad.size} bad in all).')
+    raise _checks.ArgumentError(f'`class_counts` must be finite and >= 0; got {counts[bad[0]]} '
+                                f'at class {bad[0]} ({bad.size} bad in all).')
   return _huffman(key if key is not None else tuple(counts.tolist()))
 
 
@@ -156,30 +180,61 @@ def balanced_tree(num_classes: int) -> Tree:
   """Complete binary tree over `num_classes` leaves, depth ceil(log2 K) (cached).
 
   Internal nodes are numbered breadth-first (root 0); every leaf has depth floor or ceil of
-  log2 K, the shallower ones being the lowest class ids.
+  log2 K, the shallower ones being the lowest class ids. A host function of a concrete K.
+
+  Args:
+    num_classes: K >= 2, a Python int.
+
+  Returns:
+    A `Tree` (read-only arrays shared with the cache).
+
+  Raises:
+    ValueError: `num_classes` is not a Python int (a traced one included) or is < 2.
   """
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-    raise ValueError(f'`num_classes` must be an int; got {num_classes!r}.')
+    raise _checks.ArgumentError(f'`num_classes` must be an int (concrete, not traced); got '
+                                f'{num_classes!r}.')
   if num_classes < 2:
-    raise ValueError(f'`num_classes` must be >= 2; got {num_classes}.')
+    raise _checks.ArgumentError(f'`num_classes` must be >= 2; got {num_classes}.')
   return _balanced(int(num_classes))
 
 
-def _check(features, node_vectors, tree, node_bias):
-  """Checks shapes; returns (x, w, bias, K, compute dtype)."""
+def _check_tree(tree):
+  """`tree` is a concrete Tree: paths/codes int and mask bool, all [K, D] with K >= 2. Returns K."""
   if not all(hasattr(tree, f) for f in Tree._fields):
-    raise ValueError(f'`tree` must be a Tree (huffman_tree / balanced_tree); got {type(tree)}.')
+    raise _checks.ArgumentError(
+        f'`tree` must be a Tree (huffman_tree / balanced_tree); got {type(tree)}.')
+  for field in Tree._fields:
+    if _checks.is_traced(getattr(tree, field)):
+      raise _checks.ArgumentError(
+          f'`tree.{field}` must be concrete (a NumPy array; close over the tree or bind it with '
+          'functools.partial instead of passing it as a traced jit argument); got a tracer.')
+  paths = tree.paths
+  _checks.rank(paths, 2, 'tree.paths', '[K, D]')
+  _checks.chex_check(chex.assert_axis_dimension_gteq, paths, 0, 2, name='tree.paths',
+                     need='have shape [K, D] with K >= 2', got=f'shape {np.shape(paths)}')
+  _checks.dtype(paths, int, 'tree.paths', 'be integer node ids')
+  _checks.shape(tree.codes, np.shape(paths), 'tree.codes', 'tree.paths.shape')
+  _checks.dtype(tree.codes, int, 'tree.codes', 'be integer branch signs (+1/-1, 0 at padding)')
+  _checks.shape(tree.mask, np.shape(paths), 'tree.mask', 'tree.paths.shape')
+  _checks.dtype(tree.mask, bool, 'tree.mask', 'be a bool mask')
+  return np.shape(paths)[0]
+
+
+def _check(features, node_vectors, tree, node_bias):
+  """Checks shapes and dtypes; returns (x, w, bias, K, compute dtype)."""
+  k = _check_tree(tree)
   x, w = jnp.asarray(features), jnp.asarray(node_vectors)
-  k = tree.paths.shape[0]
-  if x.ndim < 1:
-    raise ValueError(f'`features` must be [..., d]; got shape {x.shape}.')
-  if w.shape != (k - 1, x.shape[-1]):
-    raise ValueError(f'`node_vectors` must be [K-1, d] = ({k - 1}, {x.shape[-1]}) for a tree of '
-                     f'K={k} classes and features [..., {x.shape[-1]}]; got shape {w.shape}.')
+  _checks.rank_at_least(x, 1, 'features', '[..., d]')
+  _checks.dtype(x, float, 'features', 'be a float array')
+  d = x.shape[-1]
+  _checks.shape(w, (k - 1, d), 'node_vectors',
+                f'[K-1, d] for a tree of K={k} classes and features [..., {d}]')
+  _checks.dtype(w, float, 'node_vectors', 'be a float array')
   if node_bias is not None:
     node_bias = jnp.asarray(node_bias)
-    if node_bias.shape != (k - 1,):
-      raise ValueError(f'`node_bias` must be [K-1] = ({k - 1},); got shape {node_bias.shape}.')
+    _checks.shape(node_bias, (k - 1,), 'node_bias', '[K-1]')
+    _checks.dtype(node_bias, float, 'node_bias', 'be a float array')
   wide = jnp.float64 in (x.dtype, w.dtype)
   return x, w, node_bias, k, jnp.float64 if wide else jnp.float32
 
@@ -190,8 +245,7 @@ def hierarchical_log_prob(features, node_vectors, tree, *, node_bias=None):
   `log p(k) = sum_j mask[k, j] log_sigmoid(codes[k, j] z[..., paths[k, j]])`,
   `z = features @ node_vectors.T + node_bias`; computed as one matmul, one `[..., 2(K-1)]` table
   of `log_sigmoid(-z), log_sigmoid(z)`, then a loop over the D levels that gathers `[..., K]`
-  from it and accumulates (memory O(N K) per level). Reference: Morin & Bengio, "Hierarchical
-  probabilistic neural network language model", AISTATS 2005.
+  from it and accumulates (memory O(N K) per level).
 
   Args:
     features: [..., d] float; 16-bit inputs are multiplied with float32 accumulation.
@@ -201,6 +255,15 @@ def hierarchical_log_prob(features, node_vectors, tree, *, node_bias=None):
 
   Returns:
     [..., K] float32 log-probabilities (float64 for float64 inputs); logsumexp over K is 0.
+
+  Raises:
+    ValueError: always, also under `jit`/`vmap`/`grad` (shapes and dtypes): `tree` is not a
+      concrete `Tree` with int `paths`/`codes` and bool `mask`, all `[K, D]`, K >= 2;
+      `features` is not a float `[..., d]`; `node_vectors` is not a float `[K-1, d]`;
+      `node_bias` is not a float `[K-1]`.
+
+  References:
+    Morin & Bengio, "Hierarchical probabilistic neural network language model", AISTATS 2005.
   """
   x, w, bias, k, acc = _check(features, node_vectors, tree, node_bias)
   z = jnp.einsum('...d,nd->...n', x, w, preferred_element_type=acc)
@@ -221,19 +284,29 @@ def hierarchical_loss(features, labels, node_vectors, tree, *, node_bias=None):
   `loss = -sum_j mask log_sigmoid(code_j (x . v_{path_j} + b_{path_j}))` over the D padded
   entries of the label's path: gathers `[..., D, d]` node vectors and dots them with the
   features, O(N D d) work and memory; the `[N, K-1]` logits are never formed. Equals
-  `-hierarchical_log_prob(...)[..., label]`. Out-of-range labels (only checkable when concrete)
-  give NaN under `jit`. Reference: Mikolov et al., "Distributed representations of words and
-  phrases", NIPS 2013 (hierarchical softmax with a Huffman tree).
+  `-hierarchical_log_prob(...)[..., label]`.
 
   Args:
     features: [..., d] float; 16-bit inputs are multiplied with float32 accumulation.
-    labels: [...] int in [0, K).
+    labels: [...] int in [0, K), `features.shape[:-1]`.
     node_vectors: [K-1, d] float.
     tree: a `Tree` over K classes.
     node_bias: optional [K-1] float.
 
   Returns:
     [...] float32 per-example loss (float64 for float64 inputs).
+
+  Raises:
+    ValueError: always, also under `jit`/`vmap`/`grad` (shapes and dtypes): `tree` is not a
+      concrete `Tree` with int `paths`/`codes` and bool `mask`, all `[K, D]`, K >= 2;
+      `features` is not a float `[..., d]`; `node_vectors` is not a float `[K-1, d]`;
+      `node_bias` is not a float `[K-1]`; `labels` is not an integer array of shape
+      `features.shape[:-1]`. Only on concrete labels: ids outside [0, K); a traced out-of-range
+      label gives a NaN loss for its example.
+
+  References:
+    Mikolov et al., "Distributed representations of words and phrases and their
+    compositionality", NIPS 2013 (hierarchical softmax with a Huffman tree).
   """
   x, w, bias, k, acc = _check(features, node_vectors, tree, node_bias)
   labels = _checks.labels(labels, k, x.shape[:-1], 'features')
@@ -255,6 +328,22 @@ def hierarchical_predict(features, node_vectors, tree, *, node_bias=None):
   Greedy descent (the likelier branch at every node) is O(D d) but only approximate; fastText's
   `predict` finds the exact top-k by a depth-first search pruned by the k-th best score so far
   (path log-probabilities only decrease downward). Here all K log-probs are computed.
+
+  Args:
+    features: [..., d] float.
+    node_vectors: [K-1, d] float.
+    tree: a `Tree` over K classes.
+    node_bias: optional [K-1] float.
+
+  Returns:
+    [...] int32 class ids in [0, K).
+
+  Raises:
+    ValueError: as `hierarchical_log_prob` (shapes and dtypes, checked always, also under
+      `jit`; there are no values to check).
+
+  References:
+    Joulin et al., "Bag of tricks for efficient text classification", EACL 2017 (fastText).
   """
   return jnp.argmax(hierarchical_log_prob(features, node_vectors, tree, node_bias=node_bias),
                     axis=-1).astype(jnp.int32)

@@ -15,6 +15,20 @@ transposed): a step gathers N + S rows, the gradient scatter-adds them. On this 
 median of 15): [K, d] 123-136 ms, [d, K] 135-168 ms (the gather + features gradient alone: 14
 vs 24 ms; the rest writes the dense kernel gradient); the full softmax: 16 s.
 
+Batching and keys: one call draws one sample, shared by every example of the batch (TF's
+semantics; the losses broadcast it over `features`' leading axes). `jax.vmap(sampler)(keys)` over
+a batch of keys `[B]` (typed) or `[B, 2]` (raw) draws B independent samples: row b equals
+`sampler(keys[b])`, bit for bit (a sampler takes exactly one key; a batch of keys passed without
+`vmap` is rejected). A loss vmapped over examples with the sample held fixed
+(`in_axes=SampledValues(None, 0, None)`: the ids and their counts shared, the true counts mapped
+with the labels) equals the batched call; mapping a per-example sample instead (`in_axes=0`, from
+a sampler vmapped over per-example keys) gives each example its own S negatives.
+
+Checks: shapes, ranks and dtypes (and that `num_sampled`/`num_classes` are Python ints, which fix
+the output shapes) are checked always, also under `jit`/`vmap`/`grad`; class ids (labels,
+`true_classes`, sampled ids) are checked to lie in [0, K) only when concrete. Failures raise
+`ArgumentError`, a ValueError naming the argument.
+
 References: TF `tf.nn.sampled_softmax_loss`, `tf.nn.nce_loss`, "Candidate sampling algorithms
 reference"; Jean et al. 2015 (arXiv:1412.2007); Mikolov et al. 2013 (word2vec).
 """
@@ -22,6 +36,7 @@ reference"; Jean et al. 2015 (arXiv:1412.2007); Mikolov et al. 2013 (word2vec).
 import functools
 from typing import NamedTuple, Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,17 +53,35 @@ class SampledValues(NamedTuple):
 
 
 def _check_int(name, value, lo):
+  if _checks.is_traced(value):
+    raise _checks.ArgumentError(f'`{name}` must be a Python int >= {lo} (it fixes a shape: pass it '
+                                f'static, e.g. with functools.partial); got a traced {value!r}.')
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-    raise ValueError(f'`{name}` must be a Python int >= {lo}; got {value!r}.')
+    raise _checks.ArgumentError(f'`{name}` must be a Python int >= {lo}; got {value!r}.')
   return int(value)
 
 
 def _check_num_sampled(num_sampled, num_classes, unique, what='num_classes'):
   s = _check_int('num_sampled', num_sampled, 1)
   if unique and s >= num_classes:
-    raise ValueError(f'`num_sampled` must be < {what} = {num_classes} with unique=True (sampling '
-                     f'without replacement; use the full softmax instead); got {s}.')
+    raise _checks.ArgumentError(
+        f'`num_sampled` must be < {what} = {num_classes} with unique=True (sampling without '
+        f'replacement; use the full softmax instead); got {s}.')
   return s
+
+
+_NEED_KEY = ('be one PRNG key (jax.random.key: shape (); jax.random.PRNGKey: uint32 [2]); to draw '
+             'one sample per key, jax.vmap the sampler over the keys')
+
+
+def _check_key(key):
+  """`key` is one PRNG key (typed: shape (); raw: uint32 of rank 1), a static check."""
+  key = key if isinstance(key, jax.Array) else jnp.asarray(key)
+  got = f'{key.dtype} of shape {tuple(key.shape)}'
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if not typed:
+    _checks.chex_check(chex.assert_type, key, jnp.uint32, name='key', need=_NEED_KEY, got=got)
+  _checks.chex_check(chex.assert_rank, key, 0 if typed else 1, name='key', need=_NEED_KEY, got=got)
 
 
 def _solve_tries(p, num_sampled):
@@ -97,36 +130,72 @@ def _candidates(key, s, p, prob, unique, true_classes):
     count = lambda ids: s * prob(ids)
   true_count = None
   if true_classes is not None:
-    true_classes = jnp.asarray(true_classes)
-    if not jnp.issubdtype(true_classes.dtype, jnp.integer):
-      raise ValueError(f'`true_classes` must be integer class ids; got dtype {true_classes.dtype}.')
     true_count = count(true_classes)
   return SampledValues(sampled, true_count, count(sampled))
+
+
+def _check_sampler_args(key, true_classes, num_classes):
+  """Static checks of `key` and `true_classes`; concrete `true_classes` must lie in [0, K)."""
+  _check_key(key)
+  if true_classes is None:
+    return None
+  if not isinstance(true_classes, jax.Array):
+    true_classes = np.asarray(true_classes)
+  _checks.dtype(true_classes, int, 'true_classes', 'be integer class ids')
+  _checks.in_range('true_classes', true_classes, num_classes)
+  return jnp.asarray(true_classes)
 
 
 def uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_classes=None):
   """Uniform sampler, `P(k) = 1 / K` (TF `uniform_candidate_sampler`); counts are S / K exactly.
 
+  Draws one sample `[S]` per call, shared by a whole batch; `jax.vmap` it over a batch of keys
+  for independent samples (row b equals the call with `keys[b]`; see the module docstring).
+
   Args:
-    key: a PRNG key.
+    key: one PRNG key (`jax.random.key`, or a raw `jax.random.PRNGKey` uint32 [2]).
     num_sampled: S >= 1, a Python int (< K if unique).
-    num_classes: K, a Python int.
+    num_classes: K, a Python int (>= 2 if unique).
     unique: sample without replacement (Gumbel-top-k; TF's default) or with replacement.
-    true_classes: optional [...] int labels whose expected counts to return.
+    true_classes: optional [...] int labels in [0, K) whose expected counts to return.
 
   Returns:
     SampledValues(sampled [S] int32, true_expected_count [...] float32 or None,
     sampled_expected_count [S] float32): `S p` with replacement, `1 - (1 - p)^n` without.
+
+  Raises:
+    ValueError: always, also under `jit`/`vmap`: `key` is not one PRNG key (a batch of keys:
+      `jax.vmap` the sampler), `num_sampled` or `num_classes` is not a Python int in range
+      (they fix the output shapes), `true_classes` is not an integer array. Only for concrete
+      `true_classes`: ids outside [0, K); traced out-of-range ids are not caught and get a
+      meaningless expected count (the losses return NaN for such labels).
+
+  References:
+    TF `tf.random.uniform_candidate_sampler`; "Candidate sampling algorithms reference".
   """
   k = _check_int('num_classes', num_classes, 2 if unique else 1)
   s = _check_num_sampled(num_sampled, k, unique)
+  true_classes = _check_sampler_args(key, true_classes, k)
   return _candidates(key, s, np.full(k, 1.0 / k), lambda ids: jnp.full(ids.shape, 1.0 / k),
                      unique, true_classes)
 
 
 def log_uniform_probs(num_classes: int) -> np.ndarray:
-  """`[K]` float64 log-uniform (Zipf) law `p(k) = log((k + 2) / (k + 1)) / log(K + 1)` of sorted ids."""
-  return np.log1p(1.0 / np.arange(1.0, num_classes + 1.0)) / np.log(num_classes + 1.0)
+  """`[K]` float64 log-uniform (Zipf) law `p(k) = log((k + 2) / (k + 1)) / log(K + 1)`, sorted ids.
+
+  A host (NumPy) function of a concrete K; inside `jit` it is a compile-time constant.
+
+  Args:
+    num_classes: K >= 1, a Python int.
+
+  Returns:
+    [K] float64 NumPy probabilities, summing to 1.
+
+  Raises:
+    ValueError: `num_classes` is not a Python int >= 1 (a traced K included).
+  """
+  k = _check_int('num_classes', num_classes, 1)
+  return np.log1p(1.0 / np.arange(1.0, k + 1.0)) / np.log(k + 1.0)
 
 
 def log_uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_classes=None):
@@ -134,9 +203,17 @@ def log_uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_clas
 
   TF `log_uniform_candidate_sampler`; ids must be sorted by decreasing frequency. Arguments
   and returns as `uniform_sampler`.
+
+  Raises:
+    ValueError: as `uniform_sampler` (static checks always, the range of `true_classes` only
+      when concrete).
+
+  References:
+    TF `tf.random.log_uniform_candidate_sampler`.
   """
   k = _check_int('num_classes', num_classes, 2 if unique else 1)
   s = _check_num_sampled(num_sampled, k, unique)
+  true_classes = _check_sampler_args(key, true_classes, k)
   log_k1 = np.log(k + 1.0)
   prob = lambda ids: jnp.log1p(1.0 / (jnp.asarray(ids, jnp.float32) + 1.0)) / np.float32(log_k1)
   p = log_uniform_probs(k)
@@ -146,18 +223,34 @@ def log_uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_clas
 def unigram_probs(counts, distortion=0.75):
   """Host float64 `[K]` probabilities `counts**distortion / sum(counts**distortion)`.
 
-  Zero counts get probability 0 (also with distortion 0). Raises ValueError on counts that are
-  traced, not 1-D, negative, non-finite or all zero, or a distortion < 0.
+  Zero counts get probability 0 (also with distortion 0). A host (NumPy) function: `counts` and
+  `distortion` must be concrete (inside `jit`, close over them).
+
+  Args:
+    counts: [K] concrete counts >= 0 (NumPy array, list or tuple) with a positive sum.
+    distortion: a concrete number >= 0 (word2vec: 0.75).
+
+  Returns:
+    [K] float64 NumPy probabilities, summing to 1.
+
+  Raises:
+    ValueError: `counts` traced, not 1-D, empty, negative, non-finite or all zero;
+      `distortion` traced, non-finite or < 0.
   """
-  if isinstance(counts, jax.core.Tracer):
-    raise ValueError('`counts` must be concrete (NumPy array, list or tuple), not traced.')
+  if _checks.is_traced(counts):
+    raise _checks.ArgumentError(
+        '`counts` must be concrete (NumPy array, list or tuple), not traced.')
   c = np.asarray(counts, np.float64)
-  if c.ndim != 1 or c.size == 0:
-    raise ValueError(f'`counts` must be a non-empty 1-D [num_classes] array; got shape {c.shape}.')
+  _checks.rank(c, 1, 'counts', '[num_classes]')
+  if c.size == 0:
+    raise _checks.ArgumentError(f'`counts` must be a non-empty [num_classes] array; got shape '
+                                f'{c.shape}.')
   if not np.all(np.isfinite(c) & (c >= 0)) or not np.any(c > 0):
-    raise ValueError(f'`counts` must be finite and >= 0 with a positive sum; got {c[:8]}...')
-  if isinstance(distortion, jax.core.Tracer) or not np.isfinite(distortion) or distortion < 0:
-    raise ValueError(f'`distortion` must be a concrete finite number >= 0; got {distortion!r}.')
+    raise _checks.ArgumentError(
+        f'`counts` must be finite and >= 0 with a positive sum; got {c[:8]}...')
+  if _checks.is_traced(distortion) or not np.isfinite(distortion) or distortion < 0:
+    raise _checks.ArgumentError(
+        f'`distortion` must be a concrete finite number >= 0; got {distortion!r}.')
   w = np.where(c > 0, np.power(np.where(c > 0, c, 1.0), float(distortion)), 0.0)
   return w / np.sum(w)
 
@@ -166,58 +259,69 @@ def unigram_sampler(key, num_sampled, counts, *, distortion=0.75, unique=True,
                     true_classes=None):
   """Unigram sampler, `P(k) ∝ counts_k ** distortion` (TF `fixed_unigram_candidate_sampler`).
 
-  Distortion 0.75 is word2vec's; 0 is uniform over the classes with counts > 0. Arguments and returns as `uniform_sampler`, with
-  `counts: [K]` concrete counts >= 0 (zero counts are never sampled; if unique, S must be <
-  the number of classes with counts > 0) instead of `num_classes`.
+  Distortion 0.75 is word2vec's; 0 is uniform over the classes with counts > 0. Arguments and
+  returns as `uniform_sampler`, with `counts: [K]` concrete counts >= 0 (zero counts are never
+  sampled; if unique, S must be < the number of classes with counts > 0) instead of
+  `num_classes`, and `distortion` as in `unigram_probs`.
+
+  Raises:
+    ValueError: as `uniform_sampler` with K = len(counts) (static checks always, the range of
+      `true_classes` only when concrete), and `counts` or `distortion` rejected by
+      `unigram_probs` (they must be concrete).
+
+  References:
+    TF `tf.random.fixed_unigram_candidate_sampler`; Mikolov et al. 2013 (word2vec).
   """
   p = unigram_probs(counts, distortion)
   s = _check_num_sampled(num_sampled, int(np.sum(p > 0)), unique,
                          'the number of classes with counts > 0')
+  true_classes = _check_sampler_args(key, true_classes, p.size)
   p32 = jnp.asarray(p, jnp.float32)
   return _candidates(key, s, p, lambda ids: jnp.take(p32, ids, mode='clip'), unique,
                      true_classes)
 
 
-def _sampled_logits(fn, features, kernel, labels, sampled_values, bias, remove_hits, log_q):
+def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits, log_q):
   """Checks; returns z_true [N], z_sampled [N, S], keep [N, S] bool, in_range [N], lead shape."""
-  def fail(arg, got, needs):
-    raise ValueError(f'{fn}: `{arg}` got {got}, needs {needs}.')
-  features, kernel, labels = jnp.asarray(features), jnp.asarray(kernel), jnp.asarray(labels)
   triple = sampled_values if isinstance(sampled_values, (tuple, list)) else (sampled_values,)
   if len(triple) not in (1, 3):
-    fail('sampled_values', f'{len(triple)} items', '(sampled, true_expected_count, '
-         'sampled_expected_count) as returned by a sampler')
+    raise _checks.ArgumentError(
+        '`sampled_values` must be a sampler\'s (sampled, true_expected_count, '
+        f'sampled_expected_count) or the sampled ids [S] alone; got {len(triple)} items.')
   sampled, true_count, sampled_count = (*triple, None, None)[:3]
-  sampled = jnp.asarray(sampled)
-  if kernel.ndim != 2:
-    fail('kernel', f'shape {kernel.shape}', 'rank 2 [num_classes, d] (class rows)')
+  ids_name = 'sampled_values.sampled' if len(triple) == 3 else 'sampled_values'
+  features, kernel, sampled = jnp.asarray(features), jnp.asarray(kernel), jnp.asarray(sampled)
+  _checks.rank(kernel, 2, 'kernel', '[num_classes, d]')
+  _checks.dtype(kernel, float, 'kernel', 'be a float array')
   k, d = kernel.shape
-  if features.ndim < 1 or features.shape[-1] != d:
-    fail('features', f'shape {features.shape}', f'[..., d] with d = kernel.shape[1] = {d}')
-  if not jnp.issubdtype(jnp.result_type(features, kernel), jnp.floating):
-    fail('features', f'{features.dtype} with kernel {kernel.dtype}', 'float dtypes')
+  need = f'have shape [..., d] with d = kernel.shape[1] = {d}'
+  if features.ndim and features.shape[-1] != d and features.shape[-1] == k:
+    need += ' (`kernel` holds class rows [K, d], the transpose of a [d, K] Dense kernel)'
+  _checks.rank_at_least(features, 1, 'features', '[..., d]')
+  _checks.chex_check(chex.assert_axis_dimension, features, -1, d, name='features', need=need,
+                     got=f'shape {features.shape}')
+  _checks.dtype(features, float, 'features', 'be a float array')
   lead = features.shape[:-1]
-  if labels.shape != lead or not jnp.issubdtype(labels.dtype, jnp.integer):
-    fail('labels', f'{labels.dtype}{list(labels.shape)}', f'int with features.shape[:-1] = {lead}')
-  if sampled.ndim != 1 or not jnp.issubdtype(sampled.dtype, jnp.integer):
-    fail('sampled_values', f'sampled ids {sampled.dtype}{list(sampled.shape)}', 'int [S]')
-  for name, ids in (('labels', labels), ('sampled_values', sampled)):
-    _checks.in_range(name, ids, k)
-  if bias is not None and jnp.shape(bias) != (k,):
-    fail('bias', f'shape {jnp.shape(bias)}', f'[num_classes] = ({k},)')
+  labels = _checks.labels(labels, k, lead, 'features')
+  _checks.rank(sampled, 1, ids_name, '[S]')
+  _checks.dtype(sampled, int, ids_name, 'be integer class ids')
+  _checks.in_range(ids_name, sampled, k)
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    _checks.shape(bias, (k,), 'bias', '[num_classes]')
+    _checks.dtype(bias, float, 'bias', 'be a float array')
   if log_q:
     if true_count is None or sampled_count is None:
-      fail('sampled_values', 'no expected counts', 'the (sampled, true_expected_count, '
-           'sampled_expected_count) of a sampler called with true_classes=labels, or '
-           'subtract_log_q=False')
+      raise _checks.ArgumentError(
+          '`sampled_values` must hold the expected counts, (sampled, true_expected_count, '
+          'sampled_expected_count) from a sampler called with true_classes=labels (or pass '
+          'subtract_log_q=False); got no expected counts.')
     true_count, sampled_count = jnp.asarray(true_count), jnp.asarray(sampled_count)
-    if sampled_count.shape != sampled.shape:
-      fail('sampled_values', f'sampled_expected_count shape {sampled_count.shape}',
-           f'the shape of sampled {sampled.shape}')
-    if true_count.ndim > len(lead) or any(
-        a not in (1, b) for a, b in zip(true_count.shape[::-1], lead[::-1])):
-      fail('sampled_values', f'true_expected_count shape {true_count.shape}',
-           f'a shape broadcastable to labels.shape = {lead}')
+    _checks.shape(sampled_count, sampled.shape, 'sampled_values.sampled_expected_count',
+                  'sampled_values.sampled.shape')
+    _checks.dtype(sampled_count, float, 'sampled_values.sampled_expected_count', 'be float')
+    _checks.broadcastable(true_count, lead, 'sampled_values.true_expected_count', 'labels')
+    _checks.dtype(true_count, float, 'sampled_values.true_expected_count', 'be float')
   acc = jnp.promote_types(jnp.result_type(features, kernel), jnp.float32)
   x, y = features.reshape(-1, d), labels.reshape(-1)
   in_range = (y >= 0) & (y < k)
@@ -246,32 +350,49 @@ def sampled_softmax_loss(features, kernel, labels, sampled_values, *, bias=None,
   the label (accidental hits) are masked out (-inf logit, zero gradient) if
   `remove_accidental_hits`; `loss = logsumexp(z) - z_0`, the cross-entropy with the true class
   at index 0. Generally an underestimate of the full softmax loss; with unique samples it
-  tends to it as S -> K. Matrix products accumulate in float32 (bfloat16 inputs give a float32 loss).
+  tends to it as S -> K. Matrix products accumulate in float32 (bfloat16 inputs give a float32
+  loss). The S samples are shared by all examples: under `jax.vmap` over examples, hold the
+  sample fixed (`in_axes=SampledValues(None, 0, None)`) to get the batched result.
 
   Args:
     features: [..., d] float.
     kernel: [K, d] float class rows (TF's `weights`; the transpose of DenseSoftmax's kernel).
     labels: [...] int in [0, K); concrete ones are checked, traced ones out of range give NaN.
-    sampled_values: SampledValues / (sampled [S] int, true_expected_count [...] (broadcastable),
-      sampled_expected_count [S]) from a sampler called with `true_classes=labels`.
+    sampled_values: SampledValues / (sampled [S] int, true_expected_count [...] float
+      (broadcastable to `labels`), sampled_expected_count [S] float) from a sampler called with
+      `true_classes=labels`; the ids `[S] int` alone if not `subtract_log_q`.
     bias: optional [K] float.
     remove_accidental_hits: mask samples equal to the example's label.
     subtract_log_q: subtract the log expected counts (the log-Q correction).
 
   Returns:
     [...] float32 per-example loss (float64 for float64 inputs).
+
+  Raises:
+    ValueError: always, also under `jit`/`vmap`/`grad` (shapes and dtypes): `kernel` is not a
+      float `[K, d]`; `features` is not a float `[..., d]` with d = kernel.shape[1]; `labels`
+      is not an integer array of shape `features.shape[:-1]`; `sampled_values` is not 3 items
+      (or the ids alone), its ids are not an integer `[S]`, its `sampled_expected_count` not
+      a float `[S]`, its `true_expected_count` not a float broadcastable to `labels`, or the
+      counts are missing with `subtract_log_q`; `bias` is not a float `[K]`. Only on concrete
+      values: `labels` and sampled ids outside [0, K). A traced out-of-range label gives a NaN
+      loss for its example; a traced out-of-range sampled id is clamped to [0, K) (the
+      samplers never produce one).
+
+  References:
+    TF `tf.nn.sampled_softmax_loss`; Jean et al., "On using very large target vocabulary for
+    neural machine translation", ACL 2015 (arXiv:1412.2007).
   """
   z_t, z_s, keep, ok, lead = _sampled_logits(
-      'sampled_softmax_loss', features, kernel, labels, sampled_values, bias,
-      remove_accidental_hits, subtract_log_q)
+      features, kernel, labels, sampled_values, bias, remove_accidental_hits, subtract_log_q)
   z = jnp.concatenate([z_t[:, None], z_s], axis=-1)
   mask = jnp.concatenate([jnp.ones_like(keep[:, :1]), keep], axis=-1)
   loss = logsumexp(z, where=mask) - z_t
   return jnp.where(ok, loss, jnp.nan).reshape(lead)
 
 
-def _logistic_loss(fn, features, kernel, labels, sampled_values, bias, remove_hits, log_q):
-  z_t, z_s, keep, ok, lead = _sampled_logits(fn, features, kernel, labels, sampled_values, bias,
+def _logistic_loss(features, kernel, labels, sampled_values, bias, remove_hits, log_q):
+  z_t, z_s, keep, ok, lead = _sampled_logits(features, kernel, labels, sampled_values, bias,
                                              remove_hits, log_q)
   negatives = jnp.where(keep, -jax.nn.log_sigmoid(-z_s), 0)  # z_s finite: finite gradients.
   loss = -jax.nn.log_sigmoid(z_t) + jnp.sum(negatives, axis=-1)
@@ -285,11 +406,17 @@ def nce_loss(features, kernel, labels, sampled_values, *, bias=None,
   With the logits `z_0`, `z_j` of `sampled_softmax_loss` (log-Q corrected):
   `loss = -log sigmoid(z_0) - sum_j log sigmoid(-z_j)`, the sigmoid cross-entropy with label 1
   for the true class and 0 for each sample, summed; an accidental hit, if removed, adds 0. TF's
-  default keeps accidental hits. Reference: Gutmann & Hyvärinen 2010; Mnih & Teh 2012.
+  default keeps accidental hits.
 
-  Arguments and returns as `sampled_softmax_loss`; `remove_accidental_hits` defaults to False.
+  Arguments, returns and raises as `sampled_softmax_loss` (shapes and dtypes checked always,
+  ids in range only when concrete); `remove_accidental_hits` defaults to False.
+
+  References:
+    TF `tf.nn.nce_loss`; Gutmann & Hyvärinen, "Noise-contrastive estimation", AISTATS 2010;
+    Mnih & Teh, "A fast and simple algorithm for training neural probabilistic language
+    models", ICML 2012.
   """
-  return _logistic_loss('nce_loss', features, kernel, labels, sampled_values, bias,
+  return _logistic_loss(features, kernel, labels, sampled_values, bias,
                         remove_accidental_hits, subtract_log_q)
 
 
@@ -299,11 +426,15 @@ def negative_sampling_loss(features, kernel, labels, sampled_values, *, bias=Non
 
   `loss = -log sigmoid(s_y) - sum_j log sigmoid(-s_{n_j})` with raw scores `s = <x, w> + b` of
   the label and the S shared negatives; word2vec skips a negative equal to the target, hence
-  `remove_accidental_hits=True` by default. Reference: Mikolov et al. 2013, "Distributed
-  representations of words and phrases and their compositionality" (eq. 4).
+  `remove_accidental_hits=True` by default.
 
-  Arguments and returns as `sampled_softmax_loss`, except that `sampled_values` may be the
-  negatives `[S] int` alone (expected counts are unused).
+  Arguments, returns and raises as `sampled_softmax_loss` (shapes and dtypes checked always,
+  ids in range only when concrete), except that `sampled_values` may be the negatives
+  `[S] int` alone (expected counts are unused and not checked).
+
+  References:
+    Mikolov et al., "Distributed representations of words and phrases and their
+    compositionality", NIPS 2013 (eq. 4).
   """
-  return _logistic_loss('negative_sampling_loss', features, kernel, labels, sampled_values, bias,
+  return _logistic_loss(features, kernel, labels, sampled_values, bias,
                         remove_accidental_hits, False)

@@ -276,29 +276,69 @@ def test_out_of_range_labels():
 
 
 def test_errors_name_the_argument():
-  with pytest.raises(ValueError, match=r'`class_counts` must be 1-D \[num_classes\]; got shape \(2, 2\)'):
+  with pytest.raises(ValueError, match=r'`class_counts` must have shape \[num_classes\] '
+                                       r'\(rank 1\); got shape \(2, 2\)'):
     hs.huffman_tree([[1, 2], [3, 4]])
   with pytest.raises(ValueError, match=r'`class_counts` must have at least 2 classes; got 1'):
     hs.huffman_tree([5])
-  with pytest.raises(ValueError, match=r'`class_counts` must be finite and >= 0; got -1 at class 1'):
+  with pytest.raises(ValueError, match=r'`class_counts` must be finite and >= 0; got -1 at '
+                                       r'class 1'):
     hs.huffman_tree([3, -1, 2])
   with pytest.raises(ValueError, match=r'`class_counts` must be finite and >= 0; got nan'):
     hs.huffman_tree([3.0, np.nan])
+  with pytest.raises(ValueError, match=r'`class_counts` must be numbers; got dtype <U1'):
+    hs.huffman_tree(['a', 'b'])
+  with pytest.raises(ValueError, match=r'`class_counts` must be concrete'):
+    jax.jit(hs.huffman_tree)(jnp.ones(3))
   with pytest.raises(ValueError, match=r'`num_classes` must be >= 2; got 1'):
     hs.balanced_tree(1)
-  with pytest.raises(ValueError, match=r'`num_classes` must be an int; got 4.0'):
+  with pytest.raises(ValueError, match=r'`num_classes` must be an int \(concrete, not traced\); '
+                                       r'got 4.0'):
     hs.balanced_tree(4.0)
+  with pytest.raises(ValueError, match=r'`num_classes` must be an int \(concrete, not traced\)'):
+    jax.jit(hs.balanced_tree)(4)
   tree = hs.balanced_tree(6)
   x, w, b, y = _params(6, 4, lead=(3,))
-  with pytest.raises(ValueError, match=r'`node_vectors` must be \[K-1, d\] = \(5, 4\).*got shape \(4, 5\)'):
-    hs.hierarchical_log_prob(x, w.T, tree)  # A [d, K-1] kernel.
-  with pytest.raises(ValueError, match=r'`node_bias` must be \[K-1\] = \(5,\); got shape \(6,\)'):
-    hs.hierarchical_loss(x, y, w, tree, node_bias=jnp.zeros(6))
-  with pytest.raises(ValueError, match=r'`labels` must have shape features.shape\[:-1\] = \(3,\)'):
-    hs.hierarchical_loss(x, y[:2], w, tree)
-  with pytest.raises(ValueError, match=r'`labels` must be integer class indices'):
-    hs.hierarchical_loss(x, y.astype(jnp.float32), w, tree)
-  with pytest.raises(ValueError, match=r'`tree` must be a Tree'):
-    hs.hierarchical_log_prob(x, w, (tree.paths, tree.codes))
-  with pytest.raises(ValueError, match=r'`features` must be \[..., d\]'):
-    hs.hierarchical_log_prob(jnp.float32(1.0), w, tree)
+  log_prob = lambda x, w, b=None: hs.hierarchical_log_prob(x, w, tree, node_bias=b)
+  loss = lambda x, w, b=None, y=y: hs.hierarchical_loss(x, y, w, tree, node_bias=b)
+  static_cases = [  # (function, args, message): raised eagerly and at trace time under jit.
+      (log_prob, (x, w.T), r'`node_vectors` must have shape \[K-1, d\] for a tree of K=6 classes '
+                           r'and features \[\.\.\., 4\] = \(5, 4\); got shape \(4, 5\)'),
+      (log_prob, (x, w.astype(jnp.int32)),
+       r'`node_vectors` must be a float array; got dtype int32'),
+      (loss, (x, w, jnp.zeros(6)),
+       r'`node_bias` must have shape \[K-1\] = \(5,\); got shape \(6,\)'),
+      (loss, (x, w, b.astype(jnp.int32)), r'`node_bias` must be a float array'),
+      (lambda x, w: loss(x, w, y=y[:2]), (x, w),
+       r'`labels` must have shape features.shape\[:-1\] = \(3,\); got shape \(2,\)'),
+      (lambda x, w: loss(x, w, y=y.astype(jnp.float32)), (x, w),
+       r'`labels` must be integer class indices'),
+      (log_prob, (jnp.float32(1.0), w), r'`features` must have shape \[\.\.\., d\] \(rank >= 1\); '
+                                        r'got shape \(\)'),
+      (log_prob, (x.astype(jnp.int32), w), r'`features` must be a float array; got dtype int32'),
+      (lambda x, w: hs.hierarchical_predict(x, w, tree), (x, w[:4]),
+       r'`node_vectors` must have shape \[K-1, d\]'),
+  ]
+  for fn, args, msg in static_cases:
+    for run in (fn, jax.jit(fn)):
+      with pytest.raises(ValueError, match=msg):
+        run(*args)
+  bad_trees = [
+      ((tree.paths, tree.codes), r'`tree` must be a Tree'),
+      (tree._replace(paths=tree.paths[:, :1]), r'`tree.codes` must have shape tree.paths.shape = '
+                                               r'\(6, 1\); got shape \(6, 3\)'),
+      (tree._replace(mask=tree.mask[:1]), r'`tree.mask` must have shape tree.paths.shape'),
+      (tree._replace(paths=tree.paths[0]), r'`tree.paths` must have shape \[K, D\] \(rank 2\)'),
+      (tree._replace(paths=tree.paths[:1], codes=tree.codes[:1], mask=tree.mask[:1]),
+       r'`tree.paths` must have shape \[K, D\] with K >= 2; got shape \(1, 3\)'),
+      (tree._replace(paths=tree.paths.astype(np.float32)), r'`tree.paths` must be integer'),
+      (tree._replace(codes=tree.codes.astype(np.float32)), r'`tree.codes` must be integer'),
+      (tree._replace(mask=tree.mask.astype(np.int8)), r'`tree.mask` must be a bool mask'),
+  ]
+  for bad, msg in bad_trees:
+    with pytest.raises(ValueError, match=msg):
+      hs.hierarchical_log_prob(x, w, bad)
+    with pytest.raises(ValueError, match=msg):
+      jax.jit(lambda x: hs.hierarchical_log_prob(x, w, bad))(x)
+  with pytest.raises(ValueError, match=r'`tree.paths` must be concrete .*functools.partial'):
+    jax.jit(hs.hierarchical_loss)(x, y, w, tree)

@@ -138,13 +138,36 @@ def test_sampler_errors():
     so.uniform_sampler(key, 1, 1)
   with pytest.raises(ValueError, match='num_sampled.*counts > 0 = 2'):
     so.unigram_sampler(key, 2, [3, 0, 1])
-  for bad in ([1, -1, 2], [0, 0], [[1, 2]], [1, np.nan]):
+  for bad in ([1, -1, 2], [0, 0], [[1, 2]], [1, np.nan], []):
     with pytest.raises(ValueError, match='counts'):
       so.unigram_sampler(key, 1, bad)
   with pytest.raises(ValueError, match='distortion'):
     so.unigram_sampler(key, 1, [1, 2, 3], distortion=-1.0)
-  with pytest.raises(ValueError, match='true_classes'):
+  with pytest.raises(ValueError, match='`true_classes` must be integer class ids'):
     so.uniform_sampler(key, 1, K, true_classes=jnp.zeros(3))
+  with pytest.raises(ValueError, match=r'`true_classes` must lie in \[0, 12\); got 12'):
+    so.log_uniform_sampler(key, 1, K, true_classes=[0, K])
+  with pytest.raises(ValueError, match=r'`true_classes` must lie in \[0, 6\); got -1'):
+    so.unigram_sampler(key, 1, [1, 2, 3, 4, 5, 6], true_classes=np.array([-1]))
+  # Traced true_classes are not range-checked (no error under jit).
+  jax.jit(lambda y: so.uniform_sampler(key, 1, K, true_classes=y))(jnp.array([K]))
+  for bad_key, got in ((jax.random.split(key, 4), r'uint32 of shape \(4, 2\)'),
+                       (jax.random.split(jax.random.key(0), 4), r'key<fry> of shape \(4,\)'),
+                       (jnp.zeros(2, jnp.float32), r'float32 of shape \(2,\)')):
+    for run in (lambda f: f(), lambda f: jax.jit(f)()):
+      with pytest.raises(ValueError, match=r'`key` must be one PRNG key.*jax.vmap the sampler.*; '
+                                           rf'got {got}'):
+        run(lambda: so.log_uniform_sampler(bad_key, 2, K))
+  with pytest.raises(ValueError,
+                     match=r'`num_sampled` must be a Python int >= 1 .*static.*; got a traced'):
+    jax.jit(lambda s: so.uniform_sampler(key, s, K))(2)
+  for bad in (0, 2.0, True):
+    with pytest.raises(ValueError, match='`num_classes` must be a Python int >= 1'):
+      so.log_uniform_probs(bad)
+  with pytest.raises(ValueError, match='`counts` must be concrete'):
+    jax.jit(so.unigram_probs)(jnp.ones(3))
+  with pytest.raises(ValueError, match=r'`counts` must have shape \[num_classes\] \(rank 1\)'):
+    so.unigram_probs([[1, 2]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,23 +309,44 @@ def test_traced_out_of_range_label_gives_nan_and_concrete_raises():
 def test_loss_errors():
   x, w, b, y, sv = _case((4,), seed=6)
   cases = [
-      (dict(kernel=w.T), r'`kernel`|`features`'),
-      (dict(kernel=w[None]), r'`kernel` got shape \(1, 12, 5\), needs rank 2'),
-      (dict(labels=y[:3]), r'`labels` got int32\[3\]'),
-      (dict(labels=y.astype(jnp.float32)), '`labels`'),
-      (dict(sampled_values=(sv[0], sv[1])), '`sampled_values` got 2 items'),
-      (dict(sampled_values=sv[0]), '`sampled_values` got no expected counts'),
-      (dict(sampled_values=(sv[0], sv[1][:2], sv[2])), 'true_expected_count shape'),
-      (dict(sampled_values=(sv[0], sv[1], sv[2][:2])), 'sampled_expected_count shape'),
-      (dict(sampled_values=(sv[0][None], sv[1], sv[2])), 'sampled ids'),
-      (dict(sampled_values=(sv[0].at[0].set(K), sv[1], sv[2])), '`sampled_values` must lie'),
-      (dict(bias=b[:3]), '`bias` got shape'),
+      (dict(kernel=w.T), r'`features` must have shape \[\.\.\., d\] with d = kernel.shape\[1\] = '
+                         r'12 \(`kernel` holds class rows \[K, d\].*got shape \(4, 5\)'),
+      (dict(kernel=w[None]), r'`kernel` must have shape \[num_classes, d\] \(rank 2\); got '
+                             r'shape \(1, 12, 5\)'),
+      (dict(kernel=w.astype(jnp.int32)), r'`kernel` must be a float array; got dtype int32'),
+      (dict(features=x[0, 0]), r'`features` must have shape \[\.\.\., d\] \(rank >= 1\)'),
+      (dict(features=x.astype(jnp.int32)), r'`features` must be a float array; got dtype int32'),
+      (dict(labels=y[:3]), r'`labels` must have shape features.shape\[:-1\] = \(4,\); got '
+                           r'shape \(3,\)'),
+      (dict(labels=y.astype(jnp.float32)), '`labels` must be integer class indices'),
+      (dict(sampled_values=(sv[0], sv[1])), '`sampled_values` must be .*; got 2 items'),
+      (dict(sampled_values=sv[0]), '`sampled_values` must hold the expected counts.*; got no '
+                                   'expected counts'),
+      (dict(sampled_values=(sv[0], sv[1][:2], sv[2])),
+       r'`sampled_values.true_expected_count` must broadcast to the shape of `labels` \(4,\); '
+       r'got shape \(2,\)'),
+      (dict(sampled_values=(sv[0], sv[1].astype(jnp.int32), sv[2])),
+       '`sampled_values.true_expected_count` must be float'),
+      (dict(sampled_values=(sv[0], sv[1], sv[2][:2])),
+       r'`sampled_values.sampled_expected_count` must have shape sampled_values.sampled.shape = '
+       r'\(5,\); got shape \(2,\)'),
+      (dict(sampled_values=(sv[0][None], sv[1], sv[2])),
+       r'`sampled_values.sampled` must have shape \[S\] \(rank 1\); got shape \(1, 5\)'),
+      (dict(sampled_values=(sv[0].astype(jnp.float32), sv[1], sv[2])),
+       '`sampled_values.sampled` must be integer class ids'),
+      (dict(sampled_values=(sv[0].at[0].set(K), sv[1], sv[2])),
+       r'`sampled_values.sampled` must lie in \[0, 12\); got 12 at position \(0,\)'),
+      (dict(bias=b[:3]), r'`bias` must have shape \[num_classes\] = \(12,\); got shape \(3,\)'),
+      (dict(bias=b.astype(jnp.int32)), '`bias` must be a float array'),
   ]
   for change, msg in cases:
     kw = dict(features=x, kernel=w, labels=y, sampled_values=sv, bias=b) | change
+    args = kw['features'], kw['kernel'], kw['labels'], kw['sampled_values']
     with pytest.raises(ValueError, match=msg):
-      so.sampled_softmax_loss(kw['features'], kw['kernel'], kw['labels'], kw['sampled_values'],
-                              bias=kw['bias'])
+      so.sampled_softmax_loss(*args, bias=kw['bias'])
+    if 'must lie' not in msg:  # Static checks: the same error at trace time under jit.
+      with pytest.raises(ValueError, match=msg):
+        jax.jit(lambda *a, bias: so.sampled_softmax_loss(*a, bias=bias))(*args, bias=kw['bias'])
 
 
 # ----------------------------------------------------------------------------------------------
