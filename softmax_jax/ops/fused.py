@@ -14,10 +14,13 @@ Two passes over vocabulary chunks do all the work: `_lse_pass` (online logsumexp
 import functools
 from typing import NamedTuple
 
+import chex
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from softmax_jax.ops import _checks
 
 SymbolicZero = jax.custom_derivatives.SymbolicZero
 
@@ -79,11 +82,23 @@ def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, where=N
   Returns:
     loss: [...] float32 or a float32 scalar; and lse [...] float32 if `return_lse`.
 
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `w` is not
+      `[d, K]`, `x` is not `[..., d]`, `x` or `w` is not float, `labels` is not an integer
+      array of shape `x.shape[:-1]`, `bias` or `logit_offsets` is not a float `[K]`, or `where`
+      is not a bool array of shape `labels.shape`; if a Python option (`label_smoothing`,
+      `logit_soft_cap`, `reduction`, the chunk sizes) is out of its range; and, for concrete
+      `labels` and `where` only, if a label where `where` is True lies outside [0, K) (traced
+      ones are not checked: they give a NaN loss and NaN gradients).
+
   References:
     Wijmans et al. 2024, Cut Your Losses in Large-Vocabulary Language Models, arXiv:2411.09009.
     Hsu et al. 2024, Liger Kernel, arXiv:2410.10989. Chowdhery et al. 2022 (PaLM, z-loss).
     Menon et al. 2021, Long-tail learning via logit adjustment, arXiv:2007.07314.
   """
+  x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+  bias, logit_offsets, where = (None if a is None else jnp.asarray(a)
+                                for a in (bias, logit_offsets, where))
   _check(x, w, labels, bias, logit_offsets, where, label_smoothing, logit_soft_cap, reduction,
          chunk_size, token_chunk_size)
   lead, (d, k) = labels.shape, w.shape
@@ -103,44 +118,47 @@ def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, where=N
 
 def _check(x, w, labels, bias, offsets, where, eps, cap, reduction, chunk_size,
            token_chunk_size):
-  def fail(arg, got, needs):
-    raise ValueError(f'linear_cross_entropy: {arg} got {got}, needs {needs}')
-  if w.ndim != 2:
-    fail('w', f'shape {w.shape}', 'rank 2 [d, K]')
-  if x.ndim < 1 or x.shape[-1] != w.shape[0]:
-    fail('x', f'shape {x.shape}', f'[..., d] with d = w.shape[0] = {w.shape[0]}')
-  for name, a in (('x', x), ('w', w)):
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-      fail(name, f'dtype {a.dtype}', 'a float dtype')
-  if labels.shape != x.shape[:-1]:
-    fail('labels', f'shape {labels.shape}', f'x.shape[:-1] = {x.shape[:-1]}')
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    fail('labels', f'dtype {labels.dtype}', 'an integer dtype')
+  """Static checks (shapes, dtypes: also under jit) and checks of the Python options."""
+  _checks.rank(w, 2, 'w', '[d, K]')
+  d, k = w.shape
+  _checks.chex_check(chex.assert_shape, x, (..., d), name='x',
+                     need=f'have shape [..., d] with d = w.shape[0] = {d}', got=f'shape {x.shape}')
+  _checks.dtype(x, float, 'x', 'be a float array')
+  _checks.dtype(w, float, 'w', 'be a float array')
+  _checks.shape(labels, x.shape[:-1], 'labels', 'x.shape[:-1]')
+  _checks.dtype(labels, int, 'labels', 'be integer class indices')
   for name, a in (('bias', bias), ('logit_offsets', offsets)):
-    if a is not None and a.shape != w.shape[1:]:
-      fail(name, f'shape {a.shape}', f'[K] = {w.shape[1:]}')
-  if where is not None and (where.shape != labels.shape or where.dtype != bool):
-    fail('where', f'{where.dtype}{list(where.shape)}', f'bool{list(labels.shape)}')
+    if a is not None:
+      _checks.shape(a, (k,), name, '[K]')
+      _checks.dtype(a, float, name, 'be a float array')
+  if where is not None:
+    _checks.shape(where, labels.shape, 'where', 'labels.shape')
+    _checks.dtype(where, bool, 'where', 'be a bool mask of examples')
+
+  def fail(name, need, got):
+    raise _checks.ArgumentError(f'`{name}` must {need}; got {got}.')
   if not 0 <= eps < 1:
-    fail('label_smoothing', eps, 'a value in [0, 1)')
+    fail('label_smoothing', 'be in [0, 1)', eps)
   if cap is not None and not cap > 0:
-    fail('logit_soft_cap', cap, 'None or a value > 0')
+    fail('logit_soft_cap', 'be None or > 0', cap)
   if reduction not in ('none', 'sum', 'mean'):
-    fail('reduction', repr(reduction), "'none', 'sum' or 'mean'")
+    fail('reduction', "be 'none', 'sum' or 'mean'", repr(reduction))
   for name, n in (('chunk_size', chunk_size), ('token_chunk_size', token_chunk_size)):
     if int(n) != n or n < 1:
-      fail(name, n, 'a positive int')
+      fail(name, 'be a positive int', n)
 
 
 def _check_labels(labels, valid, k):
-  if isinstance(labels, jax.core.Tracer) or isinstance(valid, jax.core.Tracer):
-    return  # Under jit: out-of-range labels give NaN (see `_row_loss`, `_coefs`).
+  """Concrete labels lie in [0, K) where `valid`; traced ones pass (NaN loss, see `_row_loss`)."""
+  if _checks.is_traced(labels) or _checks.is_traced(valid):
+    return
   labels, valid = np.asarray(labels), np.asarray(valid)
   bad = np.argwhere(valid & ((labels < 0) | (labels >= k)))
   if bad.size:
     pos = tuple(int(i) for i in bad[0])
-    raise ValueError(f'linear_cross_entropy: labels got {labels[pos]} at position {pos}, '
-                     f'needs values in [0, {k}) where `where` is True')
+    raise _checks.ArgumentError(
+        f'`labels` must lie in [0, {k}) where `where` is True; got {labels[pos]} at position '
+        f'{pos} ({len(bad)} out of range in all).')
 
 
 def _chunks(total, size, body, carry):

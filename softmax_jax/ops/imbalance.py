@@ -26,9 +26,8 @@ def _is_static_zero(x) -> bool:
 
 
 def _check_at_least(name, value, lo, strict=False):
-  """Raises unless the scalar `value` is >= lo (> lo if strict); traced values pass unchecked."""
-  if np.ndim(value) != 0:
-    raise ValueError(f'`{name}` must be a scalar; got shape {np.shape(value)}.')
+  """`value` is a scalar (always) that is >= lo (> lo if strict) when concrete; traced ones pass."""
+  _checks.rank(value, 0, name, '[]')
   if _is_concrete(value):
     v = float(value)
     if not (v > lo if strict else v >= lo):
@@ -55,10 +54,9 @@ def _counts(class_counts, num_classes=None):
 
 
 def _check_class_vector(name, v, num_classes, dtype):
+  """`v` is `[num_classes]` (always) and finite when concrete; returns it in `dtype`."""
   v = jnp.asarray(v)
-  if v.shape != (num_classes,):
-    raise ValueError(f'`{name}` must have shape [num_classes] = ({num_classes},); '
-                     f'got shape {v.shape}.')
+  _checks.shape(v, (num_classes,), name, '[num_classes]')
   if _is_concrete(v) and not np.all(np.isfinite(np.asarray(v, np.float64))):
     raise ValueError(f'`{name}` must be finite; got {v}.')
   return v.astype(dtype)
@@ -79,6 +77,12 @@ def class_balanced_weights(class_counts, beta=0.9999, *, normalize=True):
 
   Returns:
     [C] float32 weights.
+
+  Raises:
+    ValueError: if `class_counts` is traced, not a non-empty 1-D array, or has an entry that is
+      not finite and > 0; if `beta` is traced or not in [0, 1). All of it is computed on the
+      host from concrete values, so nothing here runs under `jit` (call it outside, or close
+      over the counts).
   """
   counts = _counts(class_counts)
   if not _is_concrete(beta):
@@ -114,6 +118,14 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None):
 
   Returns:
     [...] float32 per-example loss (float64 for float64 logits).
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `logits`
+      is not `[..., C]` with C >= 1, `labels` is not an integer array of shape
+      `logits.shape[:-1]`, `where` is not a bool mask that broadcasts to `logits`, `gamma` is
+      not a scalar or `alpha` is not `[C]`; for concrete values only, if a label is outside
+      [0, C), `gamma` < 0 or `alpha` is not finite. Traced labels are not range-checked: an
+      out-of-range one gives a NaN loss.
   """
   x, mask = _prepare(logits, where, 'logits')
   num_classes = x.shape[-1]
@@ -152,6 +164,12 @@ def ldam_margins(class_counts, max_margin=0.5):
 
   Returns:
     [C] float32 margins.
+
+  Raises:
+    ValueError: if `class_counts` is traced, not a non-empty 1-D array, or has an entry that is
+      not finite and > 0; if `max_margin` is traced or not > 0. All of it is computed on the
+      host from concrete values, so nothing here runs under `jit` (call it outside, or close
+      over the counts).
   """
   counts = _counts(class_counts)
   if not _is_concrete(max_margin):
@@ -180,6 +198,14 @@ def ldam_loss(logits, labels, *, class_counts, max_margin=0.5, scale=30.0, class
 
   Returns:
     [...] float32 per-example loss (float64 for float64 logits).
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `logits`
+      is not `[..., C]` with C >= 1, `labels` is not an integer array of shape
+      `logits.shape[:-1]`, `scale` is not a scalar or `class_weights` is not `[C]`; if
+      `class_counts` is not concrete, 1-D with C entries all finite and > 0 (it is used on the
+      host); for concrete values only, if a label is outside [0, C), or `scale` or `max_margin`
+      is not > 0. Traced labels are not range-checked: an out-of-range one gives a NaN loss.
   """
   x, _ = _prepare(logits, None, 'logits')
   num_classes = x.shape[-1]
@@ -205,12 +231,16 @@ def drw_class_weights(step, *, class_counts, start_step, beta=0.9999):
 
   Returns:
     [C] float32 weights.
+
+  Raises:
+    ValueError: always (also under `jit`) if `step` is not a scalar or `start_step` is not a
+      Python int >= 0; and as `class_balanced_weights` for `class_counts` and `beta`, which must
+      be concrete. A traced `step` is fine: the switch is a `jnp.where`.
   """
   if (not isinstance(start_step, (int, np.integer)) or isinstance(start_step, bool)
       or start_step < 0):
     raise ValueError(f'`start_step` must be a Python int >= 0; got {start_step!r}.')
-  if np.ndim(step) != 0:
-    raise ValueError(f'`step` must be a scalar; got shape {np.shape(step)}.')
+  _checks.rank(step, 0, 'step', '[]')
   w = class_balanced_weights(class_counts, beta)
   return jnp.where(jnp.asarray(step) >= start_step, w, jnp.ones_like(w))
 
@@ -225,6 +255,11 @@ def log_prior(class_counts):
 
   Returns:
     [C] float32 log-probabilities.
+
+  Raises:
+    ValueError: if `class_counts` is traced, not a non-empty 1-D array, or has an entry that is
+      not finite and > 0. All of it is computed on the host from concrete values, so nothing
+      here runs under `jit` (call it outside, or close over the counts).
   """
   counts = _counts(class_counts)
   return jnp.asarray(np.log(counts) - np.log(np.sum(counts)), jnp.float32)
@@ -245,6 +280,14 @@ def logit_adjusted_cross_entropy(logits, labels, *, log_prior, tau=1.0, where=No
 
   Returns:
     [...] float32 per-example loss (float64 for float64 logits).
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `logits`
+      is not `[..., C]` with C >= 1, `labels` is not an integer array of shape
+      `logits.shape[:-1]`, `where` is not a bool mask that broadcasts to `logits`, `log_prior`
+      is not `[C]` or `tau` is not a scalar; for concrete values only, if a label is outside
+      [0, C), `log_prior` is not finite or `tau` < 0. Traced labels are not range-checked: an
+      out-of-range one gives a NaN loss.
   """
   x, _ = _prepare(logits, where, 'logits')
   lp = _check_class_vector('log_prior', log_prior, x.shape[-1], x.dtype)
@@ -267,6 +310,11 @@ def posthoc_logit_adjustment(logits, *, log_prior, tau=1.0):
 
   Returns:
     [..., C] adjusted logits in the dtype of `logits` (float32 for integer logits).
+
+  Raises:
+    ValueError: always (from shapes, so also under `jit`/`vmap`/`grad`) if `logits` is not
+      `[..., C]` with C >= 1, `log_prior` is not `[C]` or `tau` is not a scalar; for concrete
+      values only, if `log_prior` is not finite or `tau` < 0.
   """
   x, _ = _prepare(logits, None, 'logits')
   lp = _check_class_vector('log_prior', log_prior, x.shape[-1], x.dtype)

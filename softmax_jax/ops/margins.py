@@ -17,6 +17,7 @@ sine has derivative 0, so ArcFace's derivative there is `s cos(m)` and the combi
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,23 +36,35 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _check_scale(scale):
+def _scale_shape(scale, lead):
+  if np.ndim(scale):
+    chex.assert_shape(scale, lead)
+
+
+def _check_scale(scale, lead):
+  """`scale` is a scalar or `lead`-shaped (always); a concrete one is > 0."""
+  _checks.chex_check(_scale_shape, scale, tuple(lead), name='scale',
+                     need=f'be a scalar or one value per example, shape {tuple(lead)}',
+                     got=f'shape {np.shape(scale)}')
   if _is_concrete(scale) and not np.all(np.asarray(scale) > 0):
     raise ValueError(f'`scale` must be > 0; got {scale}.')
 
 
 def _check_range(name, value, lo, hi, why, hi_open=True):
+  """`value` is a scalar (always) in [lo, hi) (or [lo, hi]) when concrete; traced ones pass."""
+  _checks.rank(value, 0, name, '[]')
   if not _is_concrete(value):
     return
   v = float(value)
   if not (lo <= v and (v < hi if hi_open else v <= hi)):
-    raise ValueError(f'`{name}` must be in [{lo}, {hi}{")" if hi_open else "]"} ({why}); got {value}.')
+    raise ValueError(f'`{name}` must be in [{lo}, {hi}{")" if hi_open else "]"} ({why}); '
+                     f'got {value}.')
 
 
 def _prepare(cos, labels):
+  """Checks `cos` ([..., C], C >= 1) and `labels` ([...] int in [0, C)); float32 cos, one-hot."""
   cos = _float(cos)
-  if cos.ndim < 1 or cos.shape[-1] < 1:
-    raise ValueError(f'`cos` must have shape [..., num_classes] with num_classes >= 1; got shape {cos.shape}.')
+  _checks.last_dim_at_least(cos, 1, 'cos', '[..., num_classes]')
   labels = _checks.labels(labels, cos.shape[-1], cos.shape[:-1], 'cos')
   onehot = jax.nn.one_hot(labels, cos.shape[-1], dtype=jnp.bool_)
   return cos, onehot
@@ -64,16 +77,30 @@ def _sin_and_angle(c):
 
 
 def _scaled(scale, x):
+  """`scale * x` for a scalar or `x.shape[:-1]` scale (checked by `_check_scale`)."""
   scale = jnp.asarray(scale, x.dtype)
-  if scale.ndim and scale.shape != x.shape[:-1]:
-    raise ValueError(f'`scale` must be a scalar or one value per example, shape {x.shape[:-1]}; '
-                     f'got shape {scale.shape}.')
   return (scale[..., None] if scale.ndim else scale) * x
 
 
 def l2_normalize(x, axis=-1):
-  """`x / ||x||` along `axis` in float32; an all-zero vector stays zero, with zero gradient."""
+  """`x / ||x||` along `axis` in float32; an all-zero vector stays zero, with zero gradient.
+
+  Args:
+    x: [..., d] float (or any array with the axis `axis`).
+    axis: the axis normalized, an int in [-x.ndim, x.ndim).
+
+  Returns:
+    `x` normalized along `axis`, float32 (float64 stays float64).
+
+  Raises:
+    ValueError: always (from the shape, so also under `jit`/`vmap`/`grad`) if `x` is a scalar
+      or has no axis `axis`. Nothing depends on the values.
+  """
   x = _float(x)
+  _checks.rank_at_least(x, 1, 'x', '[..., d]')
+  if not isinstance(axis, (int, np.integer)) or not -x.ndim <= axis < x.ndim:
+    raise _checks.ArgumentError(f'`axis` must be an int in [-{x.ndim}, {x.ndim}) for `x` of shape '
+                                f'{x.shape}; got {axis!r}.')
   n2 = jnp.sum(x * x, axis=axis, keepdims=True)
   nonzero = n2 > 0
   return jnp.where(nonzero, x * jax.lax.rsqrt(jnp.where(nonzero, n2, 1)), 0)
@@ -93,14 +120,21 @@ def cosine_logits(features, weights, *, scale=1.0):
 
   Returns:
     [..., C] float32 `s * cos`.
+
+  Raises:
+    ValueError: always (from shapes, so also under `jit`/`vmap`/`grad`) if `features` is not
+      `[..., d]`, `weights` is not `[d, C]` or `[d, C, k]` with the same d, or `scale` is
+      neither a scalar nor `features.shape[:-1]`; for a concrete `scale` only, if it is not > 0.
   """
   features, weights = jnp.asarray(features), jnp.asarray(weights)
-  if features.ndim < 1:
-    raise ValueError(f'`features` must be [..., d]; got shape {features.shape}.')
-  if weights.ndim not in (2, 3) or weights.shape[0] != features.shape[-1]:
-    raise ValueError(f'`weights` must be [d, C] or [d, C, k] with d = features.shape[-1] = '
-                     f'{features.shape[-1]}; got shape {weights.shape}.')
-  _check_scale(scale)
+  _checks.rank_at_least(features, 1, 'features', '[..., d]')
+  d = features.shape[-1]
+  need = f'be [d, C] or [d, C, k] with d = features.shape[-1] = {d}'
+  _checks.chex_check(chex.assert_rank, weights, {2, 3}, name='weights', need=need,
+                     got=f'shape {weights.shape}')
+  _checks.chex_check(chex.assert_axis_dimension, weights, 0, d, name='weights', need=need,
+                     got=f'shape {weights.shape}')
+  _check_scale(scale, features.shape[:-1])
   cos = jnp.tensordot(l2_normalize(features), l2_normalize(weights, axis=0), axes=1)
   if weights.ndim == 3:
     cos = jnp.max(cos, axis=-1)
@@ -120,9 +154,18 @@ def cosface_logits(cos, labels, *, scale=64.0, margin=0.35):
 
   Returns:
     [..., C] float32 logits.
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `cos` is
+      not `[..., C]` with C >= 1, `labels` is not an integer array of shape `cos.shape[:-1]`,
+      `scale` is neither a scalar nor `cos.shape[:-1]`, or `margin` is not a scalar; for concrete
+      values only, if a label is outside [0, C), `scale` is not > 0 or `margin` is outside
+      [0, 2).
+      Traced values are not checked: a traced out-of-range label leaves its row without a margin
+      (and its cross-entropy is NaN).
   """
   cos, onehot = _prepare(cos, labels)
-  _check_scale(scale)
+  _check_scale(scale, cos.shape[:-1])
   _check_range('margin', margin, 0.0, 2.0, 'CosFace additive cosine margin')
   return _scaled(scale, cos - jnp.where(onehot, jnp.asarray(margin, cos.dtype), 0))
 
@@ -144,9 +187,18 @@ def arcface_logits(cos, labels, *, scale=64.0, margin=0.5, easy_margin=False):
 
   Returns:
     [..., C] float32 logits.
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `cos` is
+      not `[..., C]` with C >= 1, `labels` is not an integer array of shape `cos.shape[:-1]`,
+      `scale` is neither a scalar nor `cos.shape[:-1]`, or `margin` is not a scalar; for concrete
+      values only, if a label is outside [0, C), `scale` is not > 0 or `margin` is outside
+      [0, pi/2).
+      Traced values are not checked: a traced out-of-range label leaves its row without a margin
+      (and its cross-entropy is NaN).
   """
   cos, onehot = _prepare(cos, labels)
-  _check_scale(scale)
+  _check_scale(scale, cos.shape[:-1])
   _check_range('margin', margin, 0.0, math.pi / 2, 'ArcFace additive angular margin, radians')
   sin, _ = _sin_and_angle(cos)
   cos_m, sin_m = jnp.cos(margin), jnp.sin(margin)
@@ -177,9 +229,18 @@ def combined_margin_logits(cos, labels, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0):
 
   Returns:
     [..., C] float32 logits.
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `cos` is
+      not `[..., C]` with C >= 1, `labels` is not an integer array of shape `cos.shape[:-1]`,
+      `scale` is neither a scalar nor `cos.shape[:-1]`, or `m1`, `m2` or `m3` is not a scalar;
+      for concrete values only, if a label is outside [0, C), `scale` is not > 0, or `m1`, `m2`
+      or `m3` is out of its range.
+      Traced values are not checked: a traced out-of-range label leaves its row without a margin
+      (and its cross-entropy is NaN).
   """
   cos, onehot = _prepare(cos, labels)
-  _check_scale(scale)
+  _check_scale(scale, cos.shape[:-1])
   _check_range('m1', m1, 1.0, math.inf, 'multiplicative angular margin')
   _check_range('m2', m2, 0.0, math.pi / 2, 'additive angular margin, radians')
   _check_range('m3', m3, 0.0, 2.0, 'additive cosine margin')
@@ -204,6 +265,10 @@ def sphereface_psi(cos, *, margin=4):
 
   Returns:
     [...] float32 psi.
+
+  Raises:
+    ValueError: always (also under `jit`) if `margin` is not a Python integer m >= 1. Any
+      shape of `cos` is accepted.
   """
   m = _check_integer_margin(margin)
   c = _float(cos)
@@ -231,10 +296,19 @@ def sphereface_lambda(step, *, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.
 
   Args:
     step: [] int or float training step (may be traced).
+    base: lambda at step 0 (before the floor).
+    gamma: the decay rate of the schedule.
+    power: the decay exponent.
+    lambda_min: the floor of lambda.
 
   Returns:
     [] float32 lambda.
+
+  Raises:
+    ValueError: always (from the shape, so also under `jit`) if `step` is not a scalar
+      (`jax.vmap` it for several steps). Its value is not checked.
   """
+  _checks.rank(step, 0, 'step', '[]')
   step = jnp.asarray(step, jnp.float32)
   return jnp.maximum(lambda_min, base * (1 + gamma * step) ** (-power))
 
@@ -255,9 +329,19 @@ def sphereface_logits(cos, labels, *, scale=1.0, margin=4, lambda_=0.0):
 
   Returns:
     [..., C] float32 logits.
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `cos` is
+      not `[..., C]` with C >= 1, `labels` is not an integer array of shape `cos.shape[:-1]`,
+      `scale` is neither a scalar nor `cos.shape[:-1]`, `lambda_` is not a scalar, or `margin`
+      is not a Python integer >= 1; for concrete values only, if a label is outside [0, C),
+      `scale` is not > 0 or `lambda_` < 0.
+      Traced values are not checked: a traced out-of-range label leaves its row without a margin
+      (and its cross-entropy is NaN).
   """
   cos, onehot = _prepare(cos, labels)
-  _check_scale(scale)
+  _check_scale(scale, cos.shape[:-1])
+  _checks.rank(lambda_, 0, 'lambda_', '[]')
   if _is_concrete(lambda_) and not float(lambda_) >= 0:
     raise ValueError(f'`lambda_` must be >= 0; got {lambda_}.')
   psi = sphereface_psi(cos, margin=margin)

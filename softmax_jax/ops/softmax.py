@@ -8,6 +8,7 @@ gradient.
 Nothing takes `log(p + eps)`.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -15,14 +16,19 @@ from softmax_jax.ops import _checks
 
 
 def _prepare(x, where, name):
-  """Checks `x` ([..., K], K >= 1) and `where`; returns x in the compute dtype (float32 for 16-bit floats)."""
+  """Checks `x` ([..., K], K >= 1) and `where`; returns x in the compute dtype and `where`.
+
+  The compute dtype is float32 for 16-bit floats and integers; float64 stays float64.
+  """
   x = jnp.asarray(x)
   _checks.last_dim_at_least(x, 1, name, '[..., num_classes]')
   where = _checks.where_mask(where, x, target=name)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32)), where
 
 
-def _check_temperature(temperature):
+def _check_temperature(temperature, x, name):
+  """`temperature` broadcasts to `x` (always); a concrete one is finite and > 0."""
+  _checks.broadcastable(temperature, jnp.shape(x), 'temperature', name)
   _checks.positive('temperature', temperature)
 
 
@@ -69,9 +75,15 @@ def logsumexp(x, *, where=None, temperature=1.0):
 
   Returns:
     [...] in the dtype of `x`.
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `x` is not
+      `[..., K]` with K >= 1, `where` is not a bool mask that broadcasts to `x`, or
+      `temperature` does not broadcast to `x`; and, for a concrete `temperature` only, if it is
+      not finite and > 0 (a traced one is not checked).
   """
   xc, where = _prepare(x, where, 'x')
-  _check_temperature(temperature)
+  _check_temperature(temperature, xc, 'x')
   return _normalize(_scale(xc, temperature), where)[2][..., 0].astype(_out_dtype(x, xc))
 
 
@@ -89,9 +101,15 @@ def softmax(x, *, where=None, temperature=1.0):
 
   Returns:
     [..., K] probabilities in the dtype of `x`.
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `x` is not
+      `[..., K]` with K >= 1, `where` is not a bool mask that broadcasts to `x`, or
+      `temperature` does not broadcast to `x`; and, for a concrete `temperature` only, if it is
+      not finite and > 0 (a traced one is not checked).
   """
   xc, where = _prepare(x, where, 'x')
-  _check_temperature(temperature)
+  _check_temperature(temperature, xc, 'x')
   return _normalize(_scale(xc, temperature), where)[0].astype(_out_dtype(x, xc))
 
 
@@ -108,9 +126,15 @@ def log_softmax(x, *, where=None, temperature=1.0):
 
   Returns:
     [..., K] log-probabilities in the dtype of `x`.
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `x` is not
+      `[..., K]` with K >= 1, `where` is not a bool mask that broadcasts to `x`, or
+      `temperature` does not broadcast to `x`; and, for a concrete `temperature` only, if it is
+      not finite and > 0 (a traced one is not checked).
   """
   xc, where = _prepare(x, where, 'x')
-  _check_temperature(temperature)
+  _check_temperature(temperature, xc, 'x')
   return _normalize(_scale(xc, temperature), where)[1].astype(_out_dtype(x, xc))
 
 
@@ -134,17 +158,24 @@ def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weig
 
   Returns:
     [...] float32 per-example loss (float64 for float64 logits).
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `logits`
+      is not `[..., K]` with K >= 1, `labels` is not an integer array of shape
+      `logits.shape[:-1]`, `where` is not a bool mask that broadcasts to `logits`,
+      `label_smoothing` is not a scalar or `class_weights` is not `[K]`; for concrete values
+      only, if a label is outside [0, K) or `label_smoothing` outside [0, 1). Traced labels are
+      not range-checked: an out-of-range one gives a NaN loss.
   """
   x, where = _prepare(logits, where, 'logits')
   num_classes = x.shape[-1]
   labels = _checks.labels(labels, num_classes, x.shape[:-1])
-  if not isinstance(label_smoothing, jax.core.Tracer) and not 0 <= label_smoothing < 1:
-    raise ValueError(f'`label_smoothing` must be in [0, 1); got {label_smoothing}.')
+  _checks.rank(label_smoothing, 0, 'label_smoothing', '[]')
+  if not _checks.is_traced(label_smoothing) and not 0 <= label_smoothing < 1:
+    raise _checks.ArgumentError(f'`label_smoothing` must be in [0, 1); got {label_smoothing}.')
   if class_weights is not None:
     class_weights = jnp.asarray(class_weights)
-    if class_weights.shape != (num_classes,):
-      raise ValueError(f'`class_weights` must have shape [num_classes] = ({num_classes},); '
-                       f'got shape {class_weights.shape}.')
+    _checks.shape(class_weights, (num_classes,), 'class_weights', '[num_classes]')
   _, log_p, _ = _normalize(x, where)
   in_range = (labels >= 0) & (labels < num_classes)
   safe = jnp.where(in_range, labels, 0)[..., None]
@@ -173,12 +204,16 @@ def soft_cross_entropy(logits, targets, *, where=None):
 
   Returns:
     [...] float32 per-example loss (float64 for float64 logits).
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `logits`
+      is not `[..., K]` with K >= 1, `targets` does not have the shape of `logits`, or `where`
+      is not a bool mask that broadcasts to `logits`. The values of `targets` are not checked.
   """
   x, where = _prepare(logits, where, 'logits')
   targets = jnp.asarray(targets)
-  if targets.shape != x.shape:
-    raise ValueError(f'`targets` must have the shape of `logits` {x.shape}; '
-                     f'got shape {targets.shape}.')
+  _checks.chex_check(chex.assert_shape, targets, x.shape, name='targets',
+                     need=f'have the shape of `logits` {x.shape}', got=f'shape {targets.shape}')
   targets = targets.astype(x.dtype)
   _, log_p, _ = _normalize(x, where)
   return -jnp.sum(targets * jnp.where(targets != 0, log_p, 0), axis=-1)

@@ -1,8 +1,8 @@
 """Softmax alternatives of the spherical family: spherical softmax and Taylor softmax.
 
-Both map scores to a distribution without `exp`: `p_k = f(x_k) / sum_j f(x_j)` with `f(z) = z^2 + eps`
-(spherical) or the even-order Taylor polynomial of `exp` (Taylor), which is positive. Maths in
-float32 for 16-bit inputs; `where=False` entries get probability exactly 0.
+Both map scores to a distribution without `exp`: `p_k = f(x_k) / sum_j f(x_j)` with
+`f(z) = z^2 + eps` (spherical) or the even-order Taylor polynomial of `exp` (Taylor), which is
+positive. Maths in float32 for 16-bit inputs; `where=False` entries get probability exactly 0.
 """
 
 import jax
@@ -15,6 +15,13 @@ from softmax_jax.ops.softmax import _out_dtype
 
 def _float(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _check_x(x):
+  """`x` is `[..., K]` with K >= 1 (always: a static check); returns it as an array."""
+  x = jnp.asarray(x)
+  _checks.last_dim_at_least(x, 1, 'x', '[..., num_classes]')
+  return x
 
 
 def _masked(x, where):
@@ -40,14 +47,20 @@ def spherical_softmax(x, *, eps=0.0, where=None):
 
   Args:
     x: [..., K] float.
-    eps: >= 0 added to every square.
-    where: optional [..., K] bool; False entries get probability 0.
+    eps: a scalar >= 0 added to every square.
+    where: optional [..., K] bool (broadcastable); False entries get probability 0.
 
   Returns:
     [..., K] probabilities in the dtype of `x`.
+
+  Raises:
+    ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `x` is not
+      `[..., K]` with K >= 1, `where` is not a bool mask that broadcasts to `x`, or `eps` is not
+      a scalar; for a concrete `eps` only, if it is < 0 (a traced one is not checked).
   """
-  x = jnp.asarray(x)
-  if not isinstance(eps, jax.core.Tracer) and not float(eps) >= 0:
+  x = _check_x(x)
+  _checks.rank(eps, 0, 'eps', '[]')
+  if not _checks.is_traced(eps) and not float(eps) >= 0:
     raise ValueError(f'`eps` must be >= 0; got {eps}.')
   xf = _float(x)
   return _normalize_rows(_masked(xf * xf + eps, where), where, _out_dtype(x, xf))
@@ -63,14 +76,20 @@ def taylor_softmax(x, *, order=2, where=None):
   Args:
     x: [..., K] float.
     order: even n >= 2.
-    where: optional [..., K] bool; False entries get probability 0.
+    where: optional [..., K] bool (broadcastable); False entries get probability 0.
 
   Returns:
     [..., K] probabilities in the dtype of `x`.
+
+  Raises:
+    ValueError: always (from shapes, dtypes and the Python `order`, so also under `jit`/`vmap`/
+      `grad`) if `x` is not `[..., K]` with K >= 1, `where` is not a bool mask that broadcasts
+      to `x`, or `order` is not an even Python int >= 2. No value of `x` is checked.
   """
   if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 2 or order % 2:
-    raise ValueError(f'`order` must be an even integer >= 2 (odd orders can be negative); got {order!r}.')
-  x = jnp.asarray(x)
+    raise ValueError(f'`order` must be an even integer >= 2 (odd orders can be negative); '
+                     f'got {order!r}.')
+  x = _check_x(x)
   xf = _float(x)
   f, term = jnp.ones_like(xf), jnp.ones_like(xf)
   for i in range(1, int(order) + 1):

@@ -186,9 +186,10 @@ def test_out_of_range_labels():
   x, w, *_ = _data(lead=(6,))
   labels = jnp.arange(6) * 7
   bad = labels.at[4].set(K)
-  with pytest.raises(ValueError, match=r'labels got 300 at position \(4,\)'):
+  with pytest.raises(ValueError, match=r'`labels` must lie in \[0, 300\) where `where` is True; '
+                     r'got 300 at position \(4,\)'):
     linear_cross_entropy(x, w, bad)
-  with pytest.raises(ValueError, match=r'labels got -1 at position \(2,\)'):
+  with pytest.raises(ValueError, match=r'`labels` must lie in .*got -1 at position \(2,\)'):
     linear_cross_entropy(x, w, labels.at[2].set(-1), reduction='mean')
   linear_cross_entropy(x, w, bad, where=jnp.arange(6) != 4)  # masked: ignored
   for reduction in ['none', 'sum', 'mean']:
@@ -201,19 +202,25 @@ def test_out_of_range_labels():
 def test_bad_arguments():
   x, w, labels, bias, *_ = _data(lead=(6,))
   cases = [
-      (dict(w=w[None]), r'w got shape \(1, 24, 300\), needs rank 2'),
-      (dict(x=x[:, :5]), r'x got shape \(6, 5\), needs \[..., d\] with d = w.shape\[0\] = 24'),
-      (dict(labels=labels[:5]), r'labels got shape \(5,\), needs x.shape\[:-1\] = \(6,\)'),
-      (dict(labels=labels.astype(jnp.float32)), 'labels got dtype float32, needs an integer'),
-      (dict(x=x.astype(jnp.int32), w=w.astype(jnp.int32)), 'x got dtype int32, needs a float'),
-      (dict(bias=bias[:-1]), r'bias got shape \(299,\), needs \[K\] = \(300,\)'),
-      (dict(logit_offsets=bias[None]), r'logit_offsets got shape \(1, 300\)'),
-      (dict(where=jnp.ones(6)), r'where got float32\[6\], needs bool\[6\]'),
-      (dict(label_smoothing=1.0), r'label_smoothing got 1.0, needs a value in \[0, 1\)'),
-      (dict(logit_soft_cap=0.0), 'logit_soft_cap got 0.0, needs None or a value > 0'),
-      (dict(reduction='avg'), "reduction got 'avg', needs 'none', 'sum' or 'mean'"),
-      (dict(chunk_size=0), 'chunk_size got 0, needs a positive int'),
-      (dict(token_chunk_size=2.5), 'token_chunk_size got 2.5, needs a positive int'),
+      (dict(w=w[None]), r'`w` must have shape \[d, K\] \(rank 2\); got shape \(1, 24, 300\)'),
+      (dict(x=x[:, :5]),
+       r'`x` must have shape \[\.\.\., d\] with d = w.shape\[0\] = 24; got shape \(6, 5\)'),
+      (dict(labels=labels[:5]),
+       r'`labels` must have shape x.shape\[:-1\] = \(6,\); got shape \(5,\)'),
+      (dict(labels=labels.astype(jnp.float32)), '`labels` must be integer.*got dtype float32'),
+      (dict(x=x.astype(jnp.int32), w=w.astype(jnp.int32)), '`x` must be a float.*got dtype int32'),
+      (dict(w=w.astype(jnp.int32)), '`w` must be a float.*got dtype int32'),
+      (dict(bias=bias[:-1]), r'`bias` must have shape \[K\] = \(300,\); got shape \(299,\)'),
+      (dict(bias=bias.astype(jnp.int32)), '`bias` must be a float.*got dtype int32'),
+      (dict(logit_offsets=bias[None]), r'`logit_offsets` must have shape .*got shape \(1, 300\)'),
+      (dict(where=jnp.ones(6)), r'`where` must be a bool mask.*got dtype float32'),
+      (dict(where=jnp.ones(5, bool)),
+       r'`where` must have shape labels.shape = \(6,\); got shape \(5,\)'),
+      (dict(label_smoothing=1.0), r'`label_smoothing` must be in \[0, 1\); got 1.0'),
+      (dict(logit_soft_cap=0.0), '`logit_soft_cap` must be None or > 0; got 0.0'),
+      (dict(reduction='avg'), "`reduction` must be 'none', 'sum' or 'mean'; got 'avg'"),
+      (dict(chunk_size=0), '`chunk_size` must be a positive int; got 0'),
+      (dict(token_chunk_size=2.5), '`token_chunk_size` must be a positive int; got 2.5'),
   ]
   for kw, match in cases:
     args = dict(x=x, w=w, labels=labels) | kw

@@ -554,11 +554,13 @@ _Y = jnp.asarray([0, 2])
     (lambda: cosine_logits(jnp.zeros((2, 4)), jnp.zeros((5, 3))),
      r'`weights` must be .*d = features\.shape\[-1\] = 4; got shape \(5, 3\)'),
     (lambda: cosine_logits(jnp.float32(1.0), jnp.zeros((1, 3))),
-     r'`features` must be \[\.\.\., d\]'),
+     r'`features` must have shape \[\.\.\., d\] \(rank >= 1\); got shape \(\)'),
     (lambda: taylor_softmax(jnp.zeros(3), order=3), r'`order` must be an even integer >= 2.*got 3'),
     (lambda: taylor_softmax(jnp.zeros(3), order=0), r'`order` must be an even integer'),
     (lambda: spherical_softmax(jnp.zeros(3), eps=-1e-3), r'`eps` must be >= 0; got -0\.001'),
     (lambda: spherical_softmax(jnp.zeros((2, 3)), where=np.ones((3, 3), bool)), r'`where` must'),
+    (lambda: l2_normalize(jnp.zeros((2, 3)), axis=2),
+     r'`axis` must be an int in \[-2, 2\) for `x` of shape \(2, 3\); got 2'),
 ])
 def test_errors(call, match):
   with pytest.raises(ValueError, match=match):
