@@ -17,7 +17,7 @@ from typing import Any, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from softmax_jax.heads.dense import check_features_and_labels
+from softmax_jax.heads import _checks
 from softmax_jax.ops import adaptive as adaptive_ops
 
 
@@ -75,7 +75,7 @@ class AdaptiveSoftmax(nn.Module):
     return dict(head_kernel=head_kernel, tail_kernels=tails, cutoffs=cutoffs, head_bias=bias)
 
   def _prepare(self, features, labels=None):
-    check_features_and_labels(type(self).__name__, features, labels)
+    _checks.features_and_labels(type(self).__name__, features, labels)
     weights = self._weights(features.shape[-1])
     return features.astype(self.dtype or features.dtype), weights
 

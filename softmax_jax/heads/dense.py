@@ -5,6 +5,12 @@ Every head in `softmax_jax.heads` shares this contract (see DESIGN.md):
 - `__call__(features [..., d], labels [...] int, *, train) -> loss [...]` per example;
 - `log_prob(features [..., d]) -> [..., num_classes]`, exact and normalized;
 - `predict(features [..., d]) -> [...] int`, equal to `argmax(log_prob(features), -1)`.
+
+Checks (every head): the ranks, shapes and dtypes of `features` (floating, rank >= 1) and `labels`
+(integer, shape `features.shape[:-1]`) are chex assertions, raised as a `ValueError` naming the
+argument, eagerly and under `jit`/`vmap`/`grad` alike. Labels outside `[0, K)` raise only when
+they are concrete; traced ones (under `jit`) give a NaN loss. `softmax_jax.testing.assert_head_contract`
+checks a head against this contract.
 """
 
 from typing import Any, Optional
@@ -13,17 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from softmax_jax import ops
-
-
-def check_features_and_labels(head: str, features, labels) -> None:
-  """Raises ValueError unless `features: [..., d]` and `labels: [...]` line up."""
-  if features.ndim < 1:
-    raise ValueError(f'{head}: features must be [..., d] with rank >= 1, got shape {features.shape}.')
-  if labels is not None and tuple(labels.shape) != tuple(features.shape[:-1]):
-    raise ValueError(
-        f'{head}: labels shape {tuple(labels.shape)} must equal features.shape[:-1] = '
-        f'{tuple(features.shape[:-1])} (features: [..., d] {tuple(features.shape)}); '
-        'did the backbone return features of the wrong rank?')
+from softmax_jax.heads import _checks
 
 
 class DenseSoftmax(nn.Module):
@@ -54,7 +50,7 @@ class DenseSoftmax(nn.Module):
 
   def logits(self, features: jnp.ndarray) -> jnp.ndarray:
     """Unnormalized logits `[..., K]`."""
-    check_features_and_labels(type(self).__name__, features, None)
+    _checks.features_and_labels(type(self).__name__, features)
     kernel, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype
     z = jnp.matmul(features.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
@@ -62,7 +58,7 @@ class DenseSoftmax(nn.Module):
 
   def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
     """Per-example cross-entropy `[...]` for `features: [..., d]`, `labels: [...] int`."""
-    check_features_and_labels(type(self).__name__, features, labels)
+    _checks.features_and_labels(type(self).__name__, features, labels)
     smoothing = self.label_smoothing if train else 0.0
     if self.fused:
       kernel, bias = self._weights(features.shape[-1])

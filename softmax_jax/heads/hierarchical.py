@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_jax.heads.dense import check_features_and_labels
+from softmax_jax.heads import _checks
 from softmax_jax.ops import hierarchical as hs
 from softmax_jax.ops.sampled import log_uniform_probs
 
@@ -89,7 +89,7 @@ class HierarchicalSoftmax(nn.Module):
     return vectors, bias
 
   def _prepare(self, features, labels=None):
-    check_features_and_labels(type(self).__name__, features, labels)
+    _checks.features_and_labels(type(self).__name__, features, labels)
     tree = self._tree()
     vectors, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype

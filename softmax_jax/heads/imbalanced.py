@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_jax import ops
-from softmax_jax.heads.dense import check_features_and_labels
+from softmax_jax.heads import _checks
 
 LOSSES = ('ce', 'cb', 'focal', 'cb_focal', 'ldam', 'logit_adjusted')
 
@@ -74,7 +74,7 @@ class ImbalancedSoftmax(nn.Module):
   def logits(self, features: jnp.ndarray) -> jnp.ndarray:
     """Logits `[..., C]` float32: `features @ kernel + bias`, or `scale * cos` for 'ldam'."""
     self._counts()
-    check_features_and_labels('ImbalancedSoftmax', features, None)
+    _checks.features_and_labels('ImbalancedSoftmax', features)
     d = features.shape[-1]
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (d, self.num_classes))
     if self.loss == 'ldam':
@@ -91,7 +91,7 @@ class ImbalancedSoftmax(nn.Module):
   def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False,
                step: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """Per-example loss `[...]`: the training loss, or `-log_prob[label]` in evaluation."""
-    check_features_and_labels('ImbalancedSoftmax', features, labels)
+    _checks.features_and_labels('ImbalancedSoftmax', features, labels)
     if not train:
       return ops.cross_entropy(self._eval_logits(features), labels)
     counts, z = self._counts(), self.logits(features)

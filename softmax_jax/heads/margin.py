@@ -16,8 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from softmax_jax import ops
-from softmax_jax.heads.dense import check_features_and_labels
-from softmax_jax.ops import margins
+from softmax_jax.heads import _checks
 
 # kind -> (default scale, default margin). SphereFace's scale None means the feature norm ||x||,
 # as in the paper (its weights are unit vectors, its features are not).
@@ -70,23 +69,23 @@ class MarginSoftmax(nn.Module):
       raise ValueError(f'MarginSoftmax: scale must be > 0 (or None for the default); got {self.scale}.')
     if not isinstance(self.num_subcenters, int) or self.num_subcenters < 1:
       raise ValueError(f'MarginSoftmax: num_subcenters must be an integer >= 1; got {self.num_subcenters!r}.')
-    m = self._margin()
+    m, name = self._margin(), 'MarginSoftmax'
     if self.kind == 'arcface':
-      margins._check_range('margin', m, 0.0, math.pi / 2, 'ArcFace additive angular margin, radians')
+      _checks.in_range(name, 'margin', m, 0.0, math.pi / 2, 'ArcFace additive angular margin, radians')
     elif self.kind == 'cosface':
-      margins._check_range('margin', m, 0.0, 2.0, 'CosFace additive cosine margin')
+      _checks.in_range(name, 'margin', m, 0.0, 2.0, 'CosFace additive cosine margin')
     elif self.kind == 'sphereface':
-      margins._check_integer_margin(m)
+      _checks.integer_at_least(name, 'margin', m, 1, 'SphereFace psi uses cos(m theta)')
     elif self.kind == 'combined':
-      margins._check_range('m1', self.m1, 1.0, math.inf, 'multiplicative angular margin')
-      margins._check_range('m2', self.m2, 0.0, math.pi / 2, 'additive angular margin, radians')
-      margins._check_range('m3', self.m3, 0.0, 2.0, 'additive cosine margin')
+      _checks.in_range(name, 'm1', self.m1, 1.0, math.inf, 'multiplicative angular margin')
+      _checks.in_range(name, 'm2', self.m2, 0.0, math.pi / 2, 'additive angular margin, radians')
+      _checks.in_range(name, 'm3', self.m3, 0.0, 2.0, 'additive cosine margin')
 
   @nn.compact
   def cosines(self, features: jnp.ndarray) -> jnp.ndarray:
     """Cosines `[..., C]` float32 of `features: [..., d]` with the (closest sub-center) class weights."""
     self._check()
-    check_features_and_labels('MarginSoftmax', features, None)
+    _checks.features_and_labels('MarginSoftmax', features)
     shape = (features.shape[-1], self.num_classes)
     if self.num_subcenters > 1:
       shape += (self.num_subcenters,)
@@ -113,7 +112,7 @@ class MarginSoftmax(nn.Module):
   def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False,
                step: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """Per-example loss `[...]`: cross-entropy of the margin logits (train) or of `logits` (eval)."""
-    check_features_and_labels('MarginSoftmax', features, labels)
+    _checks.features_and_labels('MarginSoftmax', features, labels)
     if not train or self.kind == 'normface':
       return ops.cross_entropy(self.logits(features), labels)
     cos, scale = self.cosines(features), self._scale(features)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from softmax_jax.heads.dense import check_features_and_labels
+from softmax_jax.heads import _checks
 from softmax_jax.ops import sampled as sampled_ops
 from softmax_jax.ops.softmax import cross_entropy
 from softmax_jax.ops.softmax import log_softmax
@@ -96,7 +96,7 @@ class SampledSoftmax(nn.Module):
 
   def logits(self, features: jnp.ndarray) -> jnp.ndarray:
     """Full unnormalized logits `[..., K]` (float32 accumulation)."""
-    check_features_and_labels(type(self).__name__, features, None)
+    _checks.features_and_labels(type(self).__name__, features)
     self._config()
     embedding, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype
@@ -106,7 +106,7 @@ class SampledSoftmax(nn.Module):
 
   def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False):
     """Per-example loss `[...]`: sampled in training, full cross-entropy in evaluation."""
-    check_features_and_labels(type(self).__name__, features, labels)
+    _checks.features_and_labels(type(self).__name__, features, labels)
     if not train:
       return cross_entropy(self.logits(features), labels)
     s, counts = self._config()

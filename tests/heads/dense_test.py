@@ -70,5 +70,5 @@ def test_fused_equals_unfused_loss_and_gradients():
 def test_wrong_feature_rank_names_the_shapes():
   head = DenseSoftmax(num_classes=K)
   images = jnp.zeros((4, 8, 8, 1))  # a backbone that forgot to flatten
-  with pytest.raises(ValueError, match=r'labels shape \(4,\) must equal features.shape\[:-1\] = \(4, 8, 8\)'):
+  with pytest.raises(ValueError, match=r'`labels` must have shape features.shape\[:-1\] = \(4, 8, 8\) .*got shape \(4,\)'):
     head.init(jax.random.PRNGKey(0), images, jnp.zeros((4,), jnp.int32))

@@ -154,5 +154,5 @@ def test_bad_labels_are_named():
   features, _, params = _setup(head)
   with pytest.raises(ValueError, match=r'labels.*\[0, 6\)'):
     head.apply({'params': params}, features, jnp.full((8,), K, jnp.int32), train=True)
-  with pytest.raises(ValueError, match='labels shape'):
+  with pytest.raises(ValueError, match=r'`labels` must have shape features.shape\[:-1\] = \(8,\).*got shape \(7,\)'):
     head.apply({'params': params}, features, jnp.zeros((7,), jnp.int32), train=True)

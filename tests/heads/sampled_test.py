@@ -164,6 +164,6 @@ def test_num_sampled_with_replacement_may_reach_num_classes():
 
 def test_wrong_feature_rank_names_the_shapes():
   head = SampledSoftmax(num_classes=K)
-  with pytest.raises(ValueError, match=r'labels shape \(4,\) must equal features.shape\[:-1\]'):
+  with pytest.raises(ValueError, match=r'`labels` must have shape features.shape\[:-1\] = \(4, 8\) .*got shape \(4,\)'):
     jax.eval_shape(head.init, jax.random.PRNGKey(0), jnp.zeros((4, 8, D)),
                    jnp.zeros((4,), jnp.int32))
