@@ -9,6 +9,9 @@ and the compiled temporary memory (`memory_analysis().temp_size_in_bytes`). Head
   dense fused   DenseSoftmax(fused=True): `ops.linear_cross_entropy`, no [N, K] logits
   adaptive      AdaptiveSoftmax, cutoffs (2000, 10000, 50000) (those below K), div_value 4
   adaptive all  the same with capacity_fractions=None: every tail on every row, no routing
+  adaptive vmapped  `adaptive` under `jax.vmap` over VMAP_GROUPS blocks of N / VMAP_GROUPS rows
+                (the loss's batching rule keeps the routing: each block gathers the rows of the
+                largest block's capacity rung, see ops/adaptive.py)
   sampled       SampledSoftmax, 1024 log-uniform samples without replacement
   hierarchical  HierarchicalSoftmax, Huffman tree of the Zipf class counts
 """
@@ -28,6 +31,8 @@ PRESETS = {
 }
 CUTOFFS = (2000, 10_000, 50_000)
 NUM_SAMPLED = 1024
+VMAP_GROUPS = 8
+VMAPPED = ('adaptive vmapped',)  # rows whose step vmaps the head over VMAP_GROUPS blocks
 
 
 def zipf_probs(k: int) -> np.ndarray:
@@ -54,6 +59,8 @@ def make_heads(k: int):
       'adaptive all': lambda: heads.AdaptiveSoftmax(
           num_classes=k, cutoffs=tuple(c for c in CUTOFFS if c < k), div_value=4.0,
           capacity_fractions=None),
+      'adaptive vmapped': lambda: heads.AdaptiveSoftmax(
+          num_classes=k, cutoffs=tuple(c for c in CUTOFFS if c < k), div_value=4.0),
       'sampled': lambda: heads.SampledSoftmax(num_classes=k, num_sampled=NUM_SAMPLED,
                                               sampler='log_uniform'),
       'hierarchical': lambda: heads.HierarchicalSoftmax(num_classes=k, tree='huffman',
@@ -61,9 +68,17 @@ def make_heads(k: int):
   }
 
 
-def _step_fn(head):
+def _step_fn(head, groups: int = 0):
+  """value_and_grad of the mean loss; with `groups`, the head is vmapped over that many row blocks."""
+  def per_example(params, x, labels, key):
+    return head.apply({'params': params}, x, labels, train=True, rngs={'sample': key})
+
   def loss(params, x, labels, key):
-    losses = head.apply({'params': params}, x, labels, train=True, rngs={'sample': key})
+    if groups:
+      blocks = (x.reshape(groups, -1, x.shape[-1]), labels.reshape(groups, -1))
+      losses = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, *blocks, key)
+    else:
+      losses = per_example(params, x, labels, key)
     return jnp.mean(losses.astype(jnp.float32))
   return jax.value_and_grad(loss, argnums=(0, 1))
 
@@ -84,7 +99,7 @@ def heads_suite(preset_name: str, *, timed: bool, repeats: int, max_load: float,
         continue
       head = make()
       params = head.init({'params': jax.random.key(0), 'sample': key}, x, labels, train=True)['params']
-      fn = _step_fn(head)
+      fn = _step_fn(head, VMAP_GROUPS if name in VMAPPED else 0)
       compiled, temp, io = bench_utils.compile_fn(fn, params, x, labels, key)
       row = dict(K=k, N=n, d=d, head=name, temp_mib=temp / bench_utils.MiB,
                  params=int(sum(a.size for a in jax.tree.leaves(params))))

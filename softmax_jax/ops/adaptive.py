@@ -14,14 +14,22 @@ within-cluster log-probs back. C comes from a static ladder of rungs `ceil(f * N
 `f in capacity_fractions` plus 0 (no row: the tail is skipped) and N (all rows: always exact);
 `lax.switch` on the actual count picks the smallest rung that fits, so the result is always exact
 and the cost follows the data (only the taken branch runs, forward and backward). The padding
-costs at most the gap to the next rung (<= 1/3 of the rows above 1/8). Under `vmap` the switch
-index is batched, `lax.switch` becomes a select and every rung is computed: there, pass
-`capacity_fractions=None` (every tail on every row, without the gathers).
+costs at most the gap to the next rung (<= 1/3 of the rows above 1/8).
+
+Under `vmap` (over a leading axis of `[n, d]` blocks) the routing is kept: the rung is chosen from
+the largest count of the batch, which is unbatched (a `custom_vmap` rule, `_max_over_vmap`), so the
+switch stays a switch and its one branch runs vmapped, each block gathering that many rows.
+Gradients under `vmap` (per-example or summed) go through the same rule. A vmap over single rows
+(`[d]` features) cannot route: each row is its own block of one, and a tail runs on every row as
+soon as one row of the batch needs it; route such batches by calling the op on `[N, d]`.
+
+Checks (`_checks`): shapes, ranks and dtypes of every argument always, also under `jit`/`vmap`;
+labels in [0, K) only when concrete (traced out-of-range labels give a NaN loss).
 
 Measured (CPU, 2 cores, N=2048, d=512, K=200000, cutoffs (2000, 10000, 50000), div 4, labels
 log-uniform p(k) = log((k+2)/(k+1))/log(K+1), so 62% in the shortlist and 11-13% per tail;
-forward+backward under jit, float32): `scripts/benchmark.py --suite=heads`, rows `adaptive` vs
-`adaptive all` (capacity_fractions=None), recorded in WORKSPACE.md ("Large-output heads").
+forward+backward under jit, float32): `scripts/benchmark.py --suite=heads`, rows `adaptive`,
+`adaptive all` (capacity_fractions=None) and `adaptive vmapped`, recorded in WORKSPACE.md ("Large-output heads").
 
 `adaptive_predict` routes the same way: rows whose head argmax is the shortlist are done (see
 the comment there); only the others evaluate the tails.
@@ -130,9 +138,8 @@ def adaptive_cutoffs(class_counts, *, head_mass: float = 0.8, growth: float = 4.
 def _check(features, head_kernel, tail_kernels, cutoffs, head_bias):
   """Checks shapes; returns (features, cutoffs tuple, K)."""
   features = jnp.asarray(features)
-  if features.ndim < 1 or not jnp.issubdtype(features.dtype, jnp.floating):
-    raise ValueError(f'`features` must be a float array [..., d]; got {features.dtype} '
-                     f'{features.shape}.')
+  _checks.rank_at_least(features, 1, 'features', '[..., d]')
+  _checks.dtype(features, float, 'features', 'be a float array [..., d]')
   d = features.shape[-1]
   try:
     tails = [tuple(t) for t in tail_kernels]
@@ -147,18 +154,16 @@ def _check(features, head_kernel, tail_kernels, cutoffs, head_bias):
   n = len(cutoffs)
   if len(tails) != n:
     raise ValueError(f'`tail_kernels` must hold one pair per cutoff ({n}); got {len(tails)}.')
-  want = {'head_kernel': (jnp.shape(head_kernel), (d, cutoffs[0] + n))}
+  ctx = f' (cutoffs={cutoffs}, num_classes={k})'
+  _checks.shape(head_kernel, (d, cutoffs[0] + n), 'head_kernel', '[d, c_0 + n]' + ctx)
   if head_bias is not None:
-    want['head_bias'] = (jnp.shape(head_bias), (cutoffs[0] + n,))
+    _checks.shape(head_bias, (cutoffs[0] + n,), 'head_bias', '[c_0 + n]' + ctx)
   bounds = cutoffs + (k,)
   for i, (proj, out) in enumerate(tails):
-    h = jnp.shape(proj)[-1] if jnp.ndim(proj) == 2 else -1
-    want[f'tail_kernels[{i}][0]'] = (jnp.shape(proj), (d, max(h, 1)))
-    want[f'tail_kernels[{i}][1]'] = (jnp.shape(out), (max(h, 1), bounds[i + 1] - bounds[i]))
-  for name, (got, need) in want.items():
-    if tuple(got) != need:
-      raise ValueError(f'`{name}` must have shape {need} (d={d}, cutoffs={cutoffs}, '
-                       f'num_classes={k}); got {tuple(got)}.')
+    h = max(jnp.shape(proj)[-1] if jnp.ndim(proj) == 2 else -1, 1)
+    _checks.shape(proj, (d, h), f'tail_kernels[{i}][0]', f'[d, h_{i}]')
+    _checks.shape(out, (h, bounds[i + 1] - bounds[i]), f'tail_kernels[{i}][1]',
+                  f'[h_{i}, c_{i + 1} - c_{i}]' + ctx)
   return features, cutoffs, k
 
 
@@ -182,10 +187,31 @@ def _rungs(n: int, fractions) -> tuple:
   return tuple(sorted({0, n} | {min(n, math.ceil(f * n)) for f in fractions}))
 
 
+@jax.custom_batching.custom_vmap
+def _max_over_vmap(count):
+  """`count` itself; under `vmap`, the largest count of the batch, unbatched (see `_switch_on_count`)."""
+  return count
+
+
+@_max_over_vmap.def_vmap
+def _max_over_vmap_rule(axis_size, in_batched, count):
+  del axis_size
+  if not in_batched[0]:
+    return count, False
+  return _max_over_vmap(jnp.max(count, axis=0)), False  # called again: an enclosing vmap reduces too
+
+
 def _switch_on_count(mask, fractions, make_branch, *operands):
-  """`lax.switch` over the capacity rungs: branch `make_branch(cap)` gets the smallest cap >= count."""
+  """`lax.switch` over the capacity rungs: branch `make_branch(cap)` gets the smallest cap >= count.
+
+  Every rung >= the count gives the same (exact) result, so under `vmap` the rung is chosen from the
+  largest count of the batch (`_max_over_vmap`): the index stays unbatched, the switch stays a switch
+  whose taken branch runs vmapped, and each example gathers that many rows. (A batched index would
+  turn the switch into a select that computes every rung.)
+  """
   rungs = _rungs(mask.shape[0], fractions)
-  index = jnp.sum(jnp.asarray(rungs[:-1]) < jnp.sum(mask, dtype=jnp.int32), dtype=jnp.int32)
+  count = _max_over_vmap(jnp.sum(mask, dtype=jnp.int32))
+  index = jnp.sum(jnp.asarray(rungs[:-1]) < count, dtype=jnp.int32)
   return jax.lax.switch(index, [make_branch(c) for c in rungs], *operands)
 
 
@@ -283,6 +309,10 @@ def adaptive_log_softmax(features, head_kernel, tail_kernels, *, cutoffs, head_b
 
   Returns:
     [..., K] float32 log-probabilities (float64 for float64 features).
+
+  Raises:
+    ValueError (`ArgumentError`): a shape, rank or dtype that does not fit (always, also under
+      `jit`).
   """
   features, cutoffs, k = _check(features, head_kernel, tail_kernels, cutoffs, head_bias)
   lead, s = features.shape[:-1], cutoffs[0]
@@ -307,10 +337,14 @@ def adaptive_softmax_loss(features, labels, head_kernel, tail_kernels, *, cutoff
     labels: [...] int in [0, K).
     head_kernel, tail_kernels, cutoffs, head_bias: as in `adaptive_log_softmax`.
     capacity_fractions: static fractions of the rows giving the capacity rungs (0 and all rows are
-      always added); None evaluates every tail on every row (use this under `vmap`).
+      always added); None evaluates every tail on every row (no gathers).
 
   Returns:
     [...] float32 per-example loss (float64 for float64 features).
+
+  Raises:
+    ValueError (`ArgumentError`): a shape, rank or dtype that does not fit (always, also under
+      `jit`); with concrete labels, a label outside [0, K) (traced ones give NaN instead).
   """
   features, cutoffs, k = _check(features, head_kernel, tail_kernels, cutoffs, head_bias)
   lead, s = features.shape[:-1], cutoffs[0]
@@ -340,6 +374,10 @@ def adaptive_predict(features, head_kernel, tail_kernels, *, cutoffs, head_bias=
 
   Returns:
     [...] int32 class ids.
+
+  Raises:
+    ValueError (`ArgumentError`): a shape, rank or dtype that does not fit (always, also under
+      `jit`).
   """
   features, cutoffs, _ = _check(features, head_kernel, tail_kernels, cutoffs, head_bias)
   lead, s = features.shape[:-1], cutoffs[0]

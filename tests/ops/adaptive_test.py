@@ -7,6 +7,7 @@ their transposes.
 
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -214,34 +215,101 @@ def test_check_grads_float64_through_several_rungs():
     check_grads(g, (x, head, tails, bias), order=1, modes=['fwd', 'rev'])
 
 
-def test_vmap_and_out_of_range_labels():
+def test_out_of_range_labels():
   rng = np.random.default_rng(2)
   head, tails, _ = _f32(*_params(rng, D, K, CUTOFFS, 2.0))
-  x = jnp.asarray(rng.normal(size=(3, 16, D)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, K, size=(3, 16)), jnp.int32)
+  x = jnp.asarray(rng.normal(size=(16, D)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, K, size=(16,)), jnp.int32)
   f = lambda x, y: A.adaptive_softmax_loss(x, y, head, tails, cutoffs=CUTOFFS)
-  one = jax.jit(f)
-  np.testing.assert_allclose(jax.jit(jax.vmap(f))(x, y), np.stack([one(a, b) for a, b in zip(x, y)]),
-                             atol=1e-5)  # under vmap the switch becomes a select of every rung
-  bad = one(x[0], y[0].at[3].set(K).at[5].set(-1))
+  bad = jax.jit(f)(x, y.at[3].set(K).at[5].set(-1))
   assert np.isnan(bad[3]) and np.isnan(bad[5]) and np.isfinite(np.delete(bad, [3, 5])).all()
   with pytest.raises(ValueError, match=r'labels.*\[0, 40\)'):
-    f(x[0], y[0].at[3].set(K))
+    f(x, y.at[3].set(K))
 
 
-def test_bfloat16_features_accumulate_in_float32():
+class AdaptiveVariantsTest(chex.TestCase):
+  """Each op jitted, not jitted and with device inputs, against PyTorch's module in float64."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  def test_ops_match_reference(self):
+    k, cutoffs, div, d, lead, with_bias = CONFIGS[1]
+    rng = np.random.default_rng(9)
+    head, tails, bias = _params(rng, d, k, cutoffs, div, with_bias)
+    x, y = rng.normal(size=lead + (d,)) * 2, rng.integers(0, k, size=lead).astype(np.int32)
+    ref = _ref(k, cutoffs, head, tails, bias)
+    xf, hf, tf, bf = _f32(x, head, tails, bias)
+    kw = dict(cutoffs=cutoffs, head_bias=bf)
+    loss = self.variant(lambda x, y: A.adaptive_softmax_loss(x, y, hf, tf, **kw))(xf, y)
+    log_prob = self.variant(lambda x: A.adaptive_log_softmax(x, hf, tf, **kw))(xf)
+    pred = self.variant(lambda x: A.adaptive_predict(x, hf, tf, **kw))(xf)
+    chex.assert_shape((loss, pred), lead)
+    chex.assert_shape(log_prob, lead + (k,))
+    chex.assert_type((loss, log_prob, pred), (jnp.float32, jnp.float32, jnp.int32))
+    xr = x.reshape(-1, d)
+    np.testing.assert_allclose(np.reshape(loss, -1), -ref.forward(xr, y.reshape(-1))[0], atol=2e-5)
+    np.testing.assert_allclose(np.reshape(log_prob, (-1, k)), ref.log_prob(xr), atol=2e-5)
+    np.testing.assert_array_equal(np.reshape(pred, -1), ref.predict(xr))
+
+
+def _blocks(seed, counts_per_block):
+  """`[B, N, D]` features and `[B, N]` labels, block b with tail counts `counts_per_block[b]`."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(len(counts_per_block), N, D)), jnp.float32)
+  y = jnp.asarray(np.stack([_labels(c, seed + b) for b, c in enumerate(counts_per_block)]))
+  return x, y
+
+
+# Blocks whose counts differ per tail: the largest count of the batch picks each tail's rung.
+BLOCK_COUNTS = [LABEL_CASES['one_each'], LABEL_CASES['mixed_large'], LABEL_CASES['all_in_shortlist']]
+
+
+def _loss_fn(head, tails, bias=None):
+  return lambda x, y: A.adaptive_softmax_loss(x, y, head, tails, cutoffs=CUTOFFS, head_bias=bias)
+
+
+def test_vmap_keeps_the_routing_and_equals_the_batched_call():
+  rng = np.random.default_rng(2)
+  head, tails, bias = _f32(*_params(rng, D, K, CUTOFFS, 2.0, head_bias=True))
+  x, y = _blocks(3, BLOCK_COUNTS)
+  f = _loss_fn(head, tails, bias)
+  batched = jax.jit(f)(x, y)
+  np.testing.assert_allclose(jax.jit(jax.vmap(f))(x, y), batched, atol=1e-5, rtol=1e-6)
+  nested = jax.jit(jax.vmap(jax.vmap(f)))(x[None], y[None])[0]  # the rule composes
+  np.testing.assert_allclose(nested, batched, atol=1e-5, rtol=1e-6)
+  rows = jax.jit(jax.vmap(f))(x.reshape(-1, D), y.reshape(-1)).reshape(y.shape)  # blocks of one row
+  np.testing.assert_allclose(rows, batched, atol=1e-5, rtol=1e-6)
+  # The routing survives vmap: one `cond` per tail (a batched index would make it a select).
+  cases = [(jax.vmap(f), (x, y)), (jax.vmap(jax.vmap(f)), (x[None], y[None])),
+           (jax.vmap(jax.grad(lambda x, y: f(x, y).sum())), (x, y))]
+  for fn, args in cases:
+    jaxpr = str(jax.make_jaxpr(fn)(*args))
+    assert jaxpr.count('cond[') >= len(CUTOFFS), jaxpr.count('cond[')
+  pred = lambda x: A.adaptive_predict(x, head, tails, cutoffs=CUTOFFS, head_bias=bias)
+  np.testing.assert_array_equal(jax.jit(jax.vmap(pred))(x), pred(x))
+  assert 'cond[' in str(jax.make_jaxpr(jax.vmap(pred))(x))
+
+
+def test_gradients_under_vmap_equal_per_example_gradients():
   rng = np.random.default_rng(4)
-  head, tails, _ = _f32(*_params(rng, 32, K, CUTOFFS, 2.0))
-  x = jnp.asarray(rng.normal(size=(N, 32)), jnp.float32)
-  y = jnp.asarray(_labels((10, 10, 10), 1))
-  out32 = A.adaptive_softmax_loss(x, y, head, tails, cutoffs=CUTOFFS)
-  out16 = A.adaptive_softmax_loss(x.astype(jnp.bfloat16), y, head, tails, cutoffs=CUTOFFS)
-  lp16 = A.adaptive_log_softmax(x.astype(jnp.bfloat16), head, tails, cutoffs=CUTOFFS)
-  assert out16.dtype == jnp.float32 and lp16.dtype == jnp.float32
-  assert np.isfinite(out16).all()
-  np.testing.assert_allclose(out16, out32, rtol=0.05, atol=0.05)
-  np.testing.assert_allclose(jax.nn.logsumexp(lp16, -1), 0, atol=1e-5)
-  assert np.abs(np.asarray(out16) - np.asarray(out32)).max() > 0  # the bf16 path really ran
+  head, tails, bias = _f32(*_params(rng, D, K, CUTOFFS, 2.0, head_bias=True))
+  x, y = _blocks(5, BLOCK_COUNTS)
+  weights = jnp.arange(1.0, N + 1) / N  # distinct per-row cotangents
+
+  def block_loss(params, xb, yb):
+    return jnp.sum(_loss_fn(*params)(xb, yb) * weights)
+
+  params = (head, tails, bias)
+  grad = jax.jit(jax.grad(block_loss, argnums=(0, 1)))  # no vmap: the plain routed gradient
+  per_example = jax.jit(jax.vmap(grad, in_axes=(None, 0, 0)))(params, x, y)
+  summed = jax.jit(jax.grad(lambda p, x: jnp.sum(jax.vmap(block_loss, (None, 0, 0))(p, x, y)),
+                            argnums=(0, 1)))(params, x)
+  want = [grad(params, x[b], y[b]) for b in range(len(BLOCK_COUNTS))]
+  for b, (want_params, want_x) in enumerate(want):
+    chex.assert_trees_all_close(jax.tree.map(lambda g: g[b], per_example), (want_params, want_x),
+                                atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(summed[0], jax.tree.map(lambda *g: sum(g), *[w[0] for w in want]),
+                              atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(summed[1], jnp.stack([w[1] for w in want]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('cutoffs', [(5, 3), (4, 4), (0, 10), (10, 40), (10, 45), (), (2.5,), (True,), 7])
