@@ -17,9 +17,9 @@ vs 24 ms; the rest writes the dense kernel gradient); the full softmax: 16 s.
 
 Batching and keys: one call draws one sample, shared by every example of the batch (TF's
 semantics; the losses broadcast it over `features`' leading axes). `jax.vmap(sampler)(keys)` over
-a batch of keys `[B]` (typed) or `[B, 2]` (raw) draws B independent samples: row b equals
-`sampler(keys[b])`, bit for bit (a sampler takes exactly one key; a batch of keys passed without
-`vmap` is rejected). A loss vmapped over examples with the sample held fixed
+a batch of keys `[B]` (typed) or `[B, 2]` (raw) draws B independent samples: row b holds the
+ids of `sampler(keys[b])` and its counts (a sampler takes exactly one key; a batch of keys passed
+without `vmap` is rejected). A loss vmapped over examples with the sample held fixed
 (`in_axes=SampledValues(None, 0, None)`: the ids and their counts shared, the true counts mapped
 with the labels) equals the batched call; mapping a per-example sample instead (`in_axes=0`, from
 a sampler vmapped over per-example keys) gives each example its own S negatives.

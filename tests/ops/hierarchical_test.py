@@ -5,11 +5,13 @@ brute-force optimal code (Kraft inequality) and a textbook Huffman cost (the sum
 weights); the log-probs against a top-down float64 walk of the tree, node by node.
 """
 
+import functools
 import heapq
 import itertools
 import math
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -342,3 +344,74 @@ def test_errors_name_the_argument():
       jax.jit(lambda x: hs.hierarchical_log_prob(x, w, bad))(x)
   with pytest.raises(ValueError, match=r'`tree.paths` must be concrete .*functools.partial'):
     jax.jit(hs.hierarchical_loss)(x, y, w, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# chex variants (jit, no jit, on device), vmap over examples, per-example gradients.
+
+
+@functools.lru_cache(maxsize=None)
+def _hierarchical_fns():
+  """log_prob, loss, predict over the Huffman tree of COUNTS (closed over: a tree is static, never
+  a traced argument) and the jitted Jacobians of loss and log_prob w.r.t. the features; one set
+  of function objects so that jit caches hit across variants."""
+  tree = hs.huffman_tree(COUNTS)
+  log_prob = lambda x, w, b: hs.hierarchical_log_prob(x, w, tree, node_bias=b)
+  loss = lambda x, y, w, b: hs.hierarchical_loss(x, y, w, tree, node_bias=b)
+  predict = lambda x, w, b: hs.hierarchical_predict(x, w, tree, node_bias=b)
+  return tree, log_prob, loss, predict, jax.jit(jax.jacrev(loss)), jax.jit(jax.jacrev(log_prob))
+
+
+class HierarchicalVariantsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  def test_ops_match_reference_vmap_and_per_example_gradients(self):
+    # A Huffman tree with a zero count: unequal depths, padded paths.
+    tree, log_prob, loss, predict, loss_jacobian, log_prob_jacobian = _hierarchical_fns()
+    k, n = tree.num_classes, 4
+    x, w, b, y = _params(k, 3, seed=5, scale=2.0, lead=(n,))
+    ref = _ref_log_prob(x, w, b, tree)
+    lp = self.variant(log_prob)(x, w, b)
+    nll = self.variant(loss)(x, y, w, b)
+    pred = self.variant(predict)(x, w, b)
+    np.testing.assert_allclose(lp, ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(nll, -ref[np.arange(n), np.asarray(y)], rtol=2e-5, atol=2e-5)
+    assert pred.dtype == jnp.int32
+    np.testing.assert_array_equal(pred, np.argmax(ref, -1))
+    # vmap over a leading example axis equals the batched call.
+    vmapped = lambda f, axes: self.variant(jax.vmap(f, in_axes=axes))
+    np.testing.assert_allclose(vmapped(log_prob, (0, None, None))(x, w, b), lp, rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(vmapped(loss, (0, 0, None, None))(x, y, w, b), nll, rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_array_equal(vmapped(predict, (0, None, None))(x, w, b), pred)
+    # vmap(grad) w.r.t. the features = the diagonal blocks of the batched Jacobian, which has no
+    # cross-example terms; for log_prob, vmap(jacrev) against the [N, K, N, d] Jacobian.
+    i = np.arange(n)
+    grads = vmapped(jax.grad(loss), (0, 0, None, None))(x, y, w, b)
+    jac = np.asarray(loss_jacobian(x, y, w, b))  # [N, N, d]
+    np.testing.assert_allclose(grads, jac[i, i], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(jac[i[:, None] != i[None, :]], 0)
+    assert np.all(np.abs(jac[i, i]).sum(-1) > 0)
+    jac_lp = vmapped(jax.jacrev(log_prob), (0, None, None))(x, w, b)  # [N, K, d]
+    full = np.asarray(log_prob_jacobian(x, w, b))  # [N, K, N, d]
+    np.testing.assert_allclose(jac_lp, full[i, :, i], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(full.transpose(0, 2, 1, 3)[i[:, None] != i[None, :]], 0)
+    # The gradient of log p summed over the classes' probabilities is 0 (normalization).
+    np.testing.assert_allclose(np.einsum('nk,nkd->nd', np.exp(ref), jac_lp), 0, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  def test_tree_builders_on_concrete_counts(self):
+    # Builders are host functions of concrete counts: inside jit (closed over) the tree is a
+    # compile-time constant equal to the eager one; traced counts are rejected.
+    for name in ('huffman', 'balanced7', 'balanced2'):
+      tree = self.variant(TREES[name])()
+      chex.assert_trees_all_equal(tree, TREES[name]())
+      chex.assert_trees_all_equal_dtypes(tree, TREES[name]())
+      _assert_full_binary_tree(hs.Tree(*(np.asarray(a) for a in tree)))
+    counts = np.asarray(COUNTS)
+    if self.variant.type == chex.ChexVariantType.WITH_JIT:
+      with pytest.raises(ValueError, match='`class_counts` must be concrete'):
+        self.variant(hs.huffman_tree)(counts)
+    else:  # Concrete counts, on the host or on the device.
+      chex.assert_trees_all_equal(self.variant(hs.huffman_tree)(counts), TREES['huffman']())

@@ -6,12 +6,15 @@ Statistical bounds: fixed seeds, |z| <= 5 per class (a false alarm has probabili
 class) plus, where stated, the documented bias of TF's expected-count approximation.
 """
 
+import functools
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.test_util import check_grads
 
 from softmax_jax.ops import sampled as so
@@ -428,3 +431,114 @@ def test_uniform_at_num_sampled_k_minus_1_is_full_up_to_one_missing_class():
   lo, _ = _k_minus_1_bounds(x, w, y, 1.0)
   assert np.all(gap <= 1e-5) and np.all(gap >= lo)
   assert np.mean(np.abs(gap)) < 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# chex variants (jit, no jit, on device), vmap over examples and over keys, per-example gradients.
+
+
+def _ref_tries(p, s):
+  """float64 n with sum_k 1 - (1 - p_k)^n = S, by bisection (the module uses Newton steps)."""
+  lo, hi = float(s), float(s)
+  f = lambda n: np.sum(-np.expm1(n * np.log1p(-p))) - s
+  while f(hi) < 0:
+    hi *= 2
+  for _ in range(200):
+    lo, hi = (lo, (lo + hi) / 2) if f((lo + hi) / 2) >= 0 else ((lo + hi) / 2, hi)
+  return (lo + hi) / 2
+
+
+@functools.lru_cache(maxsize=None)  # One function object per case: jit caches hit across variants.
+def _keyed_sampler(name, num_sampled, unique):
+  """(key, true_classes) -> SampledValues, the static options bound."""
+  if name == 'unigram':
+    return lambda key, y: so.unigram_sampler(key, num_sampled, COUNTS, unique=unique,
+                                             true_classes=y)
+  fn = so.uniform_sampler if name == 'uniform' else so.log_uniform_sampler
+  return lambda key, y: fn(key, num_sampled, K, unique=unique, true_classes=y)
+
+
+_jit = functools.lru_cache(maxsize=None)(jax.jit)  # Reference calls: compiled once per function.
+
+
+class SamplerVariantsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  @parameterized.product(name=SAMPLERS, unique=(True, False))
+  def test_counts_match_reference_and_vmap_over_keys_is_one_call_per_key(self, name, unique):
+    s, y = 4, jnp.array([[0, 3], [K - 1, 5]], jnp.int32)
+    sampler = _keyed_sampler(name, s, unique)
+    key = jax.random.key(3) if unique else jax.random.PRNGKey(3)  # Typed and raw keys.
+    out = self.variant(sampler)(key, y)
+    p = _p(name)
+    q = -np.expm1(_ref_tries(p, s) * np.log1p(-p)) if unique else s * p
+    ids = np.asarray(out.sampled)
+    assert ids.shape == (s,) and ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < K
+    assert not unique or len(set(ids.tolist())) == s
+    np.testing.assert_allclose(out.true_expected_count, q[np.asarray(y)], rtol=1e-5)
+    np.testing.assert_allclose(out.sampled_expected_count, q[ids], rtol=1e-5)
+    call = _jit(sampler)
+    np.testing.assert_array_equal(ids, call(key, y).sampled)  # The same draw in every variant.
+    # Per-example keys: vmap over a batch of keys draws independent samples, row i = keys[i]'s.
+    keys = jax.random.split(key, 4)
+    batched = self.variant(jax.vmap(sampler, in_axes=(0, None)))(keys, y)
+    chex.assert_shape([batched.sampled, batched.sampled_expected_count], (4, s))
+    chex.assert_shape(batched.true_expected_count, (4, 2, 2))
+    for i in range(4):
+      chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], batched), call(keys[i], y),
+                                  rtol=1e-6)
+    assert len({tuple(row) for row in np.asarray(batched.sampled).tolist()}) > 1
+
+
+# The sampler each loss is tried with for per-example keys.
+_LOSS_SAMPLER = {'sampled_softmax': 'log_uniform', 'nce': 'unigram',
+                 'negative_sampling': 'uniform'}
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_fns(name):
+  """The loss `f(x, w, b, y, sample)`, `one(key, x, w, b, y)` drawing its own sample, and the
+  jitted Jacobian of `f` w.r.t. the features."""
+  op, sampler = LOSSES[name][0], _keyed_sampler(_LOSS_SAMPLER[name], 3, True)
+  f = lambda x, w, b, y, sv: op(x, w, y, sv, bias=b)
+  return f, lambda key, x, w, b, y: op(x, w, y, sampler(key, y), bias=b), jax.jit(jax.jacrev(f))
+
+
+class SampledLossVariantsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  @parameterized.parameters(*LOSSES)
+  def test_reference_vmap_and_per_example_gradients(self, name):
+    _, ref, remove, log_q = LOSSES[name]
+    x, w, b, y, sv = _case((4,), seed=10)  # y[0] is an accidental hit.
+    sv = so.SampledValues(*sv)
+    f, one, jacobian = _loss_fns(name)
+    out = self.variant(f)(x, w, b, y, sv)
+    np.testing.assert_allclose(out, ref(x, w, b, y, *sv, remove, log_q), rtol=2e-5, atol=1e-5)
+    # vmap over examples with the sample held fixed (ids and their counts shared; the true counts
+    # follow the labels) equals the batched call; negative sampling takes the ids alone.
+    if name == 'negative_sampling':
+      sv, sv_axes = sv.sampled, None
+    else:
+      sv_axes = so.SampledValues(None, 0, None)
+    axes = (0, None, None, 0, sv_axes)
+    np.testing.assert_allclose(self.variant(jax.vmap(f, in_axes=axes))(x, w, b, y, sv), out,
+                               rtol=1e-6, atol=1e-6)
+    # vmap(grad) w.r.t. the features: the diagonal blocks of the batched Jacobian, which has no
+    # cross-example terms (the shared sample is a constant).
+    grads = self.variant(jax.vmap(jax.grad(f), in_axes=axes))(x, w, b, y, sv)
+    jac = np.asarray(jacobian(x, w, b, y, sv))  # [N, N, d]
+    n = np.arange(x.shape[0])
+    np.testing.assert_allclose(grads, jac[n, n], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(jac[n[:, None] != n[None, :]], 0)
+    assert np.all(np.abs(jac[n, n]).sum(-1) > 0)
+    # Per-example keys (vmap over keys and examples): each example draws its own sample, equal to
+    # one call per example with its key, and each matches the float64 reference on that sample.
+    sampler = _keyed_sampler(_LOSS_SAMPLER[name], 3, True)
+    keys = jax.random.split(jax.random.PRNGKey(5), 4)
+    per_key = self.variant(jax.vmap(one, in_axes=(0, 0, None, None, 0)))(keys, x, w, b, y)
+    for i in range(4):
+      values = _jit(sampler)(keys[i], y[i])
+      np.testing.assert_allclose(per_key[i], _jit(one)(keys[i], x[i], w, b, y[i]), rtol=1e-6)
+      np.testing.assert_allclose(per_key[i], ref(x[i], w, b, y[i], *values, remove, log_q),
+                                 rtol=2e-5, atol=1e-5)
