@@ -489,6 +489,19 @@ class SamplerVariantsTest(chex.TestCase):
                                   rtol=1e-6)
     assert len({tuple(row) for row in np.asarray(batched.sampled).tolist()}) > 1
 
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  def test_host_probabilities(self):
+    # Host functions of concrete values: closed over inside jit they are constants.
+    for name, probs in (('log_uniform', lambda: so.log_uniform_probs(K)),
+                        ('unigram', lambda: so.unigram_probs(COUNTS))):
+      np.testing.assert_allclose(self.variant(probs)(), _p(name), rtol=1e-6)
+    if self.variant.type == chex.ChexVariantType.WITH_JIT:  # Traced counts are rejected.
+      with pytest.raises(ValueError, match='`counts` must be concrete'):
+        self.variant(so.unigram_probs)(COUNTS)
+    else:  # Concrete counts, on the host or on the device.
+      np.testing.assert_allclose(self.variant(so.unigram_probs)(COUNTS), _p('unigram'),
+                                 rtol=1e-12)
+
 
 # The sampler each loss is tried with for per-example keys.
 _LOSS_SAMPLER = {'sampled_softmax': 'log_uniform', 'nce': 'unigram',
