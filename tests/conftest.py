@@ -2,8 +2,10 @@
 
 import os
 
-# Must happen before jax initializes its backends: the data-parallel tests need 8 devices.
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import chex  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Must happen before jax initializes its backends: the data-parallel tests and the chex
+# `with_device`/pmap variants need 8 devices.
+chex.set_n_cpu_devices(8)

@@ -26,6 +26,7 @@ import math
 import os
 from typing import Dict
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +42,7 @@ from softmax_jax.train.config import validate_config
 from softmax_jax.train.parallel import _devices, check_divisible
 from softmax_jax.train.runner import run_steps
 from softmax_jax.train.state import TrainState, make_optimizer
+from softmax_jax.train.step import check_updated_state
 from softmax_jax.train.writer import MetricWriter
 
 __all__ = ['LM_DATASETS', 'LMDriver', 'init_lm_state', 'lm_train_step', 'train_and_evaluate_lm']
@@ -67,6 +69,11 @@ def lm_train_step(state: TrainState, batch, *, model, tx, schedule, steps_per_ep
   Returns:
     `(new_state, metrics)`, metrics {'loss', 'learning_rate', 'grad_norm'} (the norm before clipping).
   """
+  chex.assert_rank(batch['inputs'], 2, custom_message="batch['inputs'] must be [B, T] token ids")
+  chex.assert_type((batch['inputs'], batch['targets']), int,
+                   custom_message="batch['inputs'] and batch['targets'] must be integer token ids")
+  chex.assert_equal_shape((batch['inputs'], batch['targets']),
+                          custom_message="batch['inputs'] and batch['targets'] must both be [B, T]")
   dropout_rng, sample_rng = jax.random.split(jax.random.fold_in(state['rng'], state['step']))
   fresh = state['step'] % steps_per_epoch == 0
   carry = jax.tree.map(lambda c: jnp.where(fresh, jnp.zeros_like(c), jax.lax.stop_gradient(c)),
@@ -87,9 +94,12 @@ def lm_train_step(state: TrainState, batch, *, model, tx, schedule, steps_per_ep
 
   (loss, (new_carry, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      new_carry, state['carry'], custom_message='the backbone must return a carry shaped like the one it got')
   metrics = dict(loss=loss, learning_rate=schedule(state['step']), grad_norm=optax.tree.norm(grads))
-  return dict(step=state['step'] + 1, params=optax.apply_updates(state['params'], updates),
-              model_state=model_state, opt_state=opt_state, rng=state['rng'], carry=new_carry), metrics
+  params = optax.apply_updates(state['params'], updates)
+  check_updated_state(state, params, model_state)
+  return dict(step=state['step'] + 1, params=params, model_state=model_state, opt_state=opt_state, rng=state['rng'], carry=new_carry), metrics
 
 
 def _eval_step(variables, carry, batch, *, model):

@@ -29,6 +29,11 @@ def check_divisible(batch_size: int, n: int, key: str) -> None:
     raise ValueError(f'config.{key}={batch_size} must be divisible by the number of devices ({n}).')
 
 
+def log_prob_step(variables, images, *, model):
+  """`[B, K]` log-probabilities of `images: [B, ...]` (the evaluation step of both drivers)."""
+  return model.apply(variables, images, method='log_prob')
+
+
 class JitDriver:
   """`jax.jit` over a 1-D Mesh: the batch is split on axis 'data', the state is replicated."""
 
@@ -42,9 +47,8 @@ class JitDriver:
     step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, **self.augment)
     self._step = jax.jit(step, in_shardings=(self.replicated, self.sharded),
                          out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-    self._log_prob = jax.jit(
-        lambda variables, images: model.apply(variables, images, method='log_prob'),
-        in_shardings=(self.replicated, self.sharded), out_shardings=self.sharded)
+    self._log_prob = jax.jit(functools.partial(log_prob_step, model=model),
+                             in_shardings=(self.replicated, self.sharded), out_shardings=self.sharded)
 
   def put_state(self, state):
     return jax.device_put(state, self.replicated)
@@ -71,9 +75,12 @@ class PmapDriver(JitDriver):
     self._pstep = jax.pmap(step, axis_name='batch', devices=self.devices, donate_argnums=(0,))
 
   def put_state(self, state):
-    # A host array stacked over devices; pmap shards it on the first step and keeps it there.
+    # Stacked over devices and placed as the step's pmap places its outputs (an identity pmap over
+    # the same axis and devices), so that the first step sees the input sharding of every later
+    # one: host arrays, or another axis name, would make the step trace and compile twice.
     n = len(self.devices)
-    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))).copy(), state)
+    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
+    return jax.pmap(lambda s: s, axis_name='batch', devices=self.devices)(stacked)
 
   def get_state(self, state):
     return jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(state))

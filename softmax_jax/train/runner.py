@@ -2,7 +2,8 @@
 
 Every step is dispatched without waiting for the previous one: a step's loss is read back (and
 checked for NaN or inf) after the next step has been dispatched, except at the steps that log,
-evaluate or checkpoint, which wait for their own. Rates (`train/examples_per_second`,
+evaluate or checkpoint, which wait for their own and also check that the whole train state is
+finite (`chex.assert_tree_all_finite` on a per-leaf probe), so no checkpoint holds NaN. Rates (`train/examples_per_second`,
 `train/tokens_per_second`) count neither the first step of an invocation, which compiles, nor the
 time spent in evaluation and checkpoints.
 """
@@ -11,9 +12,24 @@ import math
 import time
 from typing import Callable, Dict, Tuple
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
+
+
+@jax.jit
+def _finite_probe(state):
+  """Per floating leaf of `state`, `sum(x * 0)`: 0 where the leaf is finite, NaN where it is not.
+
+  A few bytes reach the host instead of the whole state, and `chex.assert_tree_all_finite` on the
+  probe names the leaves that are not finite."""
+  def probe(x):
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      return jnp.zeros((), jnp.float32)
+    return jnp.sum(x.astype(jnp.float32) * 0)
+  return jax.tree.map(probe, state)
 
 
 def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
@@ -44,8 +60,8 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
     checkpoints left out (0.0 with fewer than two steps)}.
 
   Raises:
-    FloatingPointError: the training loss is NaN or infinite; names the step and the last good
-      checkpoint.
+    FloatingPointError: the training loss is NaN or infinite, or at a log, evaluation or checkpoint
+      step the train state is; names the step and the last good checkpoint.
   """
   last_good = start_step if start_step else None
 
@@ -57,6 +73,20 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
           f'Training loss is {loss} at step {step} (config: {config.data.name}, {config.model.name}, '
           f'{config.head.name}). Last good checkpoint: {ckpt.path(last_good)}. Lower '
           'config.optimizer.learning_rate or set config.optimizer.clip_global_norm.')
+
+  def check_state_finite(step: int, state) -> None:
+    probe = jax.device_get(_finite_probe(state))
+    try:
+      chex.assert_tree_all_finite(probe)
+    except AssertionError:
+      bad = [jax.tree_util.keystr(path) for path, v in jax.tree_util.tree_leaves_with_path(probe)
+             if not np.isfinite(v)]
+      writer.write(step, {'nonfinite_state': float('nan')})
+      raise FloatingPointError(
+          f'Training state is not finite after step {step} (config: {config.data.name}, '
+          f'{config.model.name}, {config.head.name}): {len(bad)} leaves hold NaN or inf, e.g. '
+          f'{", ".join(bad[:3])}. Last good checkpoint: {ckpt.path(last_good)}. Lower '
+          'config.optimizer.learning_rate or set config.optimizer.clip_global_norm.') from None
 
   def due(step: int, every: int) -> bool:
     return step % every == 0
@@ -84,6 +114,7 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
       pending = (step, step_metrics['loss'])  # read after the next step is dispatched
       continue
     check_finite(step, step_metrics['loss'])
+    check_state_finite(step, state)  # parameters and optimizer state: never log or save NaN ones
     if do_log:
       scalars = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
       if log_perplexity:

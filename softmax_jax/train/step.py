@@ -2,6 +2,7 @@
 
 from typing import Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -12,6 +13,25 @@ from softmax_jax.train.state import TrainState, layer_grad_norms
 # Folded into the per-step key for augmentation, so the dropout and sample keys (a split of the
 # per-step key) are those of runs without augmentation.
 _AUGMENT_STREAM = 1 << 20
+
+
+def check_classifier_batch(batch) -> None:
+  """Static chex checks (shapes, ranks, dtypes; also under jit) of `{'image': [B, ...], 'label': [B] int}`."""
+  chex.assert_rank(batch['label'], 1, custom_message="batch['label'] must be [B] class ids")
+  chex.assert_type(batch['label'], int, custom_message="batch['label'] must be integer class ids")
+  chex.assert_type(batch['image'], float, custom_message="batch['image'] must be float [B, ...]")
+  chex.assert_equal_shape_prefix(
+      (batch['image'], batch['label']), 1,
+      custom_message="batch['image'] [B, ...] and batch['label'] [B] must have the same B")
+
+
+def check_updated_state(state, params, model_state) -> None:
+  """The update keeps the structure, shapes and dtypes of the parameters and model state (static)."""
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      params, state['params'], custom_message='the update changed the parameters\' shapes or dtypes')
+  chex.assert_trees_all_equal_structs(
+      model_state, state['model_state'], custom_message='the forward pass changed the model state\'s '
+      'structure (mutable collections must be the ones model.init returned)')
 
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, axis_name: Optional[str] = None,
@@ -41,6 +61,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, axis_name: Opti
   Returns:
     `(new_state, metrics)`, metrics {'loss', 'learning_rate', 'grad_norm', 'grad_norm/<layer>'}.
   """
+  check_classifier_batch(batch)
   rng = jax.random.fold_in(state['rng'], state['step'])
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -66,6 +87,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, axis_name: Opti
     loss, grads, model_state = jax.lax.pmean((loss, grads, model_state), axis_name)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
+  check_updated_state(state, params, model_state)
   metrics = dict(loss=loss, learning_rate=schedule(state['step']), **layer_grad_norms(grads))
   new_state = dict(step=state['step'] + 1, params=params, model_state=model_state, opt_state=opt_state,
                    rng=state['rng'])

@@ -56,7 +56,23 @@ class Ckpt:
     return None if step is None else f'ckpt/{step}'
 
 
-def run(monkeypatch, *, start_step=0, losses=None, num_steps=12):
+class NaNParamsDriver(Driver):
+  """State {'step', 'w'}: `w` turns NaN at step `bad` while the loss stays finite (a NaN gradient)."""
+
+  def __init__(self, clock, losses=None, bad=7):
+    super().__init__(clock, losses)
+    self.bad = bad
+
+  def step(self, state, batch):
+    step, metrics = super().step(state['step'], batch)
+    return {'step': step, 'w': jnp.where(step >= self.bad, jnp.nan, 1.0)}, metrics
+
+  def get_state(self, state):
+    assert jnp.isfinite(state['w'])  # the runner never hands a NaN state to the checkpointer
+    return int(state['step'])
+
+
+def run(monkeypatch, *, start_step=0, losses=None, num_steps=12, driver=Driver):
   clock = Clock()
   monkeypatch.setattr(runner.time, 'perf_counter', clock)
   config = base_config()
@@ -66,14 +82,20 @@ def run(monkeypatch, *, start_step=0, losses=None, num_steps=12):
 
   def evaluate(state):
     clock.now += EVAL_S
-    evaluated.append(int(state))
+    evaluated.append(int(state['step'] if isinstance(state, dict) else state))
     return {'validation/accuracy': 0.5}
 
   state, timing = runner.run_steps(
-      config, Driver(clock, losses), jnp.asarray(start_step), iter(range(start_step + 1, 100)),
+      config, driver(clock, losses), initial_state(driver, start_step),
+      iter(range(start_step + 1, 100)),
       start_step=start_step, writer=writer, ckpt=ckpt, evaluate=evaluate, items_per_step=ITEMS,
       rate='tokens_per_second', log_perplexity=True)
   return state, timing, writer.rows, ckpt.saved, evaluated, clock.now
+
+
+def initial_state(driver, start_step):
+  step = jnp.asarray(start_step)
+  return {'step': step, 'w': jnp.asarray(1.0)} if driver is NaNParamsDriver else step
 
 
 def test_logs_evaluates_and_checkpoints_on_schedule(monkeypatch):
@@ -110,3 +132,11 @@ def test_nonfinite_loss_names_the_step_and_last_checkpoint(monkeypatch, bad_step
 def test_resume_names_the_checkpoint_it_started_from(monkeypatch):
   with pytest.raises(FloatingPointError, match='step 9 .*checkpoint: ckpt/8'):
     run(monkeypatch, start_step=8, losses={9: math.inf})
+
+
+def test_nonfinite_state_with_a_finite_loss_stops_before_a_checkpoint_or_log(monkeypatch):
+  # `w` is NaN from step 7; the loss never is. Step 8 logs: the state check there stops the run,
+  # names `w`, and the last checkpoint (5) is the last finite one; checkpoint 10 is never written.
+  with pytest.raises(FloatingPointError,
+                     match=r"state is not finite after step 8 .*1 leaves .*\['w'\].*checkpoint: ckpt/5"):
+    run(monkeypatch, driver=NaNParamsDriver)
