@@ -111,7 +111,9 @@ def heads_suite(preset_name: str, *, timed: bool, repeats: int, max_load: float,
       print(table([row]).splitlines()[-1], flush=True)
       del params, compiled
   for row in rows:
-    base = next(r for r in rows if r['K'] == row['K'] and r['head'] == 'dense')
+    base = next((r for r in rows if r['K'] == row['K'] and r['head'] == 'dense'), None)
+    if base is None:  # --heads without dense: no ratios
+      continue
     row['mem_ratio'] = row['temp_mib'] / base['temp_mib']
     if 'time_s' in row and 'time_s' in base:
       row['speedup'] = base['time_s'] / row['time_s']
