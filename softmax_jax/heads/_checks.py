@@ -1,4 +1,4 @@
-"""Argument checks shared by the heads: chex assertions, re-raised as ValueErrors naming the argument.
+"""Argument checks of the heads: chex assertions re-raised as ValueErrors that name the argument.
 
 Two kinds, as in the ops:
 
@@ -28,7 +28,7 @@ def _chex(assertion: Callable[..., Any], *args, message: str) -> None:
 
 
 def features_and_labels(head: str, features, labels=None) -> None:
-  """`features: [..., d]` floating with rank >= 1; `labels`: None or `[...]` integer (= features.shape[:-1]).
+  """`features: [..., d]` floating, rank >= 1; `labels`: None or integer, `features.shape[:-1]`.
 
   Args:
     head: the head's class name, which starts each message.
@@ -47,8 +47,8 @@ def features_and_labels(head: str, features, labels=None) -> None:
     return
   _chex(chex.assert_shape, labels, shape[:-1],
         message=f'{head}: `labels` must have shape features.shape[:-1] = {shape[:-1]} (features: '
-                f'[..., d] of shape {shape}); got shape {tuple(np.shape(labels))}. Did the backbone '
-                'return features of the wrong rank?')
+                f'[..., d] of shape {shape}); got shape {tuple(np.shape(labels))}. Did the '
+                'backbone return features of the wrong rank?')
   _chex(chex.assert_type, labels, int,
         message=f'{head}: `labels` must be integer class ids; got dtype {np.dtype(labels.dtype)}.')
 
@@ -65,6 +65,6 @@ def integer_at_least(head: str, name: str, value: Optional[Any], lo: int, why: s
   ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
         and math.isfinite(float(value)) and float(value) == int(value) and int(value) >= lo)
   if not ok:
-    raise ValueError(f'{head}: `{name}` must be an integer >= {lo}{" (" + why + ")" if why else ""}; '
-                     f'got {value!r}.')
+    why = f' ({why})' if why else ''
+    raise ValueError(f'{head}: `{name}` must be an integer >= {lo}{why}; got {value!r}.')
   return int(value)

@@ -3,7 +3,10 @@
 Training (`train=True`) draws one shared sample of `num_sampled` classes per call from the rng
 stream `'sample'` (as TF does per batch) and returns the sampled loss of
 `softmax_jax.ops.sampled`; evaluation, `log_prob` and `predict` use the exact full softmax over
-all K classes, so the eval loss is `-log_prob[label]`. The class weights are one `[K, d]`
+all K classes, so the eval loss is `-log_prob[label]`. Under `jax.vmap` over examples each mapped
+call draws its own sample from its own `'sample'` key: with per-example keys, row i is the call on
+example i alone with key i; with one key shared by the map, every row uses the batched call's one
+shared sample, so `vmap` equals the batched call. The class weights are one `[K, d]`
 `'embedding'` matrix of class rows (the layout `ops.sampled` gathers fastest, and `nn.Embed`'s,
 for weight tying) plus an optional `[K]` `'bias'`.
 """

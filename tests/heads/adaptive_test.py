@@ -1,11 +1,14 @@
 """AdaptiveSoftmax: head contract vs PyTorch's module in float64 NumPy, training, cutoffs, errors."""
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from softmax_jax import testing
 from softmax_jax.heads import HEADS
 from softmax_jax.heads.adaptive import AdaptiveSoftmax
 from softmax_jax.ops import adaptive as A
@@ -128,3 +131,15 @@ def test_registered_and_bad_input_errors():
     head.apply(params, x, jnp.zeros((3,), jnp.int32))
   with pytest.raises(ValueError, match='labels'):
     head.apply(params, x, jnp.full((4,), K, jnp.int32))
+
+
+class ContractTest(chex.TestCase):
+  """`softmax_jax.testing.assert_head_contract` per configuration, under each chex variant."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  @parameterized.named_parameters(('two_tails', dict(cutoffs=(3, 6), div_value=2.0, head_bias=True, capacity_fractions=(0.5,))))
+  def test_head_contract(self, kwargs):
+    rng = np.random.default_rng(7)  # every head's test: these [4, 8] features, K = 8 (jax caches)
+    features, labels = rng.normal(size=(4, 8)) * 2, rng.integers(0, 8, size=4)
+    testing.assert_head_contract(AdaptiveSoftmax(num_classes=8, **kwargs), features, labels,
+                                 variant=self.variant)

@@ -1,10 +1,14 @@
 """DenseSoftmax against a float64 NumPy reference of its own parameters, and its error messages."""
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from softmax_jax import testing
+from softmax_jax.heads import HEADS
 from softmax_jax.heads import DenseSoftmax
 
 K, D = 7, 5
@@ -72,3 +76,36 @@ def test_wrong_feature_rank_names_the_shapes():
   images = jnp.zeros((4, 8, 8, 1))  # a backbone that forgot to flatten
   with pytest.raises(ValueError, match=r'`labels` must have shape features.shape\[:-1\] = \(4, 8, 8\) .*got shape \(4,\)'):
     head.init(jax.random.PRNGKey(0), images, jnp.zeros((4,), jnp.int32))
+
+
+@pytest.mark.parametrize('name', sorted(HEADS))
+@pytest.mark.parametrize('features, labels, msg', [
+    (np.zeros((4, 8), np.int32), np.zeros(4, np.int32), '`features` must be floating; got dtype int32'),
+    (np.zeros((4, 8), np.float32), np.zeros(4, np.float32),
+     '`labels` must be integer class ids; got dtype float32'),
+    (np.zeros((), np.float32), np.zeros((), np.int32),
+     r'`features` must have shape \[..., d\] \(rank >= 1\); got shape \(\)'),
+    (np.zeros((4, 8), np.float32), np.zeros((4, 1), np.int32),
+     r'`labels` must have shape features.shape\[:-1\] = \(4,\) .*got shape \(4, 1\)'),
+])
+def test_every_head_checks_shapes_and_dtypes_eagerly_and_under_jit(name, features, labels, msg):
+  """The chex checks of `heads/_checks.py` name the argument, the head, what they got and need."""
+  head = HEADS[name](num_classes=8)
+  rngs = {'params': jax.random.PRNGKey(0), 'sample': jax.random.PRNGKey(1)}
+  for run in (lambda f, y: head.init(rngs, f, y, train=True),  # eager
+              lambda f, y: jax.eval_shape(lambda f, y: head.init(rngs, f, y, train=True), f, y)):
+    with pytest.raises(ValueError, match=f'{HEADS[name].__name__}: {msg}'):
+      run(jnp.asarray(features), jnp.asarray(labels))
+
+
+class ContractTest(chex.TestCase):
+  """`softmax_jax.testing.assert_head_contract` per configuration, under each chex variant."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  @parameterized.named_parameters(
+      ('plain', dict(label_smoothing=0.1)), ('fused', dict(fused=True, chunk_size=3)))
+  def test_head_contract(self, kwargs):
+    rng = np.random.default_rng(7)  # every head's test: these [4, 8] features, K = 8 (jax caches)
+    features, labels = rng.normal(size=(4, 8)) * 2, rng.integers(0, 8, size=4)
+    testing.assert_head_contract(DenseSoftmax(num_classes=8, **kwargs), features, labels,
+                                 variant=self.variant)

@@ -1,11 +1,14 @@
 """HierarchicalSoftmax: head contract vs a float64 reference walk of its tree, training, errors."""
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from softmax_jax import testing
 from softmax_jax.heads import hierarchical as hh
 from softmax_jax.ops import hierarchical as hs
 
@@ -139,3 +142,15 @@ def test_errors_name_the_argument():
     init(hh.HierarchicalSoftmax(num_classes=3, class_counts=(5, -2, 1)))
   with pytest.raises(ValueError, match=r'`labels` must have shape features.shape\[:-1\] = \(4, 8, 8\) .*got shape \(4,\)'):
     init(hh.HierarchicalSoftmax(num_classes=K), jnp.zeros((4, 8, 8, 1)))
+
+
+class ContractTest(chex.TestCase):
+  """`softmax_jax.testing.assert_head_contract` per configuration, under each chex variant."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  @parameterized.named_parameters(('huffman', dict(class_counts=(50, 30, 20, 9, 6, 3, 2, 1))))
+  def test_head_contract(self, kwargs):
+    rng = np.random.default_rng(7)  # every head's test: these [4, 8] features, K = 8 (jax caches)
+    features, labels = rng.normal(size=(4, 8)) * 2, rng.integers(0, 8, size=4)
+    testing.assert_head_contract(hh.HierarchicalSoftmax(num_classes=8, **kwargs), features, labels,
+                                 variant=self.variant)

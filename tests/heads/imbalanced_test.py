@@ -1,11 +1,15 @@
 """ImbalancedSoftmax against float64 NumPy references of each paper's loss on the head's own parameters."""
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from softmax_jax import testing
 from softmax_jax.heads import HEADS, ImbalancedSoftmax
+from softmax_jax.heads.imbalanced import LOSSES
 from softmax_jax.models.classifier import build_classifier
 
 K, D = 5, 4
@@ -122,3 +126,17 @@ def test_bad_configuration_is_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
     features, labels, params = _setup(head)
     head.apply({'params': params}, features, labels, train=True)
+
+
+class ContractTest(chex.TestCase):
+  """`softmax_jax.testing.assert_head_contract` per configuration, under each chex variant."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  @parameterized.named_parameters(
+      (loss, dict(loss=loss, class_counts=(50, 30, 20, 9, 6, 3, 2, 1),
+                  drw_start_step=0 if loss == 'ldam' else -1)) for loss in LOSSES)
+  def test_head_contract(self, kwargs):
+    rng = np.random.default_rng(7)  # every head's test: these [4, 8] features, K = 8 (jax caches)
+    features, labels = rng.normal(size=(4, 8)) * 2, rng.integers(0, 8, size=4)
+    testing.assert_head_contract(ImbalancedSoftmax(num_classes=8, **kwargs), features, labels,
+                                 variant=self.variant)

@@ -1,11 +1,15 @@
 """MarginSoftmax against a float64 NumPy reference of its own parameters: contract, margins, errors."""
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from softmax_jax import testing
 from softmax_jax.heads import HEADS, MarginSoftmax
+from softmax_jax.heads.margin import KINDS
 from softmax_jax.models.classifier import build_classifier
 
 K, D = 6, 5
@@ -156,3 +160,15 @@ def test_bad_labels_are_named():
     head.apply({'params': params}, features, jnp.full((8,), K, jnp.int32), train=True)
   with pytest.raises(ValueError, match=r'`labels` must have shape features.shape\[:-1\] = \(8,\).*got shape \(7,\)'):
     head.apply({'params': params}, features, jnp.zeros((7,), jnp.int32), train=True)
+
+
+class ContractTest(chex.TestCase):
+  """`softmax_jax.testing.assert_head_contract` per configuration, under each chex variant."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  @parameterized.named_parameters((kind, dict(kind=kind)) for kind in KINDS)
+  def test_head_contract(self, kwargs):
+    rng = np.random.default_rng(7)  # every head's test: these [4, 8] features, K = 8 (jax caches)
+    features, labels = rng.normal(size=(4, 8)) * 2, rng.integers(0, 8, size=4)
+    testing.assert_head_contract(MarginSoftmax(num_classes=8, **kwargs), features, labels,
+                                 variant=self.variant)

@@ -1,11 +1,14 @@
 """SampledSoftmax: the head contract vs a float64 NumPy reference, sampling in training, errors."""
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from softmax_jax import testing
 from softmax_jax.heads.sampled import SampledSoftmax
 
 K, D = 40, 6
@@ -97,6 +100,28 @@ def test_training_loss_is_the_op_given_the_same_sample():
   np.testing.assert_allclose(out, expect, rtol=1e-6)
 
 
+@pytest.mark.parametrize('loss', ['sampled_softmax', 'nce'])
+def test_vmap_draws_one_sample_per_key(loss):
+  """The documented semantics: under `jax.vmap` each mapped call draws its own sample from its own
+  key, so with per-example keys row i is the call on example i alone with key i; a key shared by
+  the map gives the batched call's one shared sample."""
+  features, labels = _data((4,), seed=8)
+  head = SampledSoftmax(num_classes=K, num_sampled=5, loss=loss)
+  params = _params()
+
+  def train_loss(f, y, key):
+    return head.apply({'params': params}, f, y, train=True, rngs={'sample': key})
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  per_key = jax.jit(jax.vmap(train_loss))(features, labels, keys)
+  alone = [jax.jit(train_loss)(features[i:i + 1], labels[i:i + 1], keys[i])[0] for i in range(4)]
+  np.testing.assert_allclose(per_key, alone, rtol=1e-6, atol=1e-6)
+  shared = jax.jit(jax.vmap(train_loss, (0, 0, None)))(features, labels, keys[0])
+  np.testing.assert_allclose(shared, jax.jit(train_loss)(features, labels, keys[0]), rtol=1e-6,
+                             atol=1e-6)
+  assert not np.allclose(per_key, shared)  # per-example keys: other samples than the shared one
+
+
 def test_default_head_trains():
   rng = np.random.default_rng(4)
   n, k = 64, 10
@@ -167,3 +192,19 @@ def test_wrong_feature_rank_names_the_shapes():
   with pytest.raises(ValueError, match=r'`labels` must have shape features.shape\[:-1\] = \(4, 8\) .*got shape \(4,\)'):
     jax.eval_shape(head.init, jax.random.PRNGKey(0), jnp.zeros((4, 8, D)),
                    jnp.zeros((4,), jnp.int32))
+
+
+class ContractTest(chex.TestCase):
+  """`softmax_jax.testing.assert_head_contract` per configuration, under each chex variant."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  @parameterized.named_parameters(
+      ('sampled_softmax', dict()),
+      ('nce', dict(loss='nce', sampler='uniform', unique=False, num_sampled=3)),
+      ('negative_sampling', dict(loss='negative_sampling', sampler='unigram',
+                                 class_counts=(50, 30, 20, 9, 6, 3, 2, 1))))
+  def test_head_contract(self, kwargs):
+    rng = np.random.default_rng(7)  # every head's test: these [4, 8] features, K = 8 (jax caches)
+    features, labels = rng.normal(size=(4, 8)) * 2, rng.integers(0, 8, size=4)
+    testing.assert_head_contract(SampledSoftmax(num_classes=8, **kwargs), features, labels,
+                                 variant=self.variant)
