@@ -94,6 +94,8 @@ def assert_head_contract(
     extreme: the features' largest magnitude in the finite-gradients check.
     atol: absolute tolerance of the normalization, argmax-tie, loss and vmap comparisons
       (float32 features; bfloat16 features get `100 * atol` for comparisons across code paths).
+      On accelerators whose float32 matmuls default to reduced precision (TF32, bfloat16 passes),
+      run under `jax.default_matmul_precision('highest')` or raise `atol`.
 
   Raises:
     HeadContractError: naming the head, the broken property (one of `PROPERTIES`) and where
@@ -146,7 +148,7 @@ def assert_head_contract(
         raise e
     for dtype, (lp, pred, eval_loss, train_loss), v in zip(dtypes, out, [v_out] + [None] * len(xs)):
       where = f'{jnp.dtype(dtype).name} features, {t_name}'
-      tol = atol if dtype == jnp.float32 else 100 * atol
+      tol = atol if jnp.dtype(dtype) == jnp.float32 else 100 * atol
       for name, value, shape, kind in (('log_prob', lp, (*lead, k), jnp.float32),
                                        ('predict', pred, lead, int),
                                        ('eval loss', eval_loss, lead, jnp.float32),

@@ -11,6 +11,11 @@ Trees:
               data. Without counts the ids are assumed frequency-sorted with log-uniform (Zipf)
               frequencies `p(k) = log((k+2)/(k+1)) / log(K+1)`, as in `log_uniform_sampler`.
   'balanced'  complete binary tree, depth ceil(log2 K) for every class (counts ignored).
+
+Checks: the ranks, shapes and dtypes of `features` and `labels` as every head (chex, eagerly and
+under `jit`, see dense.py); `num_classes`, `tree` and `class_counts` when the head is first applied
+(Python values, so under `jit` too); labels in [0, K) only when concrete (traced out-of-range ones
+give a NaN loss).
 """
 
 import functools

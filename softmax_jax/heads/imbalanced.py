@@ -16,6 +16,11 @@ Evaluation is the exact `log_softmax` of the logits (`s * cos` for 'ldam'), so `
 evaluation-time view (`ops.posthoc_logit_adjustment`) that the training loop reports separately.
 Per-example losses carry their class weight `w_y`; the batch mean is `sum_i w_i l_i / B`
 (PyTorch's weighted `mean` divides by `sum_i w_i` instead; with Adam the difference is a scale).
+
+Checks: the ranks, shapes and dtypes of `features` and `labels` as every head (chex, eagerly and
+under `jit`, see dense.py); `loss` and `class_counts` (the ops check `gamma`, `beta`, ...) when the
+head is first applied (Python values, so under `jit` too); labels in [0, K) only when concrete
+(traced out-of-range ones give a NaN loss).
 """
 
 from typing import ClassVar, Optional, Tuple

@@ -7,6 +7,11 @@ training the label column gets the margin of `kind` (`ops.arcface_logits`, `cosf
 `-log_prob[label]`. With `num_subcenters = k > 1` each class has k weight vectors and its cosine is
 the largest of them (sub-center ArcFace). `embed(features)` gives the unit features the head scores,
 for retrieval and verification by cosine.
+
+Checks: the ranks, shapes and dtypes of `features` and `labels` as every head (chex, eagerly and
+under `jit`, see dense.py); `kind`, `scale`, the margins and `num_subcenters` when the head is first
+applied (Python values, so under `jit` too); labels in [0, K) only when concrete (traced
+out-of-range ones give a NaN loss).
 """
 
 import math

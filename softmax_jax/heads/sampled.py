@@ -9,6 +9,11 @@ example i alone with key i; with one key shared by the map, every row uses the b
 shared sample, so `vmap` equals the batched call. The class weights are one `[K, d]`
 `'embedding'` matrix of class rows (the layout `ops.sampled` gathers fastest, and `nn.Embed`'s,
 for weight tying) plus an optional `[K]` `'bias'`.
+
+Checks: the ranks, shapes and dtypes of `features` and `labels` as every head (chex, eagerly and
+under `jit`, see dense.py); `num_classes`, `num_sampled`, `sampler`, `loss` and `class_counts` when
+the head is first applied (Python values, so under `jit` too); labels in [0, K) only when concrete
+(traced out-of-range ones give a NaN loss).
 """
 
 from typing import Any, Optional, Tuple
