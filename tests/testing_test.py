@@ -4,7 +4,6 @@ property it broke. The README's example of a user's head runs as written."""
 import pathlib
 import re
 
-from absl.testing import parameterized
 import chex
 import flax.linen as nn
 import jax
