@@ -36,7 +36,7 @@ class AdaptiveSoftmax(nn.Module):
     dtype: computation dtype of the matmuls (None: the features' dtype); log-probabilities and
       losses are accumulated in float32.
     capacity_fractions: the routing's capacity rungs (`ops.adaptive_softmax_loss`); None runs
-      every tail on every row, which is what to use under `vmap` (there every rung would run).
+      every tail on every row. The routing also holds under `vmap` over blocks of rows.
   """
   num_classes: int
   cutoffs: Optional[Tuple[int, ...]] = None
