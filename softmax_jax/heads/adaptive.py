@@ -10,6 +10,11 @@ The loss (training and evaluation) is `ops.adaptive_softmax_loss`, which runs ea
 rows whose label falls in its cluster (static-capacity routing, see `softmax_jax/ops/adaptive.py`);
 `log_prob` is the exact full distribution and `predict` evaluates the tails only for rows whose head
 argmax is a cluster. Class ids must be sorted by decreasing frequency (the vocabulary builders do).
+
+Checks: the ranks, shapes and dtypes of `features` and `labels` as every head (chex, eagerly and
+under `jit`, see dense.py); `num_classes`, `cutoffs`, `div_value` and `class_counts` when the head
+is first applied (Python values, so under `jit` too); labels in [0, K) only when concrete (traced
+out-of-range ones give a NaN loss).
 """
 
 from typing import Any, Optional, Tuple
