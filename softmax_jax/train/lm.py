@@ -39,10 +39,12 @@ from softmax_jax.data.text import (LM_DATASETS, lm_batches, lm_eval_batches, lm_
 from softmax_jax.models.lm import build_language_model
 from softmax_jax.train.checkpoint import Checkpointer
 from softmax_jax.train.config import validate_config
+from softmax_jax.train.interrupt import Interrupts
 from softmax_jax.train.parallel import _devices, check_divisible
-from softmax_jax.train.runner import run_steps
+from softmax_jax.train.runner import finished, restore, run_steps
 from softmax_jax.train.state import TrainState, make_optimizer
 from softmax_jax.train.step import check_updated_state
+from softmax_jax.train.workdir import WorkdirLock, atomic_write, check_config
 from softmax_jax.train.writer import MetricWriter
 
 __all__ = ['LM_DATASETS', 'LMDriver', 'init_lm_state', 'lm_train_step', 'train_and_evaluate_lm']
@@ -173,49 +175,50 @@ def train_and_evaluate_lm(config, workdir: str, *, dataset=None) -> Dict[str, fl
 
   Raises:
     ValueError: an unknown config key or a bad value, naming it.
-    FloatingPointError: the training loss became NaN or infinite; names the step and the last
-      good checkpoint.
+    WorkdirError, FloatingPointError, TrainingInterrupted: as `train.train_and_evaluate`.
   """
-  from softmax_jax.train.loop import _save_config  # pylint: disable=g-import-not-at-top (loop imports us)
   validate_config(config)
   _check_lm_config(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  _save_config(config, workdir)
+  with Interrupts() as interrupts, WorkdirLock(workdir):
+    changes = check_config(config, workdir)
+    dataset = load_text_dataset(config.data) if dataset is None else dataset
+    model = build_language_model(config.model, config.head, dataset.num_classes, dataset.counts)
+    batch_size, seq_len, eval_batch_size = config.batch_size, config.data.seq_len, config.eval_batch_size
+    train = dataset.splits['train']
+    steps_per_epoch = lm_steps_per_epoch(len(train), batch_size, seq_len)
+    if steps_per_epoch < 1:
+      raise ValueError(f'The train split ({len(train)} tokens) is too short for one window of '
+                       f'config.batch_size x config.data.seq_len = {batch_size} x {seq_len}.')
+    schedule, tx = make_optimizer(config.optimizer, config.num_steps)
+    driver = LMDriver(model, tx, schedule, config.num_devices, steps_per_epoch)
+    check_divisible(batch_size, len(driver.devices), 'batch_size')
+    check_divisible(eval_batch_size, len(driver.devices), 'eval_batch_size')
 
-  dataset = load_text_dataset(config.data) if dataset is None else dataset
-  model = build_language_model(config.model, config.head, dataset.num_classes, dataset.counts)
-  batch_size, seq_len, eval_batch_size = config.batch_size, config.data.seq_len, config.eval_batch_size
-  train = dataset.splits['train']
-  steps_per_epoch = lm_steps_per_epoch(len(train), batch_size, seq_len)
-  if steps_per_epoch < 1:
-    raise ValueError(f'The train split ({len(train)} tokens) is too short for one window of '
-                     f'config.batch_size x config.data.seq_len = {batch_size} x {seq_len}.')
-  schedule, tx = make_optimizer(config.optimizer, config.num_steps)
-  driver = LMDriver(model, tx, schedule, config.num_devices, steps_per_epoch)
-  check_divisible(batch_size, len(driver.devices), 'batch_size')
-  check_divisible(eval_batch_size, len(driver.devices), 'eval_batch_size')
-
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.max_checkpoints)
-  host_state, start_step = ckpt.restore_latest(init_lm_state(model, tx, batch_size, seq_len, config.seed))
-  if start_step:
-    logging.info('Resuming from %s', ckpt.path(start_step))
-  num_params = sum(int(np.size(p)) for p in jax.tree.leaves(host_state['params']))
-  state = driver.put_state(host_state)
-  writer = MetricWriter(workdir, start_step)
-  batches = lm_batches(train, batch_size, seq_len, start_step=start_step, num_steps=config.num_steps)
-
-  state, final = run_steps(
-      config, driver, state, batches, start_step=start_step, writer=writer, ckpt=ckpt,
-      evaluate=lambda s: driver.evaluate(s, dataset.splits['validation'], eval_batch_size, seq_len,
-                                         'validation'),
-      items_per_step=batch_size * seq_len, rate='tokens_per_second', log_perplexity=True)
-  final['num_params'] = float(num_params)
-  for split in ('validation', 'test'):
-    final.update(driver.evaluate(state, dataset.splits[split], eval_batch_size, seq_len, split))
-  writer.write(config.num_steps, final)
-  writer.close()
-  ckpt.close()
-  with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-    json.dump(final, f, indent=2, sort_keys=True)
+    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.max_checkpoints)
+    try:
+      template = init_lm_state(model, tx, batch_size, seq_len, config.seed)
+      host_state, start_step = restore(config, workdir, ckpt, template, changes=changes,
+                                       interrupts=interrupts)
+      num_params = sum(int(np.size(p)) for p in jax.tree.leaves(host_state['params']))
+      state = driver.put_state(host_state)
+      writer = MetricWriter(workdir, start_step)
+      batches = lm_batches(train, batch_size, seq_len, start_step=start_step, num_steps=config.num_steps)
+      try:
+        state, final = run_steps(
+            config, driver, state, batches, start_step=start_step, writer=writer, ckpt=ckpt,
+            evaluate=lambda s: driver.evaluate(s, dataset.splits['validation'], eval_batch_size,
+                                               seq_len, 'validation'),
+            items_per_step=batch_size * seq_len, rate='tokens_per_second', log_perplexity=True,
+            interrupts=interrupts)
+        finished(interrupts, ckpt, config.num_steps)
+        final['num_params'] = float(num_params)
+        for split in ('validation', 'test'):
+          final.update(driver.evaluate(state, dataset.splits[split], eval_batch_size, seq_len, split))
+        writer.write_final(config.num_steps, final)
+      finally:
+        writer.close()
+    finally:
+      ckpt.close()
+    atomic_write(os.path.join(workdir, 'final_metrics.json'), json.dumps(final, indent=2, sort_keys=True))
   return final

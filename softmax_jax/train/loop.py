@@ -15,9 +15,11 @@ from softmax_jax import ops
 from softmax_jax.models.classifier import build_classifier
 from softmax_jax.train.checkpoint import Checkpointer
 from softmax_jax.train.config import validate_config
+from softmax_jax.train.interrupt import Interrupts
 from softmax_jax.train.parallel import DRIVERS, check_divisible
-from softmax_jax.train.runner import run_steps
+from softmax_jax.train.runner import finished, restore, run_steps
 from softmax_jax.train.state import init_state, make_optimizer
+from softmax_jax.train.workdir import WorkdirLock, atomic_write, check_config
 from softmax_jax.train.writer import MetricWriter
 
 
@@ -101,19 +103,12 @@ def load_trained(workdir: str):
   return config, dataset, model, {'params': state['params'], **state['model_state']}
 
 
-def _save_config(config, workdir: str) -> None:
-  path = os.path.join(workdir, 'config.json')
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() != text:
-        logging.warning('Config differs from the one in %s; resuming with the new one.', path)
-  with open(path, 'w') as f:
-    f.write(text)
-
-
 def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
+  """Trains `config` in `workdir` (resuming from its newest intact checkpoint) and evaluates.
+
+  The workdir is locked for the run (train/workdir.py); a workdir created with a config that
+  differs in the model, head, data, seed or batch size is refused before anything in it changes;
+  a SIGINT or SIGTERM checkpoints the current step and raises `TrainingInterrupted`.
 
   Returns:
     The final metrics, e.g. {'test/accuracy', 'test/nll', 'test/ece', 'validation/accuracy', ...};
@@ -121,43 +116,48 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, float]:
 
   Raises:
     ValueError: an unknown config key or a bad value, naming it.
-    FloatingPointError: the training loss became NaN or infinite; names the step and the last
-      good checkpoint.
+    WorkdirError: another run holds the workdir; the workdir was created with an incompatible
+      config, or trained past `config.num_steps`; it has checkpoints but none is intact.
+    FloatingPointError: the training loss, gradient norm or state became NaN or infinite; names
+      the first bad step and the newest (finite) checkpoint, and how to resume from it.
+    TrainingInterrupted: SIGINT or SIGTERM; says what was saved and how to resume.
   """
   from softmax_jax.train.lm import LM_DATASETS, train_and_evaluate_lm  # pylint: disable=g-import-not-at-top
   if config.data.name in LM_DATASETS:  # word-level language modelling: train/lm.py
     return train_and_evaluate_lm(config, workdir)
   validate_config(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  _save_config(config, workdir)
+  with Interrupts() as interrupts, WorkdirLock(workdir):
+    changes = check_config(config, workdir)
+    dataset = data.load_dataset(config.data)
+    model = build_classifier(config.model, config.head, dataset.num_classes, dataset.class_counts)
+    lt_counts = dataset.class_counts if config.data.imbalance_ratio > 1 else None  # long-tail metrics
+    schedule, tx = make_optimizer(config.optimizer, config.num_steps)
+    driver = DRIVERS[config.parallel](model, tx, schedule, config.num_devices,
+                                      augment=config.augment.to_dict())
+    check_divisible(config.batch_size, len(driver.devices), 'batch_size')
+    check_divisible(config.eval_batch_size, len(driver.devices), 'eval_batch_size')
 
-  dataset = data.load_dataset(config.data)
-  model = build_classifier(config.model, config.head, dataset.num_classes, dataset.class_counts)
-  lt_counts = dataset.class_counts if config.data.imbalance_ratio > 1 else None  # long-tail metrics
-  schedule, tx = make_optimizer(config.optimizer, config.num_steps)
-  driver = DRIVERS[config.parallel](model, tx, schedule, config.num_devices,
-                                    augment=config.augment.to_dict())
-  check_divisible(config.batch_size, len(driver.devices), 'batch_size')
-  check_divisible(config.eval_batch_size, len(driver.devices), 'eval_batch_size')
-
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.max_checkpoints)
-  host_state, start_step = ckpt.restore_latest(init_state(model, tx, dataset.input_shape, config.seed))
-  if start_step:
-    logging.info('Resuming from %s', ckpt.path(start_step))
-  state = driver.put_state(host_state)
-  writer = MetricWriter(workdir, start_step)
-  batches = data.train_batches(dataset, config.batch_size, seed=config.seed, start_step=start_step,
-                               sampling=config.data.sampling, num_steps=config.num_steps)
-
-  state, _ = run_steps(
-      config, driver, state, batches, start_step=start_step, writer=writer, ckpt=ckpt,
-      evaluate=lambda s: evaluate(driver, s, dataset, 'validation', config.eval_batch_size, lt_counts),
-      items_per_step=config.batch_size, rate='examples_per_second')
-  final = final_evaluation(driver, state, dataset, config.eval_batch_size, workdir, lt_counts)
-  writer.write(config.num_steps, final)
-  writer.close()
-  ckpt.close()
-  with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-    json.dump(final, f, indent=2, sort_keys=True)
+    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.max_checkpoints)
+    try:
+      template = init_state(model, tx, dataset.input_shape, config.seed)
+      host_state, start_step = restore(config, workdir, ckpt, template, changes=changes,
+                                       interrupts=interrupts)
+      state = driver.put_state(host_state)
+      writer = MetricWriter(workdir, start_step)
+      batches = data.train_batches(dataset, config.batch_size, seed=config.seed, start_step=start_step,
+                                   sampling=config.data.sampling, num_steps=config.num_steps)
+      try:
+        state, _ = run_steps(
+            config, driver, state, batches, start_step=start_step, writer=writer, ckpt=ckpt,
+            evaluate=lambda s: evaluate(driver, s, dataset, 'validation', config.eval_batch_size, lt_counts),
+            items_per_step=config.batch_size, rate='examples_per_second', interrupts=interrupts)
+        finished(interrupts, ckpt, config.num_steps)
+        final = final_evaluation(driver, state, dataset, config.eval_batch_size, workdir, lt_counts)
+        writer.write_final(config.num_steps, final)
+      finally:
+        writer.close()
+    finally:
+      ckpt.close()
+    atomic_write(os.path.join(workdir, 'final_metrics.json'), json.dumps(final, indent=2, sort_keys=True))
   return final

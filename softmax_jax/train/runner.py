@@ -1,22 +1,31 @@
 """`run_steps`: the step loop that both training drivers share (train/loop.py, train/lm.py).
 
-Every step is dispatched without waiting for the previous one: a step's loss is read back (and
-checked for NaN or inf) after the next step has been dispatched, except at the steps that log,
-evaluate or checkpoint, which wait for their own and also check that the whole train state is
-finite (`chex.assert_tree_all_finite` on a per-leaf probe), so no checkpoint holds NaN. Rates (`train/examples_per_second`,
-`train/tokens_per_second`) count neither the first step of an invocation, which compiles, nor the
-time spent in evaluation and checkpoints.
+Every step is dispatched without waiting for the previous one: a step's loss and gradient norm
+are read back (and checked for NaN or inf) after the next step has been dispatched, except at the
+steps that log, evaluate or checkpoint, which wait for their own and also check that the whole
+train state is finite (`chex.assert_tree_all_finite` on a per-leaf probe), so no checkpoint holds
+NaN. A failure names the first step whose loss or gradient norm is not finite (or, if only the
+state check saw it, the range of steps since the state was last seen finite) and the newest
+checkpoint, which is verified finite, and says how to resume from it with a lower learning rate.
+A SIGINT or SIGTERM (see train/interrupt.py) stops the loop after the step in flight, which is
+checkpointed. Rates (`train/examples_per_second`, `train/tokens_per_second`) count neither the
+first step of an invocation, which compiles, nor the time spent in evaluation and checkpoints.
 """
 
+import contextlib
 import math
 import time
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from tqdm.auto import tqdm
+
+from softmax_jax.train.interrupt import Interrupts, TrainingInterrupted
+from softmax_jax.train.workdir import check_steps, record_config
 
 
 @jax.jit
@@ -32,17 +41,73 @@ def _finite_probe(state):
   return jax.tree.map(probe, state)
 
 
+def restore(config, workdir: str, ckpt, template, *, changes, interrupts: Interrupts):
+  """`(host_state, start_step)` of a run: the newest intact checkpoint (or `template`, step 0).
+
+  Broken newer checkpoints are set aside; then `config.num_steps` is checked against the step and
+  `config.json` is (re)written with the harmless `changes` of `workdir.check_config` logged.
+
+  Raises:
+    WorkdirError: checkpoints exist but none is intact, or the workdir trained past num_steps.
+  """
+  state, start_step = ckpt.restore_latest(template, set_aside_broken=True)
+  check_steps(config, start_step, ckpt.path(start_step))
+  record_config(config, workdir, changes, start_step)
+  if start_step:
+    logging.info('Resuming from %s', ckpt.path(start_step))
+    interrupts.resume_hint = f'Rerun with the same workdir to resume from {ckpt.path(start_step)}.'
+  else:
+    interrupts.resume_hint = 'No checkpoint was written yet: a rerun with the same workdir starts from scratch.'
+  return state, start_step
+
+
+def finished(interrupts: Interrupts, ckpt, num_steps: int) -> None:
+  """After training: an interruption during the final evaluation loses nothing."""
+  interrupts.resume_hint = (f'Training had finished ({ckpt.path(num_steps)}); rerun with the same '
+                            'workdir to evaluate it.')
+
+
+class Diverged(FloatingPointError):
+  """The loss, gradient norm or state became NaN or inf; the message names the step and checkpoint.
+
+  Attributes:
+    resume_flags: flags that, added to the run's command, resume it with a 10x lower learning rate.
+  """
+
+  def __init__(self, message: str, resume_flags):
+    super().__init__(message)
+    self.resume_flags = list(resume_flags)
+
+
+def _lower_lr_flags(config):
+  return [f'--config.optimizer.learning_rate={float(config.optimizer.learning_rate) / 10:g}']
+
+
+def _resume_advice(config, ckpt, last_good: Optional[int]) -> str:
+  lr = float(config.optimizer.learning_rate)
+  flags = f'{_lower_lr_flags(config)[0]} (now {lr:g})'
+  if not config.optimizer.clip_global_norm:
+    flags += ', or add --config.optimizer.clip_global_norm=1.0'
+  if last_good is None:
+    return f'No checkpoint was written before it. To start again, rerun with the same workdir and {flags}.'
+  return (f'The newest checkpoint, {ckpt.path(last_good)} (step {last_good}), is verified finite. '
+          f'To resume from it with a lower learning rate, rerun with the same workdir and {flags}.')
+
+
 def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
               evaluate: Callable[..., Dict[str, float]], items_per_step: int, rate: str,
-              log_perplexity: bool = False) -> Tuple[object, Dict[str, float]]:
+              log_perplexity: bool = False,
+              interrupts: Optional[Interrupts] = None) -> Tuple[object, Dict[str, float]]:
   """Steps `state` from `start_step` to `config.num_steps`; logs, evaluates and checkpoints.
 
   Args:
-    config: reads num_steps, log_every, eval_every, checkpoint_every, progress and, for the error
+    config: reads num_steps, log_every, eval_every, checkpoint_every, progress,
+      optimizer.learning_rate and optimizer.clip_global_norm (for advice) and, for the error
       message, data.name, model.name and head.name.
-    driver: `step(state, batch) -> (state, metrics)` with a scalar metrics['loss'];
+    driver: `step(state, batch) -> (state, metrics)` with a scalar metrics['loss'] (and
+      optionally metrics['grad_norm'], also checked finite at every step);
       `get_state(state)` -> the host state to checkpoint.
-    state: the device state after `start_step` steps.
+    state: the device state after `start_step` steps (finite: a restored checkpoint is checked).
     batches: an iterator of training batches, starting with step `start_step + 1`'s.
     start_step: steps already done (0, or the checkpoint resumed from).
     writer: a `MetricWriter`; every `log_every` steps it gets the window's mean metrics as
@@ -53,6 +118,8 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
     items_per_step: examples or tokens a step consumes, for the rate.
     rate: the rate's name, e.g. 'examples_per_second'.
     log_perplexity: also log f'train/perplexity' = exp(mean loss).
+    interrupts: the run's `Interrupts`; after a SIGINT or SIGTERM the loop checkpoints the step in
+      flight and raises `TrainingInterrupted`.
 
   Returns:
     `(state, timing)`, timing {'train_wall_s': this invocation's loop, compilation, evaluation
@@ -60,19 +127,29 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
     checkpoints left out (0.0 with fewer than two steps)}.
 
   Raises:
-    FloatingPointError: the training loss is NaN or infinite, or at a log, evaluation or checkpoint
-      step the train state is; names the step and the last good checkpoint.
+    FloatingPointError: the training loss or gradient norm is NaN or infinite, or at a log,
+      evaluation or checkpoint step the train state is; names the first bad step (or the range
+      of steps it lies in), the newest checkpoint (verified finite) and how to resume from it.
+    TrainingInterrupted: a SIGINT or SIGTERM; the step it stopped at was checkpointed.
   """
-  last_good = start_step if start_step else None
+  last_good = start_step if start_step else None  # newest checkpoint, verified finite
+  verified = start_step  # the state after this step was seen finite
 
-  def check_finite(step: int, loss) -> None:
-    loss = float(loss)
-    if not math.isfinite(loss):
-      writer.write(step, {'nonfinite_loss': loss})
-      raise FloatingPointError(
-          f'Training loss is {loss} at step {step} (config: {config.data.name}, {config.model.name}, '
-          f'{config.head.name}). Last good checkpoint: {ckpt.path(last_good)}. Lower '
-          'config.optimizer.learning_rate or set config.optimizer.clip_global_norm.')
+  def where() -> str:
+    return f'(config: {config.data.name}, {config.model.name}, {config.head.name})'
+
+  def check_finite(step: int, metrics) -> None:
+    for key in ('loss', 'grad_norm'):
+      if key not in metrics:
+        continue
+      value = float(metrics[key])
+      if not math.isfinite(value):
+        writer.write(step, {f'nonfinite_{key}': value})
+        name = 'training loss' if key == 'loss' else 'gradient norm'
+        raise Diverged(
+            f'Training diverged at step {step}: the {name} is {value} {where()}; every earlier '
+            f'step\'s loss and gradient norm were finite. {_resume_advice(config, ckpt, last_good)}',
+            _lower_lr_flags(config))
 
   def check_state_finite(step: int, state) -> None:
     probe = jax.device_get(_finite_probe(state))
@@ -82,60 +159,73 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
       bad = [jax.tree_util.keystr(path) for path, v in jax.tree_util.tree_leaves_with_path(probe)
              if not np.isfinite(v)]
       writer.write(step, {'nonfinite_state': float('nan')})
-      raise FloatingPointError(
-          f'Training state is not finite after step {step} (config: {config.data.name}, '
-          f'{config.model.name}, {config.head.name}): {len(bad)} leaves hold NaN or inf, e.g. '
-          f'{", ".join(bad[:3])}. Last good checkpoint: {ckpt.path(last_good)}. Lower '
-          'config.optimizer.learning_rate or set config.optimizer.clip_global_norm.') from None
+      steps = f'step {step}' if step == verified + 1 else f'steps {verified + 1}-{step}'
+      raise Diverged(
+          f'Training diverged in {steps}: the train state after step {step} holds NaN or inf in '
+          f'{len(bad)} arrays, e.g. {", ".join(bad[:3])} {where()}; it was finite after step '
+          f'{verified}, and every loss and gradient norm up to step {step} was finite. '
+          f'{_resume_advice(config, ckpt, last_good)}', _lower_lr_flags(config)) from None
 
   def due(step: int, every: int) -> bool:
     return step % every == 0
+
+  def interrupted() -> bool:
+    return interrupts is not None and interrupts.signum is not None
 
   bar = tqdm(total=config.num_steps, initial=start_step, desc='train', disable=not config.progress,
              dynamic_ncols=True)
   t_begin = time.perf_counter()
   t_steady, steady_from, t_paused = None, start_step + 1, 0.0  # t_paused: evaluation, checkpoints
   window, untimed, t0, pending = [], 0, t_begin, None
-  for step in range(start_step + 1, config.num_steps + 1):  # `step` counts steps done after this one
-    state, step_metrics = driver.step(state, next(batches))
-    if t_steady is None:  # the first step compiles: rates count from its end
-      check_finite(step, step_metrics['loss'])
-      t_steady = t0 = time.perf_counter()
-      steady_from, untimed = step, 1
-    if pending is not None:  # check the previous step while this one runs
+  guard = interrupts.deferred() if interrupts is not None else contextlib.nullcontext()
+  with guard:
+    for step in range(start_step + 1, config.num_steps + 1):  # `step` counts steps done after this one
+      state, step_metrics = driver.step(state, next(batches))
+      if t_steady is None:  # the first step compiles: rates count from its end
+        check_finite(step, step_metrics)
+        t_steady = t0 = time.perf_counter()
+        steady_from, untimed = step, 1
+      if pending is not None:  # check the previous step while this one runs
+        check_finite(*pending)
+      pending = None
+      window.append(step_metrics)
+      bar.update(1)
+      last = step == config.num_steps
+      do_log, do_eval = due(step, config.log_every) or last, due(step, config.eval_every) and not last
+      do_ckpt = due(step, config.checkpoint_every) or last
+      if not (do_log or do_eval or do_ckpt or interrupted()):
+        pending = (step, step_metrics)  # read after the next step is dispatched
+        continue
+      check_finite(step, step_metrics)
+      check_state_finite(step, state)  # parameters and optimizer state: never log or save NaN ones
+      verified = step
+      if do_log:
+        scalars = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+        if log_perplexity:
+          scalars['perplexity'] = math.exp(min(scalars['loss'], 700.0))
+        if len(window) > untimed:
+          scalars[rate] = (len(window) - untimed) * items_per_step / (time.perf_counter() - t0)
+        writer.write(step, {f'train/{k}': v for k, v in scalars.items()})
+        shown = {'ppl': scalars['perplexity']} if log_perplexity else {'loss': scalars['loss']}
+        shown[rate.replace('_per_second', '/s')] = scalars.get(rate, 0.0)
+        bar.set_postfix({k: f'{v:.4g}' for k, v in shown.items()})
+        window, t0, untimed = [], time.perf_counter(), 0
+      t_pause = time.perf_counter()
+      if do_eval and not interrupted():
+        writer.write(step, evaluate(state))
+      if do_ckpt or interrupted():
+        ckpt.save(step, driver.get_state(state))
+        last_good = step
+      if interrupted():
+        bar.close()
+        raise TrainingInterrupted(
+            f'Interrupted by {Interrupts.name(interrupts.signum)} after step {step} of '
+            f'{config.num_steps}: saved checkpoint {ckpt.path(step)}. Rerun with the same workdir '
+            'and config to resume from it.', interrupts.signum)
+      paused = time.perf_counter() - t_pause
+      t0, t_paused = t0 + paused, t_paused + paused
+    if pending is not None:
       check_finite(*pending)
-    pending = None
-    window.append(step_metrics)
-    bar.update(1)
-    last = step == config.num_steps
-    do_log, do_eval = due(step, config.log_every) or last, due(step, config.eval_every) and not last
-    do_ckpt = due(step, config.checkpoint_every) or last
-    if not (do_log or do_eval or do_ckpt):
-      pending = (step, step_metrics['loss'])  # read after the next step is dispatched
-      continue
-    check_finite(step, step_metrics['loss'])
-    check_state_finite(step, state)  # parameters and optimizer state: never log or save NaN ones
-    if do_log:
-      scalars = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
-      if log_perplexity:
-        scalars['perplexity'] = math.exp(min(scalars['loss'], 700.0))
-      if len(window) > untimed:
-        scalars[rate] = (len(window) - untimed) * items_per_step / (time.perf_counter() - t0)
-      writer.write(step, {f'train/{k}': v for k, v in scalars.items()})
-      shown = {'ppl': scalars['perplexity']} if log_perplexity else {'loss': scalars['loss']}
-      shown[rate.replace('_per_second', '/s')] = scalars.get(rate, 0.0)
-      bar.set_postfix({k: f'{v:.4g}' for k, v in shown.items()})
-      window, t0, untimed = [], time.perf_counter(), 0
-    t_pause = time.perf_counter()
-    if do_eval:
-      writer.write(step, evaluate(state))
-    if do_ckpt:
-      ckpt.save(step, driver.get_state(state))
-      last_good = step
-    paused = time.perf_counter() - t_pause
-    t0, t_paused = t0 + paused, t_paused + paused
-  if pending is not None:
-    check_finite(*pending)
   jax.block_until_ready(state)
   t_end = time.perf_counter()
   bar.close()

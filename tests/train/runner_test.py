@@ -122,21 +122,36 @@ def test_resumed_at_the_end_runs_nothing(monkeypatch):
   assert timing['train/tokens_per_second'] == 0.0
 
 
-@pytest.mark.parametrize('bad_step, last_good', [(7, 'ckpt/5'), (3, 'None'), (12, 'ckpt/10')])
+@pytest.mark.parametrize('bad_step, last_good', [(7, 'ckpt/5'), (3, None), (12, 'ckpt/10')])
 def test_nonfinite_loss_names_the_step_and_last_checkpoint(monkeypatch, bad_step, last_good):
   # 7 and 3 are read back a step late (no sync there); 12 syncs at once.
-  with pytest.raises(FloatingPointError, match=f'loss is nan at step {bad_step} .*checkpoint: {last_good}'):
+  saved = f'The newest checkpoint, {last_good} .*is verified finite' if last_good else 'No checkpoint was written'
+  with pytest.raises(FloatingPointError, match=f'diverged at step {bad_step}: the training loss is nan .*{saved}'
+                     '.*rerun with the same workdir and --config.optimizer.learning_rate=0.0001 '):
     run(monkeypatch, losses={bad_step: math.nan})
 
 
 def test_resume_names_the_checkpoint_it_started_from(monkeypatch):
-  with pytest.raises(FloatingPointError, match='step 9 .*checkpoint: ckpt/8'):
+  with pytest.raises(FloatingPointError, match='step 9: the training loss is inf.*checkpoint, ckpt/8'):
     run(monkeypatch, start_step=8, losses={9: math.inf})
+
+
+def test_nonfinite_gradient_norm_with_a_finite_loss_names_its_step(monkeypatch):
+  # A NaN gradient (the loss of that step is finite) makes the parameters NaN: caught at step 7,
+  # read back at step 8 (no sync at 7), before the checkpoint at 10 could be written.
+  class GradDriver(Driver):
+    def step(self, state, batch):
+      state, metrics = super().step(state, batch)
+      return state, dict(metrics, grad_norm=jnp.asarray(math.nan if int(state) == 7 else 1.0))
+  with pytest.raises(FloatingPointError, match='diverged at step 7: the gradient norm is nan.*checkpoint, ckpt/5'):
+    run(monkeypatch, driver=GradDriver)
 
 
 def test_nonfinite_state_with_a_finite_loss_stops_before_a_checkpoint_or_log(monkeypatch):
   # `w` is NaN from step 7; the loss never is. Step 8 logs: the state check there stops the run,
-  # names `w`, and the last checkpoint (5) is the last finite one; checkpoint 10 is never written.
+  # names `w` and the steps since it was last seen finite (7-8: the evaluation at 6 checked it),
+  # and the last checkpoint (5) is the last finite one; checkpoint 10 is never written.
   with pytest.raises(FloatingPointError,
-                     match=r"state is not finite after step 8 .*1 leaves .*\['w'\].*checkpoint: ckpt/5"):
+                     match=r"diverged in steps 7-8: the train state after step 8 holds NaN or inf in 1 "
+                           r"arrays, e.g. \['w'\].*finite after step 6.*checkpoint, ckpt/5"):
     run(monkeypatch, driver=NaNParamsDriver)
