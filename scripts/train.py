@@ -3,12 +3,15 @@ r"""Trains one config and prints a summary table of the final metrics.
   python scripts/train.py                                    # digits, the default
   python scripts/train.py --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
   python scripts/train.py --config=configs/digits.py --config.optimizer.learning_rate=3e-3
+  python scripts/train.py --config.head.name=margin --config.head.kind=cosface --workdir=/tmp/cosface
 
-A rerun with the same --workdir resumes from its latest checkpoint.
+A rerun with the same --workdir resumes from its newest intact checkpoint (a config that changes
+the model, head or data is refused there). Ctrl-C or SIGTERM checkpoints the current step and
+exits with 128 + the signal's number, printing the command that resumes; a second Ctrl-C aborts.
 """
 
-import importlib.util
 import os
+import shlex
 import sys
 
 from absl import app
@@ -18,34 +21,29 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from softmax_jax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
-from softmax_jax.train.config import check_key_path  # pylint: disable=g-import-not-at-top
+from softmax_jax.train.config import check_override_args, override_free_form  # pylint: disable=g-import-not-at-top
+from softmax_jax.train.interrupt import TrainingInterrupted  # pylint: disable=g-import-not-at-top
+from softmax_jax.train.workdir import WorkdirError  # pylint: disable=g-import-not-at-top
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def check_overrides(argv) -> None:
-  """Names a misspelt `--config.key=...` before absl's parser fails on it with a bare traceback."""
-  spec = os.path.join(_REPO, 'configs', 'digits.py')
-  for a in argv[1:]:
-    if a.startswith('--config='):
-      spec = a.split('=', 1)[1]
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_config', path)
-  if module_spec is None or not os.path.exists(path):
-    sys.exit(f'--config={spec}: no config file at {path!r}.')
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
-  for a in argv[1:]:
-    if a.startswith('--config.'):
-      try:
-        check_key_path(config, a[len('--config.'):].split('=', 1)[0])
-      except ValueError as e:
-        sys.exit(f'error: {e}')
+def check_overrides(argv):
+  """Names a misspelt `--config.key=...` before absl's parser fails on it with a bare traceback.
+
+  Returns:
+    `(argv for absl, {model/head key: text})`; see `softmax_jax.train.config.check_override_args`.
+  """
+  try:
+    return check_override_args(argv, os.path.join(_REPO, 'configs', 'digits.py'))
+  except ValueError as e:
+    sys.exit(f'error: {e}')
 
 
+_COMMAND = list(sys.argv)  # for the resume hint, as typed
+_FREE_OVERRIDES = {}
 if __name__ == '__main__':  # config_flags applies --config.* overrides as soon as it is defined
-  check_overrides(sys.argv)
+  sys.argv, _FREE_OVERRIDES = check_overrides(sys.argv)
 
 config_flags.DEFINE_config_file(
     'config', os.path.join(_REPO, 'configs', 'digits.py'), 'Experiment config file.', lock_config=True)
@@ -66,8 +64,21 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
+  override_free_form(config, _FREE_OVERRIDES)
   workdir = flags.FLAGS.workdir
-  metrics = train_and_evaluate(config, workdir)
+  try:
+    metrics = train_and_evaluate(config, workdir)
+  except TrainingInterrupted as e:  # SIGINT, SIGTERM: the step reached is checkpointed
+    print(f'\n{e}\nResume: {shlex.join([sys.executable, *_COMMAND])}', file=sys.stderr)
+    sys.exit(128 + e.signum)
+  except FloatingPointError as e:  # names the step and a finite checkpoint
+    flags_ = getattr(e, 'resume_flags', [])
+    keys = {f.split('=', 1)[0] for f in flags_}
+    command = [a for a in _COMMAND if a.split('=', 1)[0] not in keys] + flags_
+    resume = f'\nResume: {shlex.join([sys.executable, *command])}' if flags_ else ''
+    sys.exit(f'error: {e}{resume}')
+  except WorkdirError as e:
+    sys.exit(f'error: {e}')
   print(f'\nFinal metrics ({config.data.name}, model={config.model.name}, head={config.head.name}, '
         f'workdir={workdir}):')
   print(summary_table(metrics))

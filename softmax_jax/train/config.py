@@ -1,6 +1,11 @@
 """The full config schema with defaults; experiment configs override it, and unknown keys are errors."""
 
+import ast
+import dataclasses
 import difflib
+import importlib.util
+import os
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import ml_collections
 from ml_collections import config_dict
@@ -10,6 +15,8 @@ from softmax_jax.data.pipeline import SAMPLING
 
 # Sub-configs whose keys depend on `name` are checked against the module they build instead.
 _FREE_FORM = ('model', 'head')
+# Module fields that the data sets, never the config.
+_FROM_DATA = ('num_classes', 'class_counts', 'vocab_size', 'parent', 'name')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -107,3 +114,158 @@ def check_key_path(config, dotted: str) -> None:
       raise ValueError(f'Unknown config key {path}.{key} in --config.{dotted}; known keys at {path}: '
                        f'{known}.{hint}')
     node, path = node[key], f'{path}.{key}'
+
+
+def _registry(config, section: str):
+  """Name -> module class for `config.<section>` (heads; image or language-model backbones)."""
+  # pylint: disable=g-import-not-at-top  (models import this package's users, not the reverse)
+  from softmax_jax.data.text import LM_DATASETS
+  from softmax_jax.heads import HEADS
+  from softmax_jax.models import BACKBONES, LM_BACKBONES
+  if section == 'head':
+    return HEADS
+  return LM_BACKBONES if config.data.name in LM_DATASETS else BACKBONES
+
+
+def _parse(text: str, default, where: str):
+  """The value of `--<where>=<text>`, typed like the field's `default` (a literal or a string)."""
+  if isinstance(default, bool) or text.lower() in ('true', 'false'):
+    if text.lower() not in ('true', 'false'):
+      raise ValueError(f'--{where}={text}: expected true or false.')
+    return text.lower() == 'true'
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if isinstance(value, list):
+    value = tuple(value)
+  if isinstance(default, float) and isinstance(value, int):
+    value = float(value)
+  kinds = ((tuple,), (str,), (int, float))
+  for kind in kinds:
+    if isinstance(default, kind) and not isinstance(value, kind):
+      raise ValueError(f'--{where}={text}: expected a {kind[0].__name__} like {default!r}.')
+  return value
+
+
+def override_free_form(config, overrides: Mapping[str, str]) -> None:
+  """Applies `--config.model.<key>=` and `--config.head.<key>=` overrides to `config` in place.
+
+  These sub-configs hold the options of the module their `name` picks, so their keys differ per
+  name: `name` is applied first (a different name replaces the sub-config by `{'name': name}`,
+  dropping the other module's options), then each key is checked against that module's fields
+  and parsed like its default. E.g. on the default config, `head.name=margin, head.kind=cosface`.
+
+  Args:
+    config: a (possibly locked) config; it is locked again afterwards if it was.
+    overrides: dotted key under 'model.' or 'head.' -> the flag's text, e.g. {'head.gamma': '2.0'}.
+
+  Raises:
+    ValueError: an unknown name, a key the chosen module does not take (naming the modules that
+      do) or one the data sets (num_classes), or a value of the wrong type; names the flag.
+  """
+  for section in _FREE_FORM:
+    items = {k[len(section) + 1:]: v for k, v in overrides.items() if k.startswith(section + '.')}
+    if not items:
+      continue
+    registry, sub = _registry(config, section), config[section].to_dict()
+    name = items.pop('name', sub.get('name'))
+    if name not in registry:
+      raise ValueError(f'--config.{section}.name={name}: unknown; choose one of {sorted(registry)}.')
+    if name != sub.get('name'):
+      sub = {'name': name}
+    fields = {f.name: f.default for f in dataclasses.fields(registry[name]) if f.name not in _FROM_DATA}
+    for key, text in items.items():
+      where = f'config.{section}.{key}'
+      if key not in fields:
+        takes = sorted(n for n, cls in registry.items()
+                       if key in {f.name for f in dataclasses.fields(cls)} - set(_FROM_DATA))
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = (f' The data sets {key}.' if key in _FROM_DATA else
+                f' Did you mean {close[0]!r}?' if close else
+                f' Set --config.{section}.name to one that does: {takes}.' if takes else '')
+        raise ValueError(f'Unknown config key {where} in --{where}: {registry[name].__name__} '
+                         f'({section}.name={name!r}) takes {sorted(fields)}.{hint}')
+      default = fields[key]
+      sub[key] = _parse(text, None if default is dataclasses.MISSING else default, where)
+    locked = config.is_locked
+    with config.unlocked():
+      config[section] = ml_collections.ConfigDict(sub)
+    if locked:
+      config.lock()
+
+
+def config_file_arg(argv: Sequence[str], default: str) -> str:
+  """The config file spec ('path[:arg]') that absl reads from `argv`: `--config=<spec>` or
+  `--config <spec>` (also with one dash), the last one winning; `default` without either."""
+  spec = default
+  for i, a in enumerate(argv[1:], 1):
+    if a == '--':
+      break
+    if a in ('--config', '-config') and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif a.startswith(('--config=', '-config=')):
+      spec = a.split('=', 1)[1]
+  return spec
+
+
+def split_overrides(argv: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
+  """`(argv without its --config.model.* / --config.head.* flags, {dotted key: text} of those)`.
+
+  absl's config flags can only set keys the config already has, but the keys of `config.model`
+  and `config.head` depend on the module their `name` picks: `override_free_form` applies those.
+  Both `--config.head.kind=cosface` and `--config.head.kind cosface` are understood.
+  """
+  kept, free, i = [argv[0]], {}, 1
+  while i < len(argv):
+    a = argv[i]
+    if a == '--':
+      kept += argv[i:]
+      break
+    key = a.lstrip('-').split('=', 1)[0]
+    if a.startswith('-') and key.startswith(tuple(f'config.{s}.' for s in _FREE_FORM)):
+      if '=' in a:
+        free[key[len('config.'):]] = a.split('=', 1)[1]
+      elif i + 1 < len(argv):
+        free[key[len('config.'):]] = argv[i + 1]
+        i += 1
+      i += 1
+      continue
+    kept.append(a)
+    i += 1
+  return kept, free
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of config file `spec` = 'path[:arg]' (as `--config=` takes it).
+
+  Raises:
+    ValueError: no file at the path.
+  """
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_config', path)
+  if module_spec is None or not os.path.exists(path):
+    raise ValueError(f'--config={spec}: no config file at {path!r}.')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_override_args(argv: Sequence[str], default: str) -> Tuple[List[str], Dict[str, str]]:
+  """Checks every `--config.<key>` of `argv` against the config that its `--config` loads.
+
+  Returns:
+    `split_overrides(argv)`: what absl parses, and the model/head overrides for
+    `override_free_form`.
+
+  Raises:
+    ValueError: an unknown key (naming it, the known ones and a close match), a model or head key
+      that the chosen module does not take, or a value of the wrong type.
+  """
+  config = load_config_file(config_file_arg(argv, default))
+  kept, free = split_overrides(argv)
+  for a in kept[1:]:
+    if a.startswith(('--config.', '-config.')):
+      check_key_path(config, a.lstrip('-')[len('config.'):].split('=', 1)[0])
+  override_free_form(config, free)
+  return kept, free
