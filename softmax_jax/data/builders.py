@@ -11,12 +11,16 @@
 Both builders skip the global TFDS registry (their data lives in `data_dir/<name>/<version>` and
 `tfds.data_source(name, data_dir=...)` still reads it once prepared) and keep generation order
 (`disable_shuffling=True`), so record `i` of a split is example `i` of its source.
+
+Preparation holds an exclusive lock (`preparation_lock`, a `flock` on `data_dir/.<name>.lock`), so
+two first runs on a fresh data_dir do not race: the second waits, then finds the data prepared.
 """
 
+import contextlib
 import gzip
 import io
 import os
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -195,6 +199,46 @@ class FashionMnistIdx(_ArrayBuilder, skip_registration=True):
 LOCAL_BUILDERS = {'digits': Digits, 'fashion_mnist_idx': FashionMnistIdx}
 
 
+@contextlib.contextmanager
+def preparation_lock(data_dir: str, name: str):
+  """Holds an exclusive lock on preparing dataset `name` in TFDS `data_dir` (blocks until free).
+
+  Two processes that prepare the same dataset into one data_dir would both write it and the
+  second rename would fail (TFDS: `FileExistsError: Cannot rename .../incomplete...`). The lock
+  is a `flock` on `data_dir/.<name>.lock`, dropped by the kernel if its holder dies; without
+  `fcntl` (Windows) or on a filesystem without flock it is a no-op.
+  """
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    fcntl = None
+  os.makedirs(data_dir, exist_ok=True)
+  path = os.path.join(data_dir, '.' + name.replace('/', '_') + '.lock')
+  with open(path, 'a') as f:
+    if fcntl is not None:
+      try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+      except OSError:
+        pass  # no flock on this filesystem: unguarded, as TFDS itself
+    yield  # closing the file releases the lock
+
+
+def prepare_once(make_builder: Callable[[], tfds.core.DatasetBuilder], prepare: Callable) -> tfds.core.DatasetBuilder:
+  """`make_builder()`, prepared by `prepare(builder)` unless it is; safe against concurrent runs.
+
+  Under `preparation_lock`, a fresh builder is made again, so a preparation finished by another
+  process while this one waited is seen and reused.
+  """
+  builder = make_builder()
+  if builder.is_prepared():
+    return builder
+  with preparation_lock(os.fspath(builder.data_dir_root), builder.name):
+    builder = make_builder()
+    if not builder.is_prepared():
+      prepare(builder)
+  return builder
+
+
 def prepare(name: str, *, data_dir: Optional[str] = None,
             source_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
   """Builds local dataset `name` into `data_dir` on first use and returns its builder.
@@ -207,14 +251,26 @@ def prepare(name: str, *, data_dir: Optional[str] = None,
   Returns:
     the prepared builder; read it with `builder.as_data_source(split)`. Once prepared, the data
     in `data_dir` is reused as is: a different `source_dir` needs a different `data_dir`.
+    Concurrent first calls prepare it once (`prepare_once`).
+
+  Raises:
+    FileNotFoundError: `source_dir` is given but is not a directory (also when the data is
+      already prepared: a mistyped path must not go unnoticed), or its files are missing.
   """
-  builder = LOCAL_BUILDERS[name](data_dir=data_dir, file_format='array_record')
-  if not builder.is_prepared():
+  if source_dir is not None and not os.path.isdir(source_dir):
+    raise FileNotFoundError(
+        f'config.data.source_dir={source_dir!r} is not a directory. Point it to the folder of '
+        f'the raw files, or leave it unset (None) to use {DEFAULT_FASHION_DIR} or the copy '
+        'already prepared in the TFDS data_dir.')
+
+  def prepare_builder(builder):
     download_config = None
     if name == 'fashion_mnist_idx':
-      source_dir = source_dir or DEFAULT_FASHION_DIR
-      fashion_paths(source_dir)  # Fails early with install instructions.
-      download_config = tfds.download.DownloadConfig(manual_dir=source_dir)
+      raw = source_dir or DEFAULT_FASHION_DIR
+      fashion_paths(raw)  # Fails early with install instructions.
+      download_config = tfds.download.DownloadConfig(manual_dir=raw)
     builder.download_and_prepare(download_config=download_config)
-  return builder
+
+  return prepare_once(lambda: LOCAL_BUILDERS[name](data_dir=data_dir, file_format='array_record'),
+                      prepare_builder)
 

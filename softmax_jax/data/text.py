@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterator, Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
+from softmax_jax.data.builders import prepare_once
 from softmax_jax.data.vocab import (DEFAULT_SOURCE_ROOT, SOURCE_FILES, SPECIALS, build_vocab,
                                     check_fingerprints, encode, file_fingerprint, line_tokens,
                                     read_lines, source_paths, tinyshakespeare_bounds)
@@ -115,16 +116,26 @@ def prepare_corpus(name: str, *, data_dir: Optional[str] = None,
       data is already prepared, its files must match the recorded fingerprints.
 
   Raises:
-    FileNotFoundError: not prepared and raw files missing.
+    FileNotFoundError: `source_dir` is given but is not a directory; or not prepared and raw
+      files missing.
     ValueError: prepared from files that differ from those in the given `source_dir`.
   """
   if name not in SOURCE_FILES:
     raise ValueError(f'name must be one of {tuple(SOURCE_FILES)}, got {name!r}')
+  if source_dir is not None and not os.path.isdir(source_dir):  # also once prepared: a typo shows
+    raise FileNotFoundError(
+        f'config.data.source_dir={source_dir!r} is not a directory. Point it to the folder of '
+        f'the raw {name} files, or leave it unset (None) to use '
+        f'{os.path.join(DEFAULT_SOURCE_ROOT, name)} or the copy already prepared in the data_dir.')
   builder = WordCorpus(config=name, data_dir=data_dir, file_format='array_record')
   if not builder.is_prepared():
     source = os.path.abspath(source_dir or os.path.join(DEFAULT_SOURCE_ROOT, name))
     source_paths(name, source)  # Fails early, naming the missing files.
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=source))
+
+    def prepare(b):
+      b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=source))
+    builder = prepare_once(
+        lambda: WordCorpus(config=name, data_dir=data_dir, file_format='array_record'), prepare)
   elif source_dir is not None:
     check_fingerprints(name, source_dir, dict(builder.info.metadata.get('source_files', {})),
                        where=str(builder.data_dir))
