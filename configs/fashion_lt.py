@@ -50,7 +50,6 @@ def get_config(arg: str = 'ce'):
   c = base_config()
   c.seed = seed
   c.data.name = 'fashion_mnist_idx'
-  c.data.source_dir = '/usr/share/datasets/fashion-mnist'
   c.data.imbalance_ratio = 100.0
   c.data.sampling = 'class' if method == 'resample' else 'instance'
   c.model = dict(name='cnn', channels=(16, 32), convs_per_block=1, dense=128, dropout=0.2)

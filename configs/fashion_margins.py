@@ -52,7 +52,6 @@ def get_config(arg: str = 'arcface,2d'):
   head, setting = parts
   c = base_config()
   c.data.name = 'fashion_mnist_idx'
-  c.data.source_dir = '/usr/share/datasets/fashion-mnist'
   if setting == 'open':
     held = heldout[0] if heldout else HELD_OUT
     c.data.classes = tuple(k for k in range(10) if k not in held)

@@ -19,7 +19,6 @@ def get_config(arg: str = ''):
   """`arg`: '' (default run) or 'small' (a short smoke run)."""
   c = base_config()
   c.data.name = 'fashion_mnist_idx'
-  c.data.source_dir = '/usr/share/datasets/fashion-mnist'
   c.model = dict(name='cnn', channels=(32, 64), convs_per_block=1, dense=256, dropout=0.3)
   c.batch_size = 128
   c.num_steps = 6000  # ~14 epochs of the 54k training images

@@ -254,15 +254,9 @@ def prepare(name: str, *, data_dir: Optional[str] = None,
     Concurrent first calls prepare it once (`prepare_once`).
 
   Raises:
-    FileNotFoundError: `source_dir` is given but is not a directory (also when the data is
-      already prepared: a mistyped path must not go unnoticed), or its files are missing.
+    FileNotFoundError: raw files missing (not prepared), or `source_dir` given but not a
+      directory (prepared: a mistyped path must not go unnoticed).
   """
-  if source_dir is not None and not os.path.isdir(source_dir):
-    raise FileNotFoundError(
-        f'config.data.source_dir={source_dir!r} is not a directory. Point it to the folder of '
-        f'the raw files, or leave it unset (None) to use {DEFAULT_FASHION_DIR} or the copy '
-        'already prepared in the TFDS data_dir.')
-
   def prepare_builder(builder):
     download_config = None
     if name == 'fashion_mnist_idx':
@@ -271,6 +265,13 @@ def prepare(name: str, *, data_dir: Optional[str] = None,
       download_config = tfds.download.DownloadConfig(manual_dir=raw)
     builder.download_and_prepare(download_config=download_config)
 
-  return prepare_once(lambda: LOCAL_BUILDERS[name](data_dir=data_dir, file_format='array_record'),
-                      prepare_builder)
+  builder = prepare_once(lambda: LOCAL_BUILDERS[name](data_dir=data_dir, file_format='array_record'),
+                         prepare_builder)
+  if name == 'fashion_mnist_idx' and source_dir is not None and not os.path.isdir(source_dir):
+    # Prepared already (else the raw files would have been missing): say so, do not ignore it.
+    raise FileNotFoundError(
+        f'config.data.source_dir={source_dir!r} is not a directory. {name} is already prepared in '
+        f'{builder.data_dir}; leave config.data.source_dir unset (None) to '
+        'use that copy, or point it to the folder of the raw files.')
+  return builder
 

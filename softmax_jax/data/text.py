@@ -116,17 +116,12 @@ def prepare_corpus(name: str, *, data_dir: Optional[str] = None,
       data is already prepared, its files must match the recorded fingerprints.
 
   Raises:
-    FileNotFoundError: `source_dir` is given but is not a directory; or not prepared and raw
-      files missing.
+    FileNotFoundError: not prepared and raw files missing; or prepared and `source_dir` given
+      but not a directory.
     ValueError: prepared from files that differ from those in the given `source_dir`.
   """
   if name not in SOURCE_FILES:
     raise ValueError(f'name must be one of {tuple(SOURCE_FILES)}, got {name!r}')
-  if source_dir is not None and not os.path.isdir(source_dir):  # also once prepared: a typo shows
-    raise FileNotFoundError(
-        f'config.data.source_dir={source_dir!r} is not a directory. Point it to the folder of '
-        f'the raw {name} files, or leave it unset (None) to use '
-        f'{os.path.join(DEFAULT_SOURCE_ROOT, name)} or the copy already prepared in the data_dir.')
   builder = WordCorpus(config=name, data_dir=data_dir, file_format='array_record')
   if not builder.is_prepared():
     source = os.path.abspath(source_dir or os.path.join(DEFAULT_SOURCE_ROOT, name))
@@ -137,6 +132,11 @@ def prepare_corpus(name: str, *, data_dir: Optional[str] = None,
     builder = prepare_once(
         lambda: WordCorpus(config=name, data_dir=data_dir, file_format='array_record'), prepare)
   elif source_dir is not None:
+    if not os.path.isdir(source_dir):  # prepared: say so, do not ignore it
+      raise FileNotFoundError(
+          f'config.data.source_dir={source_dir!r} is not a directory. {name} is already prepared '
+          f'in {builder.data_dir}; leave config.data.source_dir unset (None) to use that copy, '
+          f'or point it to the folder of the raw {name} files.')
     check_fingerprints(name, source_dir, dict(builder.info.metadata.get('source_files', {})),
                        where=str(builder.data_dir))
   return builder

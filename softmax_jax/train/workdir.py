@@ -30,7 +30,7 @@ except ImportError:  # Windows: no advisory locks
 # else, new keys included, must equal the workdir's config.
 HARMLESS = ('optimizer.', 'augment.', 'num_steps', 'log_every', 'eval_every', 'checkpoint_every',
             'max_checkpoints', 'eval_batch_size', 'parallel', 'num_devices', 'progress',
-            'data.data_dir')
+            'data.data_dir', 'data.source_dir')  # where the data is, not what: see data/builders.py
 NOT_HARMLESS = ('optimizer.name',)  # adamw and sgd keep different optimizer states
 
 _MISSING = '<absent>'

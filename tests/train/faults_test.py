@@ -412,10 +412,10 @@ def test_two_first_runs_prepare_one_data_dir_without_a_race(tmp_path):
 def test_a_missing_source_dir_is_an_error_even_once_prepared(tmp_path):
   _write_fashion(str(tmp_path / 'raw'))
   builders.prepare('fashion_mnist_idx', data_dir=str(tmp_path / 'tfds'), source_dir=str(tmp_path / 'raw'))
-  with pytest.raises(FileNotFoundError, match=r"config.data.source_dir='/no/such/dir' is not a directory"):
+  with pytest.raises(FileNotFoundError, match=r"config.data.source_dir='/no/such/dir' is not a directory. fashion_mnist_idx is already prepared in "):
     builders.prepare('fashion_mnist_idx', data_dir=str(tmp_path / 'tfds'), source_dir='/no/such/dir')
   text.prepare_corpus('ptb', data_dir=str(tmp_path / 'tfds'), source_dir=_write(tmp_path / 'ptb', FAKE_PTB))
-  with pytest.raises(FileNotFoundError, match=r"config.data.source_dir='/no/such/ptb' is not a directory"):
+  with pytest.raises(FileNotFoundError, match=r"config.data.source_dir='/no/such/ptb' is not a directory. ptb is already prepared in "):
     text.prepare_corpus('ptb', data_dir=str(tmp_path / 'tfds'), source_dir='/no/such/ptb')
 
 
