@@ -7,7 +7,8 @@
   trained with. A restart whose config changes anything outside `HARMLESS` (the model, the head,
   the data, the seed, the batch size, the optimizer's kind) is refused with a diff of those keys,
   before anything in the workdir is touched; harmless changes (learning rate, logging, more steps,
-  ...) are logged, appended to `config_changes.jsonl`, and then `config.json` is rewritten.
+  ...) are logged, appended to `config_changes.jsonl`, and then `config.json` is rewritten. A
+  workdir without a checkpoint takes any config (nothing trained there yet).
 """
 
 import json
@@ -124,19 +125,28 @@ def check_config(config, workdir: str) -> Dict[str, Tuple[object, object]]:
     the harmless changes, `{dotted key: (old, new)}` ({} for a new workdir).
 
   Raises:
-    WorkdirError: the config changes a key outside `HARMLESS`; shows the diff of those keys and
-      says how to resume or to start fresh elsewhere.
+    WorkdirError: the config changes a key outside `HARMLESS` of a workdir that has checkpoints
+      (without one there is nothing to protect); shows the diff of those keys and says how to
+      resume or to start fresh elsewhere.
   """
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    old = json.load(f)
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except ValueError as e:  # written by a version that did not write it atomically
+    logging.warning('%s is unreadable (%s): the config cannot be compared; it is rewritten.', path, e)
+    return {}
   defaults = _flatten(_as_json(base_config()))
   # A key the workdir's config lacks was added to the schema later: its default is what ran.
   diff = {k: (o, n) for k, (o, n) in config_diff(old, _as_json(config)).items()
           if not (o == _MISSING and k in defaults and n == defaults[k])}
   refused = {k: v for k, v in diff.items() if not _harmless(k)}
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  if refused and not any(n.isdigit() for n in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else ())):
+    logging.warning('Workdir %s has no checkpoint yet: starting over with the new config.', workdir)
+    return diff  # nothing trained to protect
   if refused:
     raise WorkdirError(
         f'Workdir {workdir} was created with another config: this run changes\n{_describe(refused)}\n'

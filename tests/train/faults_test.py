@@ -237,6 +237,8 @@ def test_an_incompatible_config_is_refused_with_a_diff(data_dir, tmp_path, key, 
     config.head = value
   else:
     config.update_from_flattened_dict({key: value})
+  assert check_config(config, workdir)  # no checkpoint yet: nothing to protect, the change is allowed
+  os.makedirs(os.path.join(workdir, 'checkpoints', '5'))
   with pytest.raises(WorkdirError) as error:
     check_config(config, workdir)
   assert f'Workdir {workdir} was created with another config: this run changes\n  {shown}\n' in str(error.value)
