@@ -1,4 +1,26 @@
-"""Pure JAX ops of the softmax family. No Flax; jit/vmap/grad-safe; reduce over the last axis."""
+"""Pure JAX ops of the softmax family. No Flax; jit/vmap/grad-safe; reduce over the last axis.
+
+**NaN rule** (every op, and the heads over them): a NaN in what an op reads for an example (a
+logit, a cosine, a score, a feature row, a per-example option such as a margin `scale` or a
+`temperature`) makes that example's output NaN: its loss, its whole row of probabilities,
+log-probabilities or margin logits, its `logsumexp`. Never a finite number: no guard (fully
+masked row, empty sum, zero norm) mistakes a NaN for its case. Other examples are unaffected,
+value for value. What an op does not read cannot poison it: classes excluded by a `where=False`
+mask (like `-inf` logits) and examples ignored by `ignore_index`. A NaN in a shared argument (a
+weight matrix, `class_weights`, `log_prior`) reaches every example that reads it, and a traced
+sampled id out of range gives every loss of the batch NaN (the sample is shared). Integer outputs
+(`adaptive_predict`, `hierarchical_predict`) cannot be NaN: for a NaN row the id is unspecified.
+
+**Two masks, two names** (DESIGN rule 13): `where=` is always a mask of CLASSES (`[..., K]`,
+broadcastable); examples are ignored by `ignore_index: int | None` (PyTorch's semantics), taken
+by every loss with integer labels (`cross_entropy`, `linear_cross_entropy`, `focal_loss`,
+`logit_adjusted_cross_entropy`, `ldam_loss`, the sampled losses and samplers,
+`hierarchical_loss`, `adaptive_softmax_loss`): an example whose label equals it gets loss exactly
+0 and gradient exactly 0, its label is not range-checked, and its logits/features are not read
+(replaced by zeros, so a NaN there leaks nowhere); `reduction='mean'` divides by the examples not
+ignored. A bool mask `m` of examples is `labels=jnp.where(m, labels, -1), ignore_index=-1`.
+`soft_cross_entropy` has no labels: a zero target row gives 0 (unless its logits are NaN).
+"""
 
 from softmax_jax.ops.adaptive import adaptive_cutoffs
 from softmax_jax.ops.adaptive import adaptive_log_softmax

@@ -12,6 +12,7 @@ that is also an `AssertionError` (what chex raises), with the message
 `` `name` must <what it needs>; got <what it got>. `` and chex's own message chained behind it.
 """
 
+import operator
 from typing import Any, Callable, Optional, Sequence
 
 import chex
@@ -141,3 +142,58 @@ def positive(name: str, value) -> None:
   a = np.asarray(value)
   if not (np.all(np.isfinite(a)) and np.all(a > 0)):
     raise ArgumentError(f'`{name}` must be finite and > 0; got {value}.')
+
+
+def finite_nonnegative(name: str, value) -> None:
+  """Concrete `value` (a scalar or array) must be finite and >= 0; traced values pass."""
+  if value is None or is_traced(value):
+    return
+  a = np.asarray(value, np.float64)
+  bad = ~(np.isfinite(a) & (a >= 0))
+  if a.ndim == 0 and bad:
+    raise ArgumentError(f'`{name}` must be finite and >= 0; got {value}.')
+  if a.ndim and bad.any():
+    pos = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ArgumentError(f'`{name}` must be finite and >= 0; got {a[pos]} at position {pos} '
+                        f'({int(bad.sum())} bad in all).')
+
+
+def ignore_index_value(ignore_index) -> Optional[int]:
+  """`ignore_index` is None or a concrete integer (it is compared with the labels); returns it."""
+  if ignore_index is None:
+    return None
+  if is_traced(ignore_index):
+    raise ArgumentError('`ignore_index` must be None or a Python int (static, like a shape: close '
+                        'over it or bind it with functools.partial); got a tracer.')
+  if isinstance(ignore_index, (bool, np.bool_)) or np.ndim(ignore_index):
+    raise ArgumentError(f'`ignore_index` must be None or an int; got {ignore_index!r}.')
+  try:
+    return operator.index(ignore_index)
+  except TypeError:
+    raise ArgumentError(f'`ignore_index` must be None or an int; got {ignore_index!r}.') from None
+
+
+def labels_or_ignored(labels_, num_classes: int, lead_shape: Sequence[int], ignore_index,
+                      logits_name: str = 'logits'):
+  """`labels` (see there), except that a label equal to `ignore_index` is not range-checked.
+
+  Returns `(labels, ignored)`: the labels as a jax array and a `[...]` bool array, True where the
+  label equals `ignore_index` (None when `ignore_index` is None).
+  """
+  ignore_index = ignore_index_value(ignore_index)
+  if ignore_index is None:
+    return labels(labels_, num_classes, lead_shape, logits_name), None
+  if not isinstance(labels_, jax.Array):
+    labels_ = np.asarray(labels_)
+  shape(labels_, lead_shape, 'labels', f'{logits_name}.shape[:-1]')
+  dtype(labels_, int, 'labels', 'be integer class indices')
+  if not is_traced(labels_):
+    a = np.asarray(labels_)
+    bad = np.argwhere((a != ignore_index) & ((a < 0) | (a >= num_classes)))
+    if bad.size:
+      pos = tuple(int(i) for i in bad[0])
+      raise ArgumentError(f'`labels` must lie in [0, {num_classes}) or equal `ignore_index` = '
+                          f'{ignore_index}; got {a[pos]} at position {pos} ({len(bad)} out of '
+                          f'range in all).')
+  labels_ = jnp.asarray(labels_)
+  return labels_, labels_ == ignore_index

@@ -4,13 +4,18 @@ Class-count based quantities (`class_balanced_weights`, `ldam_margins`, `log_pri
 once on the host in float64 from concrete counts and returned as float32 `[C]` arrays; the losses
 reuse the numerics of `ops.softmax` (float32 compute for 16-bit logits, max subtraction, `-inf`
 masks) and return a per-example `[...]` loss (float64 for float64 logits) that the caller reduces.
+A NaN logit gives its example a NaN loss, and `ignore_index` works as in `cross_entropy`: the NaN
+rule and `ignore_index` of the package docstring.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from softmax_jax.ops import _checks
+from softmax_jax.ops.softmax import _ignore
 from softmax_jax.ops.softmax import _normalize
 from softmax_jax.ops.softmax import _out_dtype
 from softmax_jax.ops.softmax import _prepare
@@ -26,12 +31,13 @@ def _is_static_zero(x) -> bool:
 
 
 def _check_at_least(name, value, lo, strict=False):
-  """`value` is a scalar (always) that is >= lo (> lo if strict) when concrete; traced ones pass."""
+  """`value` is a scalar (always), finite and >= lo (> lo if strict) when concrete; traced ones
+  pass."""
   _checks.rank(value, 0, name, '[]')
   if _is_concrete(value):
     v = float(value)
-    if not (v > lo if strict else v >= lo):
-      raise ValueError(f'`{name}` must be {">" if strict else ">="} {lo}; got {value}.')
+    if not (math.isfinite(v) and (v > lo if strict else v >= lo)):
+      raise ValueError(f'`{name}` must be finite and {">" if strict else ">="} {lo}; got {value}.')
 
 
 def _counts(class_counts, num_classes=None):
@@ -100,7 +106,7 @@ def class_balanced_weights(class_counts, beta=0.9999, *, normalize=True):
   return jnp.asarray(w, jnp.float32)
 
 
-def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None):
+def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None, ignore_index=None):
   """Per-example softmax focal loss with integer labels.
 
   `loss = -alpha_y (1 - p_y)^gamma log p_y` with `p = softmax(logits)`, computed in log space
@@ -111,10 +117,11 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None):
 
   Args:
     logits: [..., C] float; 16-bit floats are computed in float32.
-    labels: [...] int in [0, C).
+    labels: [...] int in [0, C), or `ignore_index`.
     gamma: focusing parameter >= 0, a scalar (traced values are not checked).
-    alpha: optional [C] per-class weights.
+    alpha: optional [C] per-class weights, finite and >= 0.
     where: optional [..., C] bool (broadcastable); False classes are excluded.
+    ignore_index: None or an int; examples with this label get loss 0 and gradient 0.
 
   Returns:
     [...] float32 per-example loss (float64 for float64 logits).
@@ -123,18 +130,23 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None):
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `logits`
       is not `[..., C]` with C >= 1, `labels` is not an integer array of shape
       `logits.shape[:-1]`, `where` is not a bool mask that broadcasts to `logits`, `gamma` is
-      not a scalar or `alpha` is not `[C]`; for concrete values only, if a label is outside
-      [0, C), `gamma` < 0 or `alpha` is not finite. Traced labels are not range-checked: an
-      out-of-range one gives a NaN loss.
+      not a scalar, `alpha` is not `[C]` or `ignore_index` is not None or an int; for concrete
+      values only, if a label (other than `ignore_index`) is outside [0, C), `gamma` is not
+      finite and >= 0 or `alpha` is not finite and >= 0. Traced labels are not range-checked:
+      an out-of-range one gives a NaN loss.
   """
   x, mask = _prepare(logits, where, 'logits')
   num_classes = x.shape[-1]
   _check_at_least('gamma', gamma, 0)
   if alpha is not None:
     alpha = _check_class_vector('alpha', alpha, num_classes, x.dtype)
+    _checks.finite_nonnegative('alpha', alpha)
   if _is_static_zero(gamma):
-    return cross_entropy(logits, labels, where=where, class_weights=alpha)
-  labels = _checks.labels(labels, num_classes, x.shape[:-1])
+    return cross_entropy(logits, labels, where=where, class_weights=alpha,
+                         ignore_index=ignore_index)
+  labels, ignored = _checks.labels_or_ignored(labels, num_classes, x.shape[:-1], ignore_index)
+  if ignored is not None:
+    x = jnp.where(ignored[..., None], 0, x)  # Not read (see cross_entropy).
   _, log_p, _ = _normalize(x, mask)
   in_range = (labels >= 0) & (labels < num_classes)
   safe = jnp.where(in_range, labels, 0)
@@ -149,7 +161,7 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None):
   loss = -jnp.where(finite, factor, 1) * log_py
   if alpha is not None:
     loss = loss * jnp.take(alpha, safe)
-  return jnp.where(in_range, loss, jnp.nan)
+  return _ignore(ignored, jnp.where(in_range, loss, jnp.nan))
 
 
 def ldam_margins(class_counts, max_margin=0.5):
@@ -179,7 +191,8 @@ def ldam_margins(class_counts, max_margin=0.5):
   return jnp.asarray(m * (float(max_margin) / np.max(m)), jnp.float32)
 
 
-def ldam_loss(logits, labels, *, class_counts, max_margin=0.5, scale=30.0, class_weights=None):
+def ldam_loss(logits, labels, *, class_counts, max_margin=0.5, scale=30.0, class_weights=None,
+              ignore_index=None):
   """Per-example LDAM loss: cross-entropy of scaled logits with a per-class margin on the label.
 
   `loss = w_y * CE(s * (z - m_y onehot_y), y)` with `m = ldam_margins(class_counts, max_margin)`
@@ -190,11 +203,12 @@ def ldam_loss(logits, labels, *, class_counts, max_margin=0.5, scale=30.0, class
 
   Args:
     logits: [..., C] float (usually cosines in [-1, 1]); 16-bit floats are computed in float32.
-    labels: [...] int in [0, C).
+    labels: [...] int in [0, C), or `ignore_index`.
     class_counts: [C] concrete counts n_c > 0.
     max_margin: the rarest class's margin, > 0.
-    scale: s > 0, a scalar multiplying the margin logits.
-    class_weights: optional [C] float.
+    scale: s > 0 and finite, a scalar multiplying the margin logits.
+    class_weights: optional [C] float, finite and >= 0.
+    ignore_index: None or an int; examples with this label get loss 0 and gradient 0.
 
   Returns:
     [...] float32 per-example loss (float64 for float64 logits).
@@ -202,19 +216,21 @@ def ldam_loss(logits, labels, *, class_counts, max_margin=0.5, scale=30.0, class
   Raises:
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `logits`
       is not `[..., C]` with C >= 1, `labels` is not an integer array of shape
-      `logits.shape[:-1]`, `scale` is not a scalar or `class_weights` is not `[C]`; if
-      `class_counts` is not concrete, 1-D with C entries all finite and > 0 (it is used on the
-      host); for concrete values only, if a label is outside [0, C), or `scale` or `max_margin`
-      is not > 0. Traced labels are not range-checked: an out-of-range one gives a NaN loss.
+      `logits.shape[:-1]`, `scale` is not a scalar, `class_weights` is not `[C]` or
+      `ignore_index` is not None or an int; if `class_counts` is not concrete, 1-D with C
+      entries all finite and > 0 (it is used on the host); for concrete values only, if a label
+      (other than `ignore_index`) is outside [0, C), `scale` or `max_margin` is not finite and
+      > 0, or a class weight is not finite and >= 0. Traced labels are not range-checked: an
+      out-of-range one gives a NaN loss.
   """
   x, _ = _prepare(logits, None, 'logits')
   num_classes = x.shape[-1]
   margins = ldam_margins(_counts(class_counts, num_classes), max_margin).astype(x.dtype)
   _check_at_least('scale', scale, 0, strict=True)
-  labels = _checks.labels(labels, num_classes, x.shape[:-1])
+  labels, _ = _checks.labels_or_ignored(labels, num_classes, x.shape[:-1], ignore_index)
   onehot = jax.nn.one_hot(labels, num_classes, dtype=x.dtype)  # Zero row if out of range.
   z = jnp.asarray(scale, x.dtype) * (x - margins * onehot)
-  return cross_entropy(z, labels, class_weights=class_weights)
+  return cross_entropy(z, labels, class_weights=class_weights, ignore_index=ignore_index)
 
 
 def drw_class_weights(step, *, class_counts, start_step, beta=0.9999):
@@ -265,7 +281,8 @@ def log_prior(class_counts):
   return jnp.asarray(np.log(counts) - np.log(np.sum(counts)), jnp.float32)
 
 
-def logit_adjusted_cross_entropy(logits, labels, *, log_prior, tau=1.0, where=None):
+def logit_adjusted_cross_entropy(logits, labels, *, log_prior, tau=1.0, where=None,
+                                 ignore_index=None):
   """Per-example logit-adjusted cross-entropy.
 
   `loss = CE(z + tau * log_prior, y)`; tau = 0 is `cross_entropy(logits, labels)` exactly.
@@ -273,10 +290,11 @@ def logit_adjusted_cross_entropy(logits, labels, *, log_prior, tau=1.0, where=No
 
   Args:
     logits: [..., C] float; 16-bit floats are computed in float32.
-    labels: [...] int in [0, C).
+    labels: [...] int in [0, C), or `ignore_index`.
     log_prior: [C] finite log class prior, e.g. `ops.log_prior(class_counts)`.
     tau: adjustment strength >= 0, a scalar.
     where: optional [..., C] bool (broadcastable); False classes are excluded.
+    ignore_index: None or an int; examples with this label get loss 0 and gradient 0.
 
   Returns:
     [...] float32 per-example loss (float64 for float64 logits).
@@ -285,16 +303,18 @@ def logit_adjusted_cross_entropy(logits, labels, *, log_prior, tau=1.0, where=No
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `logits`
       is not `[..., C]` with C >= 1, `labels` is not an integer array of shape
       `logits.shape[:-1]`, `where` is not a bool mask that broadcasts to `logits`, `log_prior`
-      is not `[C]` or `tau` is not a scalar; for concrete values only, if a label is outside
-      [0, C), `log_prior` is not finite or `tau` < 0. Traced labels are not range-checked: an
+      is not `[C]`, `tau` is not a scalar or `ignore_index` is not None or an int; for concrete
+      values only, if a label (other than `ignore_index`) is outside [0, C), `log_prior` is not
+      finite or `tau` is not finite and >= 0. Traced labels are not range-checked: an
       out-of-range one gives a NaN loss.
   """
   x, _ = _prepare(logits, where, 'logits')
   lp = _check_class_vector('log_prior', log_prior, x.shape[-1], x.dtype)
   _check_at_least('tau', tau, 0)
   if _is_static_zero(tau):
-    return cross_entropy(logits, labels, where=where)
-  return cross_entropy(x + jnp.asarray(tau, x.dtype) * lp, labels, where=where)
+    return cross_entropy(logits, labels, where=where, ignore_index=ignore_index)
+  return cross_entropy(x + jnp.asarray(tau, x.dtype) * lp, labels, where=where,
+                       ignore_index=ignore_index)
 
 
 def posthoc_logit_adjustment(logits, *, log_prior, tau=1.0):

@@ -13,6 +13,8 @@ inside (-1, 1) float32 `1 - cos^2 >= 1.19e-7`, so the derivative is the exact on
 `2900 s sin(m)` for ArcFace, where the true one diverges as cos -> 1); at exactly +-1 the floored
 sine has derivative 0, so ArcFace's derivative there is `s cos(m)` and the combined margin's about
 0. Nothing is clipped, so gradients are never silently zeroed or halved inside (-1, 1).
+A NaN cosine (or feature, in `cosine_logits`) makes its example's logits NaN: the NaN rule of
+the package docstring.
 """
 
 import math
@@ -42,12 +44,24 @@ def _scale_shape(scale, lead):
 
 
 def _check_scale(scale, lead):
-  """`scale` is a scalar or `lead`-shaped (always); a concrete one is > 0."""
+  """`scale` is a scalar or `lead`-shaped (always); a concrete one is finite and > 0.
+
+  A per-example scale is data (SphereFace's feature norm): a NaN entry is the NaN of its
+  example's feature and passes, making that example's logits NaN (the package's NaN rule).
+  """
   _checks.chex_check(_scale_shape, scale, tuple(lead), name='scale',
                      need=f'be a scalar or one value per example, shape {tuple(lead)}',
                      got=f'shape {np.shape(scale)}')
-  if _is_concrete(scale) and not np.all(np.asarray(scale) > 0):
-    raise ValueError(f'`scale` must be > 0; got {scale}.')
+  if not _is_concrete(scale):
+    return
+  a = np.asarray(scale, np.float64)
+  ok = (a > 0) & (a < np.inf)
+  if a.ndim:
+    ok |= np.isnan(a)  # Per-example data: the NaN propagates.
+  if not np.all(ok):
+    got = a[~ok][0] if a.ndim else a
+    raise _checks.ArgumentError(f'`scale` must be finite and > 0; got {got}'
+                                f'{f" ({np.sum(~ok)} bad entries)" if a.ndim else ""}.')
 
 
 def _check_range(name, value, lo, hi, why, hi_open=True):
@@ -85,6 +99,9 @@ def _scaled(scale, x):
 def l2_normalize(x, axis=-1):
   """`x / ||x||` along `axis` in float32; an all-zero vector stays zero, with zero gradient.
 
+  A vector with a NaN entry becomes all NaN (never zeros), so margin logits of a NaN feature and
+  their loss are NaN.
+
   Args:
     x: [..., d] float (or any array with the axis `axis`).
     axis: the axis normalized, an int in [-x.ndim, x.ndim).
@@ -102,7 +119,7 @@ def l2_normalize(x, axis=-1):
     raise _checks.ArgumentError(f'`axis` must be an int in [-{x.ndim}, {x.ndim}) for `x` of shape '
                                 f'{x.shape}; got {axis!r}.')
   n2 = jnp.sum(x * x, axis=axis, keepdims=True)
-  nonzero = n2 > 0
+  nonzero = n2 != 0  # A NaN norm is not zero: the vector becomes NaN (the package's NaN rule).
   return jnp.where(nonzero, x * jax.lax.rsqrt(jnp.where(nonzero, n2, 1)), 0)
 
 
@@ -124,7 +141,8 @@ def cosine_logits(features, weights, *, scale=1.0):
   Raises:
     ValueError: always (from shapes, so also under `jit`/`vmap`/`grad`) if `features` is not
       `[..., d]`, `weights` is not `[d, C]` or `[d, C, k]` with the same d, or `scale` is
-      neither a scalar nor `features.shape[:-1]`; for a concrete `scale` only, if it is not > 0.
+      neither a scalar nor `features.shape[:-1]`; for a concrete `scale` only, if it is not
+      finite and > 0.
   """
   features, weights = jnp.asarray(features), jnp.asarray(weights)
   _checks.rank_at_least(features, 1, 'features', '[..., d]')
@@ -149,7 +167,7 @@ def cosface_logits(cos, labels, *, scale=64.0, margin=0.35):
   Args:
     cos: [..., C] cosine similarities.
     labels: [...] int in [0, C).
-    scale: s > 0, a float or [...] array.
+    scale: s > 0 and finite, a float or [...] array (NaN entries give NaN rows).
     margin: m in [0, 2); at m >= 2 the target logit is below every other for any angle.
 
   Returns:
@@ -159,8 +177,8 @@ def cosface_logits(cos, labels, *, scale=64.0, margin=0.35):
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `cos` is
       not `[..., C]` with C >= 1, `labels` is not an integer array of shape `cos.shape[:-1]`,
       `scale` is neither a scalar nor `cos.shape[:-1]`, or `margin` is not a scalar; for concrete
-      values only, if a label is outside [0, C), `scale` is not > 0 or `margin` is outside
-      [0, 2).
+      values only, if a label is outside [0, C), `scale` is not finite and > 0 or `margin` is
+      outside [0, 2).
       Traced values are not checked: a traced out-of-range label leaves its row without a margin
       (and its cross-entropy is NaN).
   """
@@ -181,7 +199,7 @@ def arcface_logits(cos, labels, *, scale=64.0, margin=0.5, easy_margin=False):
   Args:
     cos: [..., C] cosine similarities.
     labels: [...] int in [0, C).
-    scale: s > 0, a float or [...] array.
+    scale: s > 0 and finite, a float or [...] array (NaN entries give NaN rows).
     margin: m in [0, pi/2).
     easy_margin: apply the margin only where `cos > 0`.
 
@@ -192,8 +210,8 @@ def arcface_logits(cos, labels, *, scale=64.0, margin=0.5, easy_margin=False):
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `cos` is
       not `[..., C]` with C >= 1, `labels` is not an integer array of shape `cos.shape[:-1]`,
       `scale` is neither a scalar nor `cos.shape[:-1]`, or `margin` is not a scalar; for concrete
-      values only, if a label is outside [0, C), `scale` is not > 0 or `margin` is outside
-      [0, pi/2).
+      values only, if a label is outside [0, C), `scale` is not finite and > 0 or `margin` is
+      outside [0, pi/2).
       Traced values are not checked: a traced out-of-range label leaves its row without a margin
       (and its cross-entropy is NaN).
   """
@@ -222,7 +240,7 @@ def combined_margin_logits(cos, labels, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0):
   Args:
     cos: [..., C] cosine similarities.
     labels: [...] int in [0, C).
-    scale: s > 0, a float or [...] array.
+    scale: s > 0 and finite, a float or [...] array (NaN entries give NaN rows).
     m1: multiplicative angular margin, >= 1.
     m2: additive angular margin in [0, pi/2).
     m3: additive cosine margin in [0, 2).
@@ -234,8 +252,8 @@ def combined_margin_logits(cos, labels, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0):
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `cos` is
       not `[..., C]` with C >= 1, `labels` is not an integer array of shape `cos.shape[:-1]`,
       `scale` is neither a scalar nor `cos.shape[:-1]`, or `m1`, `m2` or `m3` is not a scalar;
-      for concrete values only, if a label is outside [0, C), `scale` is not > 0, or `m1`, `m2`
-      or `m3` is out of its range.
+      for concrete values only, if a label is outside [0, C), `scale` is not finite and > 0, or
+      `m1`, `m2` or `m3` is out of its range.
       Traced values are not checked: a traced out-of-range label leaves its row without a margin
       (and its cross-entropy is NaN).
   """
@@ -305,10 +323,14 @@ def sphereface_lambda(step, *, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.
     [] float32 lambda.
 
   Raises:
-    ValueError: always (from the shape, so also under `jit`) if `step` is not a scalar
-      (`jax.vmap` it for several steps). Its value is not checked.
+    ValueError: always (from the shape, so also under `jit`) if `step` or an option is not a
+      scalar (`jax.vmap` it for several steps); for concrete options only, if `base`, `gamma`,
+      `power` or `lambda_min` is negative or not finite. The value of `step` is not checked.
   """
   _checks.rank(step, 0, 'step', '[]')
+  for name, value in (('base', base), ('gamma', gamma), ('power', power),
+                      ('lambda_min', lambda_min)):
+    _check_range(name, value, 0.0, math.inf, 'a finite number >= 0')
   step = jnp.asarray(step, jnp.float32)
   return jnp.maximum(lambda_min, base * (1 + gamma * step) ** (-power))
 
@@ -323,7 +345,7 @@ def sphereface_logits(cos, labels, *, scale=1.0, margin=4, lambda_=0.0):
   Args:
     cos: [..., C] cosine similarities.
     labels: [...] int in [0, C).
-    scale: s > 0, a float or [...] array.
+    scale: s > 0 and finite, a float or [...] array (NaN entries give NaN rows).
     margin: integer m >= 1.
     lambda_: annealing weight >= 0 (float or traced scalar).
 
@@ -335,7 +357,7 @@ def sphereface_logits(cos, labels, *, scale=1.0, margin=4, lambda_=0.0):
       not `[..., C]` with C >= 1, `labels` is not an integer array of shape `cos.shape[:-1]`,
       `scale` is neither a scalar nor `cos.shape[:-1]`, `lambda_` is not a scalar, or `margin`
       is not a Python integer >= 1; for concrete values only, if a label is outside [0, C),
-      `scale` is not > 0 or `lambda_` < 0.
+      `scale` is not finite and > 0 or `lambda_` < 0.
       Traced values are not checked: a traced out-of-range label leaves its row without a margin
       (and its cross-entropy is NaN).
   """

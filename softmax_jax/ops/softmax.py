@@ -4,13 +4,15 @@ Shared numerics (house style 4): logits are computed in float32 when they are bf
 (float64 stays float64); the row max is subtracted under `jax.lax.stop_gradient`; `where=False`
 entries and `-inf` logits (the same thing) get probability exactly 0, log-probability `-inf` and
 gradient exactly 0; a fully masked row has `logsumexp = -inf`, all-zero probabilities and zero
-gradient.
+gradient. A NaN logit (one `where` keeps) makes its whole row NaN: the NaN rule and
+`ignore_index` of the package docstring (`softmax_jax.ops`).
 Nothing takes `log(p + eps)`.
 """
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softmax_jax.ops import _checks
 
@@ -27,15 +29,42 @@ def _prepare(x, where, name):
 
 
 def _check_temperature(temperature, x, name):
-  """`temperature` broadcasts to `x` (always); a concrete one is finite and > 0."""
+  """`temperature` broadcasts to `x` (always); a concrete one is finite and >= 0 (> 0 per class).
+
+  A NaN entry of an array is per-example data like a logit: it passes and makes its rows NaN.
+  """
   _checks.broadcastable(temperature, jnp.shape(x), 'temperature', name)
-  _checks.positive('temperature', temperature)
+  if np.ndim(temperature) and not _checks.is_traced(temperature):
+    temperature = np.where(np.isnan(temperature), 1, temperature)
+  if _per_class(temperature):
+    _checks.positive('temperature', temperature)
+  else:
+    _checks.finite_nonnegative('temperature', temperature)
+
+
+def _per_class(temperature):
+  return np.ndim(temperature) > 0 and np.shape(temperature)[-1] > 1
 
 
 def _scale(x, temperature):
+  """`(x / T, cold)`; `cold` ([..., 1]-broadcastable bool or None) marks rows where T = 0.
+
+  For T constant along the classes (a scalar or `[..., 1]`) a zero T is the limit T -> 0+ that
+  `_normalize` takes on the `cold` rows, whose `x` is left unscaled; a per-class T is divided.
+  """
   if isinstance(temperature, (int, float)) and temperature == 1:
-    return x
-  return x / jnp.asarray(temperature, x.dtype)
+    return x, None
+  t = jnp.asarray(temperature, x.dtype)
+  if _per_class(temperature) or not (_checks.is_traced(temperature)
+                                     or np.any(np.asarray(temperature) == 0)):
+    return x / t, None
+  cold = t == 0
+  return x / jnp.where(cold, 1, t), cold
+
+
+def _tempered(x, where, temperature):
+  z, cold = _scale(x, temperature)
+  return _normalize(z, where, cold)
 
 
 def _out_dtype(x, xc):
@@ -43,21 +72,32 @@ def _out_dtype(x, xc):
   return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else xc.dtype
 
 
-def _normalize(x, where):
-  """Returns `(probs, log_probs, lse)` of compute-dtype logits `x`; lse is `[..., 1]`."""
+def _normalize(x, where, cold=None):
+  """Returns `(probs, log_probs, lse)` of compute-dtype logits `x`; lse is `[..., 1]`.
+
+  A NaN (kept by `where`) makes its row NaN: the max and the sum are NaN and neither guard
+  (fully masked row, empty sum) catches a NaN. Rows where `cold` is True take the limit
+  T -> 0+ of `x / T`: `(x - max) / T` is 0 at the maxima and -inf elsewhere, so the
+  probabilities are a one-hot of the argmax with ties split evenly; `lse` is `m / T + log(ties)`
+  (+-inf, or `log(ties)` when the max is 0). No gradient flows through the limit.
+  """
   keep = x != -jnp.inf  # A -inf logit is a mask too (and NaN still propagates).
   if where is not None:
     keep = keep & where
   x = jnp.where(keep, x, -jnp.inf)  # Gradient to masked entries is exactly 0.
   m = jnp.max(x, axis=-1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))  # Fully masked row: shift by 0.
-  shifted = x - m
+  m = jax.lax.stop_gradient(jnp.where(jnp.isinf(m), 0, m))  # Fully masked row: shift by 0.
+  shifted, top = x - m, m
+  if cold is not None:
+    limit = jax.lax.stop_gradient(jnp.where(shifted == 0, 0, shifted * jnp.inf))  # NaN stays
+    shifted = jnp.where(cold, limit, shifted)
+    top = jnp.where(cold, jnp.where(m == 0, 0, m * jnp.inf), m)
   e = jnp.exp(shifted)  # exp(-inf) = 0 with zero gradient.
   s = jnp.sum(e, axis=-1, keepdims=True)
-  nonempty = s > 0
-  s_safe = jnp.where(nonempty, s, 1)  # Keeps log(0) and 1/0 out of the gradient.
+  empty = s == 0  # A NaN sum is not empty: it propagates.
+  s_safe = jnp.where(empty, 1, s)  # Keeps log(0) and 1/0 out of the gradient.
   log_s = jnp.log(s_safe)
-  lse = jnp.where(nonempty, log_s + m, -jnp.inf)
+  lse = jnp.where(empty, -jnp.inf, log_s + top)
   return e / s_safe, shifted - log_s, lse
 
 
@@ -65,13 +105,16 @@ def logsumexp(x, *, where=None, temperature=1.0):
   """Log-sum-exp over the last axis, with an optional mask and temperature.
 
   `logsumexp(x) = m + log(sum_k [where_k] exp(x_k / T - m))`, `m = max_k x_k / T`; a fully masked
-  row gives `-inf` and zero gradient. Reference: Blanchard et al., "Accurately computing the
-  log-sum-exp and softmax functions", IMA J. Numer. Anal. 2021.
+  row gives `-inf` and zero gradient. At T = 0 it is the limit of `logsumexp(x / T)`: +-inf by
+  the sign of the max, `log(number of maxima)` when the max is 0. Reference: Blanchard et al.,
+  "Accurately computing the log-sum-exp and softmax functions", IMA J. Numer. Anal. 2021.
 
   Args:
     x: [..., K] float logits; 16-bit floats are computed in float32.
     where: optional [..., K] bool (broadcastable); False entries are excluded.
-    temperature: T > 0, a scalar or array broadcastable to `x`; the logits are divided by it.
+    temperature: T >= 0, a scalar or array broadcastable to `x`; the logits are divided by it.
+      T = 0 (a scalar or `[..., 1]`) is the limit T -> 0+: a one-hot of the argmax, ties split
+      evenly. A per-class T (last axis K > 1) must be > 0. A NaN entry makes its rows NaN.
 
   Returns:
     [...] in the dtype of `x`.
@@ -80,11 +123,12 @@ def logsumexp(x, *, where=None, temperature=1.0):
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `x` is not
       `[..., K]` with K >= 1, `where` is not a bool mask that broadcasts to `x`, or
       `temperature` does not broadcast to `x`; and, for a concrete `temperature` only, if it is
-      not finite and > 0 (a traced one is not checked).
+      not finite and >= 0 (> 0 per class). A traced one is not checked: a traced per-class 0
+      gives NaN, a traced negative T divides as written.
   """
   xc, where = _prepare(x, where, 'x')
   _check_temperature(temperature, xc, 'x')
-  return _normalize(_scale(xc, temperature), where)[2][..., 0].astype(_out_dtype(x, xc))
+  return _tempered(xc, where, temperature)[2][..., 0].astype(_out_dtype(x, xc))
 
 
 def softmax(x, *, where=None, temperature=1.0):
@@ -97,7 +141,9 @@ def softmax(x, *, where=None, temperature=1.0):
   Args:
     x: [..., K] float logits; 16-bit floats are computed in float32.
     where: optional [..., K] bool (broadcastable); False entries are excluded.
-    temperature: T > 0, a scalar or array broadcastable to `x`; the logits are divided by it.
+    temperature: T >= 0, a scalar or array broadcastable to `x`; the logits are divided by it.
+      T = 0 (a scalar or `[..., 1]`) is the limit T -> 0+: a one-hot of the argmax, ties split
+      evenly. A per-class T (last axis K > 1) must be > 0. A NaN entry makes its rows NaN.
 
   Returns:
     [..., K] probabilities in the dtype of `x`.
@@ -106,11 +152,12 @@ def softmax(x, *, where=None, temperature=1.0):
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `x` is not
       `[..., K]` with K >= 1, `where` is not a bool mask that broadcasts to `x`, or
       `temperature` does not broadcast to `x`; and, for a concrete `temperature` only, if it is
-      not finite and > 0 (a traced one is not checked).
+      not finite and >= 0 (> 0 per class). A traced one is not checked: a traced per-class 0
+      gives NaN, a traced negative T divides as written.
   """
   xc, where = _prepare(x, where, 'x')
   _check_temperature(temperature, xc, 'x')
-  return _normalize(_scale(xc, temperature), where)[0].astype(_out_dtype(x, xc))
+  return _tempered(xc, where, temperature)[0].astype(_out_dtype(x, xc))
 
 
 def log_softmax(x, *, where=None, temperature=1.0):
@@ -122,7 +169,9 @@ def log_softmax(x, *, where=None, temperature=1.0):
   Args:
     x: [..., K] float logits; 16-bit floats are computed in float32.
     where: optional [..., K] bool (broadcastable); False entries are excluded.
-    temperature: T > 0, a scalar or array broadcastable to `x`; the logits are divided by it.
+    temperature: T >= 0, a scalar or array broadcastable to `x`; the logits are divided by it.
+      T = 0 (a scalar or `[..., 1]`) is the limit T -> 0+: a one-hot of the argmax, ties split
+      evenly. A per-class T (last axis K > 1) must be > 0. A NaN entry makes its rows NaN.
 
   Returns:
     [..., K] log-probabilities in the dtype of `x`.
@@ -131,14 +180,16 @@ def log_softmax(x, *, where=None, temperature=1.0):
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `x` is not
       `[..., K]` with K >= 1, `where` is not a bool mask that broadcasts to `x`, or
       `temperature` does not broadcast to `x`; and, for a concrete `temperature` only, if it is
-      not finite and > 0 (a traced one is not checked).
+      not finite and >= 0 (> 0 per class). A traced one is not checked: a traced per-class 0
+      gives NaN, a traced negative T divides as written.
   """
   xc, where = _prepare(x, where, 'x')
   _check_temperature(temperature, xc, 'x')
-  return _normalize(_scale(xc, temperature), where)[1].astype(_out_dtype(x, xc))
+  return _tempered(xc, where, temperature)[1].astype(_out_dtype(x, xc))
 
 
-def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weights=None):
+def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weights=None,
+                  ignore_index=None):
   """Per-example softmax cross-entropy with integer labels.
 
   `loss = w[y] * -sum_k t_k log_softmax(logits)_k`, `t = (1 - eps) onehot(y) + eps / K_valid` on
@@ -146,15 +197,18 @@ def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weig
   without `-inf` logits this is `optax.smooth_labels` + `optax.softmax_cross_entropy`).
   `class_weights` multiplies the whole per-example loss by `w[y]` (PyTorch's `weight=` without
   smoothing; dividing by `sum w[y]` is the caller's). A label on a masked class gives `+inf`.
-  Concrete out-of-range labels raise; traced ones (under jit/vmap) give a NaN loss, never a
-  clipped index. Reference: Szegedy et al., "Rethinking the Inception architecture", 2016 (§7).
+  An example whose label is `ignore_index` gets loss 0 and gradient 0 (PyTorch's
+  `ignore_index`; its logits are not read, see the package docstring). Concrete out-of-range
+  labels raise; traced ones (under jit/vmap) give a NaN loss, never a clipped index.
+  Reference: Szegedy et al., "Rethinking the Inception architecture", 2016 (§7).
 
   Args:
     logits: [..., K] float; 16-bit floats are computed in float32.
-    labels: [...] int in [0, K).
+    labels: [...] int in [0, K), or `ignore_index`.
     where: optional [..., K] bool (broadcastable); False classes are excluded.
     label_smoothing: eps in [0, 1).
-    class_weights: optional [K] float.
+    class_weights: optional [K] float, finite and >= 0.
+    ignore_index: None or an int; examples with this label are ignored (loss exactly 0).
 
   Returns:
     [...] float32 per-example loss (float64 for float64 logits).
@@ -163,19 +217,24 @@ def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weig
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `logits`
       is not `[..., K]` with K >= 1, `labels` is not an integer array of shape
       `logits.shape[:-1]`, `where` is not a bool mask that broadcasts to `logits`,
-      `label_smoothing` is not a scalar or `class_weights` is not `[K]`; for concrete values
-      only, if a label is outside [0, K) or `label_smoothing` outside [0, 1). Traced labels are
-      not range-checked: an out-of-range one gives a NaN loss.
+      `label_smoothing` is not a scalar, `class_weights` is not `[K]` or `ignore_index` is not
+      None or a Python int; for concrete values only, if a label (other than `ignore_index`) is
+      outside [0, K), `label_smoothing` outside [0, 1) or a class weight is not finite and
+      >= 0. Traced values are not checked: an out-of-range label gives a NaN loss, a NaN class
+      weight a NaN loss for the examples of that class, a negative one a negative loss.
   """
   x, where = _prepare(logits, where, 'logits')
   num_classes = x.shape[-1]
-  labels = _checks.labels(labels, num_classes, x.shape[:-1])
+  labels, ignored = _checks.labels_or_ignored(labels, num_classes, x.shape[:-1], ignore_index)
   _checks.rank(label_smoothing, 0, 'label_smoothing', '[]')
   if not _checks.is_traced(label_smoothing) and not 0 <= label_smoothing < 1:
     raise _checks.ArgumentError(f'`label_smoothing` must be in [0, 1); got {label_smoothing}.')
   if class_weights is not None:
     class_weights = jnp.asarray(class_weights)
     _checks.shape(class_weights, (num_classes,), 'class_weights', '[num_classes]')
+    _checks.finite_nonnegative('class_weights', class_weights)
+  if ignored is not None:
+    x = jnp.where(ignored[..., None], 0, x)  # Not read: no NaN reaches the loss or gradient.
   _, log_p, _ = _normalize(x, where)
   in_range = (labels >= 0) & (labels < num_classes)
   safe = jnp.where(in_range, labels, 0)[..., None]
@@ -187,7 +246,12 @@ def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weig
     loss = (1 - label_smoothing) * loss + label_smoothing * mean_nll
   if class_weights is not None:
     loss = loss * jnp.take(class_weights.astype(x.dtype), safe[..., 0])
-  return jnp.where(in_range, loss, jnp.nan)
+  return _ignore(ignored, jnp.where(in_range, loss, jnp.nan))
+
+
+def _ignore(ignored, loss):
+  """`loss` with 0 where `ignored` (None: no example is ignored)."""
+  return loss if ignored is None else jnp.where(ignored, jnp.zeros_like(loss), loss)
 
 
 def soft_cross_entropy(logits, targets, *, where=None):
@@ -195,7 +259,8 @@ def soft_cross_entropy(logits, targets, *, where=None):
 
   `loss = -sum_k t_k log_softmax(logits)_k`, where entries with `t_k = 0` contribute exactly 0
   (also where the log-probability is `-inf`: no `0 * inf`); target mass on a masked class gives
-  `+inf`. Reference: Hinton et al., "Distilling the knowledge in a neural network", 2015.
+  `+inf`; a NaN logit or target gives NaN (also for a row of zero targets). Reference: Hinton
+  et al., "Distilling the knowledge in a neural network", 2015.
 
   Args:
     logits: [..., K] float; 16-bit floats are computed in float32.
@@ -215,5 +280,6 @@ def soft_cross_entropy(logits, targets, *, where=None):
   _checks.chex_check(chex.assert_shape, targets, x.shape, name='targets',
                      need=f'have the shape of `logits` {x.shape}', got=f'shape {targets.shape}')
   targets = targets.astype(x.dtype)
-  _, log_p, _ = _normalize(x, where)
-  return -jnp.sum(targets * jnp.where(targets != 0, log_p, 0), axis=-1)
+  _, log_p, lse = _normalize(x, where)
+  loss = -jnp.sum(targets * jnp.where(targets != 0, log_p, 0), axis=-1)
+  return jnp.where(jnp.isnan(lse[..., 0]), lse[..., 0], loss)  # A NaN row is NaN, even at t = 0.

@@ -3,9 +3,9 @@
 Both map scores to a distribution without `exp`: `p_k = f(x_k) / sum_j f(x_j)` with
 `f(z) = z^2 + eps` (spherical) or the even-order Taylor polynomial of `exp` (Taylor), which is
 positive. Maths in float32 for 16-bit inputs; `where=False` entries get probability exactly 0.
+A NaN score (one `where` keeps) makes its row NaN: the NaN rule of the package docstring.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,10 +30,13 @@ def _masked(x, where):
 
 
 def _normalize_rows(f, where, x_dtype):
-  """`f / sum(f)` over the last axis; an all-zero row becomes uniform over its kept entries."""
+  """`f / sum(f)` over the last axis; an all-zero row becomes uniform over its kept entries.
+
+  `f >= 0`, so the sum is 0 only for an all-zero row; a NaN sum is not 0 and stays NaN.
+  """
   keep = jnp.ones_like(f, dtype=jnp.bool_) if where is None else jnp.broadcast_to(where, f.shape)
   total = jnp.sum(f, axis=-1, keepdims=True)
-  ok = total > 0
+  ok = total != 0
   uniform = keep / jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
   p = jnp.where(ok, f / jnp.where(ok, total, 1), uniform)
   return p.astype(x_dtype)

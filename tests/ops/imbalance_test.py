@@ -339,13 +339,13 @@ def test_check_grads_float64_interior():
 
 def test_errors_name_the_argument():
   z, y = _data((4,))
-  with pytest.raises(ValueError, match=r'`beta` must be >= 0; got -0.1'):
+  with pytest.raises(ValueError, match=r'`beta` must be finite and >= 0; got -0.1'):
     class_balanced_weights(COUNTS, -0.1)
   with pytest.raises(ValueError, match=r'`beta` must be in \[0, 1\); got 1.0'):
     class_balanced_weights(COUNTS, 1.0)
   with pytest.raises(ValueError, match=r'`beta` must be in \[0, 1\)'):
     drw_class_weights(0, class_counts=COUNTS, start_step=1, beta=1.0)
-  with pytest.raises(ValueError, match=r'`gamma` must be >= 0; got -1'):
+  with pytest.raises(ValueError, match=r'`gamma` must be finite and >= 0; got -1'):
     focal_loss(z, y, gamma=-1)
   with pytest.raises(ValueError, match=r'`alpha` must have shape \[num_classes\] = \(6,\); got '
                      r'shape \(5,\)'):
@@ -364,19 +364,19 @@ def test_errors_name_the_argument():
     ldam_margins(COUNTS.reshape(2, 3))
   with pytest.raises(ValueError, match=r'`class_counts` must be concrete'):
     jax.jit(lambda n: log_prior(n))(COUNTS)
-  with pytest.raises(ValueError, match=r'`tau` must be >= 0; got -1'):
+  with pytest.raises(ValueError, match=r'`tau` must be finite and >= 0; got -1'):
     logit_adjusted_cross_entropy(z, y, log_prior=LOG_PI, tau=-1)
-  with pytest.raises(ValueError, match=r'`tau` must be >= 0; got -1'):
+  with pytest.raises(ValueError, match=r'`tau` must be finite and >= 0; got -1'):
     posthoc_logit_adjustment(z, log_prior=LOG_PI, tau=-1)
   with pytest.raises(ValueError, match=r'`log_prior` must have shape \[num_classes\] = \(6,\)'):
     logit_adjusted_cross_entropy(z, y, log_prior=LOG_PI[:4])
   with pytest.raises(ValueError, match=r'`log_prior` must be finite'):
     posthoc_logit_adjustment(z, log_prior=np.full(C, -np.inf))
-  with pytest.raises(ValueError, match=r'`scale` must be > 0; got 0'):
+  with pytest.raises(ValueError, match=r'`scale` must be finite and > 0; got 0'):
     ldam_loss(z, y, class_counts=COUNTS, scale=0)
-  with pytest.raises(ValueError, match=r'`max_margin` must be > 0; got 0'):
+  with pytest.raises(ValueError, match=r'`max_margin` must be finite and > 0; got 0'):
     ldam_loss(z, y, class_counts=COUNTS, max_margin=0)
-  with pytest.raises(ValueError, match=r'`max_margin` must be > 0; got 0'):
+  with pytest.raises(ValueError, match=r'`max_margin` must be finite and > 0; got 0'):
     ldam_margins(COUNTS, 0)
   with pytest.raises(ValueError, match=r'`start_step` must be a Python int >= 0; got -1'):
     drw_class_weights(0, class_counts=COUNTS, start_step=-1)
@@ -384,3 +384,13 @@ def test_errors_name_the_argument():
     drw_class_weights(0, class_counts=COUNTS, start_step=1.5)
   with pytest.raises(ValueError, match=r'`labels` must lie in \[0, 6\)'):
     focal_loss(z, jnp.full((4,), 6))
+  with pytest.raises(ValueError, match=r'`scale` must be finite and > 0; got inf'):
+    ldam_loss(z, y, class_counts=COUNTS, scale=np.inf)
+  with pytest.raises(ValueError, match=r'`gamma` must be finite and >= 0; got nan'):
+    focal_loss(z, y, gamma=np.nan)
+  for bad, got in ((np.nan, 'nan'), (-1.0, '-1.0')):
+    with pytest.raises(ValueError, match=r'`alpha` must be (finite|finite and >= 0); got'):
+      focal_loss(z, y, alpha=np.where(np.arange(C) == 3, bad, 1.0))
+    with pytest.raises(ValueError, match=rf'`class_weights` must be finite and >= 0; got {got} '
+                       r'at position \(3,\)'):
+      ldam_loss(z, y, class_counts=COUNTS, class_weights=np.where(np.arange(C) == 3, bad, 1.0))

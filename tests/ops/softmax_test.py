@@ -292,6 +292,32 @@ def test_check_grads_float64():
     check_grads(jax.jit(lambda t: soft_cross_entropy(x, t)), (t,), order=1, modes=('fwd', 'rev'))
 
 
+def test_zero_temperature_is_the_cold_limit():
+  """T = 0 (concrete or traced, scalar or per row) is lim T -> 0+: the argmax, ties split."""
+  x = np.asarray([[1.0, 3.0, 3.0, -np.inf], [-2.0, -5.0, -1.0, -3.0], [0.0, -1.0, 0.0, 0.0],
+                  [0.5, 2.0, -1.0, 0.0]], np.float32)
+  p = np.asarray([[0, .5, .5, 0], [0, 0, 1, 0], [1 / 3, 0, 1 / 3, 1 / 3], [0, 1, 0, 0]])
+  with np.errstate(divide='ignore'):
+    log_p = np.log(p)
+  lse = np.asarray([np.inf, -np.inf, np.log(3), np.inf])  # lim max / T + log(ties)
+  t = np.asarray([[0.0], [0.0], [0.0], [0.5]], np.float32)  # Per row: the last row is warm.
+  warm = _ref(x[3] / 0.5)
+  cases = [(0.0, log_p, lse), (t, np.concatenate([log_p[:3], warm[0][None]]),
+                               np.concatenate([lse[:3], [warm[2]]]))]
+  for temp, want_log_p, want_lse in cases:
+    for jit in (False, True):
+      run = lambda f: (jax.jit(lambda x, t: f(x, temperature=t)) if jit else
+                       lambda x, t: f(x, temperature=t))(x, temp)
+      np.testing.assert_allclose(run(softmax), np.exp(want_log_p), rtol=1e-6)
+      np.testing.assert_allclose(run(log_softmax), want_log_p, rtol=1e-6)
+      np.testing.assert_allclose(run(logsumexp), want_lse, rtol=1e-6)
+  g = jax.jit(jax.grad(lambda x, t: (softmax(x, temperature=t)[:, 1]).sum(), (0, 1)))(x, t)
+  assert np.isfinite(np.asarray(g[0])).all() and not np.any(np.asarray(g[0][:3]))  # constant
+  assert np.isfinite(np.asarray(g[1])).all()
+  # The limit is continuous from above (the maxima here are far apart).
+  np.testing.assert_allclose(softmax(x[:2], temperature=1e-3), p[:2], atol=1e-6)
+
+
 def test_out_of_range_labels_under_jit_give_nan():
   x, _ = _data((4, K), jnp.float32)
   labels = jnp.asarray([1, -1, K, 2])
@@ -308,8 +334,14 @@ def test_out_of_range_labels_under_jit_give_nan():
     (lambda: softmax(jnp.float32(1.0)),
      r'`x` must have shape \[\.\.\., num_classes\].*got shape \(\)'),
     (lambda: logsumexp(jnp.zeros((2, 0))), r'`x` .*num_classes >= 1.*got shape \(2, 0\)'),
-    (lambda: log_softmax(jnp.zeros(3), temperature=0.0), r'`temperature` must be finite and > 0; got 0\.0'),
-    (lambda: softmax(jnp.zeros(3), temperature=-1), r'`temperature` must be finite and > 0; got -1'),
+    (lambda: softmax(jnp.zeros(3), temperature=-1), r'`temperature` must be finite and >= 0; got -1'),
+    (lambda: softmax(jnp.zeros(3), temperature=np.inf), r'`temperature` must be finite and >= 0'),
+    (lambda: log_softmax(jnp.zeros(3), temperature=np.asarray([1.0, 0.0, 1.0])),
+     r'`temperature` must be finite and > 0; got \[1\. 0\. 1\.\]'),  # per class: no limit
+    (lambda: cross_entropy(jnp.zeros((2, 3)), jnp.zeros(2, int), class_weights=[1.0, np.nan, 1.0]),
+     r'`class_weights` must be finite and >= 0; got nan at position \(1,\)'),
+    (lambda: cross_entropy(jnp.zeros((2, 3)), jnp.zeros(2, int), class_weights=[1.0, 1.0, -2.0]),
+     r'`class_weights` must be finite and >= 0; got -2\.0 at position \(2,\)'),
     (lambda: softmax(jnp.zeros((2, 3)), where=np.ones(3, int)), r'`where` must be a bool.*int'),
     (lambda: softmax(jnp.zeros((2, 3)), where=np.ones((3, 3), bool)),
      r'`where` must broadcast to the shape of `x` \(2, 3\); got shape \(3, 3\)'),
