@@ -24,7 +24,9 @@ Gradients under `vmap` (per-example or summed) go through the same rule. A vmap 
 soon as one row of the batch needs it; route such batches by calling the op on `[N, d]`.
 
 Checks (`_checks`): shapes, ranks and dtypes of every argument always, also under `jit`/`vmap`;
-labels in [0, K) only when concrete (traced out-of-range labels give a NaN loss).
+labels in [0, K) only when concrete (traced out-of-range labels give a NaN loss). A NaN feature
+gives its example a NaN loss and NaN log-probabilities; `ignore_index` as in `cross_entropy`: the
+NaN rule and `ignore_index` of the package docstring.
 
 Measured (CPU, 2 cores, N=2048, d=512, K=200000, cutoffs (2000, 10000, 50000), div 4, labels
 log-uniform p(k) = log((k+2)/(k+1))/log(K+1), so 62% in the shortlist and 11-13% per tail;
@@ -325,31 +327,38 @@ def adaptive_log_softmax(features, head_kernel, tail_kernels, *, cutoffs, head_b
 
 
 def adaptive_softmax_loss(features, labels, head_kernel, tail_kernels, *, cutoffs, head_bias=None,
-                          capacity_fractions: Optional[Sequence[float]] = DEFAULT_CAPACITY_FRACTIONS):
+                          capacity_fractions: Optional[Sequence[float]] = DEFAULT_CAPACITY_FRACTIONS,
+                          ignore_index: Optional[int] = None):
   """Per-example adaptive softmax loss `-log p(label)`, evaluating each tail only where needed.
 
   Equal to `-adaptive_log_softmax(...)[..., label]` (PyTorch's `-forward(...).output`). The head
   runs on every row; tail i runs on a static-capacity gather of the rows whose label is in
-  cluster i (see the module docstring). Labels outside [0, K) give NaN.
+  cluster i (see the module docstring). Labels outside [0, K) give NaN; an example whose label is
+  `ignore_index` gets loss 0 and gradient 0 and is routed to no tail.
 
   Args:
     features: [..., d] float; 16-bit floats are multiplied in their dtype, accumulated in float32.
-    labels: [...] int in [0, K).
+    labels: [...] int in [0, K), or `ignore_index`.
     head_kernel, tail_kernels, cutoffs, head_bias: as in `adaptive_log_softmax`.
     capacity_fractions: static fractions of the rows giving the capacity rungs (0 and all rows are
       always added); None evaluates every tail on every row (no gathers).
+    ignore_index: None or an int (PyTorch's), the label of examples to ignore.
 
   Returns:
     [...] float32 per-example loss (float64 for float64 features).
 
   Raises:
-    ValueError (`ArgumentError`): a shape, rank or dtype that does not fit (always, also under
-      `jit`); with concrete labels, a label outside [0, K) (traced ones give NaN instead).
+    ValueError (`ArgumentError`): a shape, rank or dtype that does not fit or an `ignore_index`
+      that is not None or an int (always, also under `jit`); with concrete labels, a label
+      (other than `ignore_index`) outside [0, K) (traced ones give NaN instead).
   """
   features, cutoffs, k = _check(features, head_kernel, tail_kernels, cutoffs, head_bias)
   lead, s = features.shape[:-1], cutoffs[0]
-  labels = _checks.labels(labels, k, lead, 'features')
+  labels, ignored = _checks.labels_or_ignored(labels, k, lead, ignore_index, 'features')
   x, y = features.reshape(-1, features.shape[-1]), labels.reshape(-1).astype(jnp.int32)
+  if ignored is not None:  # Not read (no NaN leaks) and routed to no tail: features 0, label 0.
+    ignored = ignored.reshape(-1)
+    x, y = jnp.where(ignored[:, None], jnp.zeros((), x.dtype), x), jnp.where(ignored, 0, y)
   head_lp = _head_log_prob(x, head_kernel, head_bias)
   cluster = sum((y >= c).astype(jnp.int32) for c in cutoffs)  # 0: shortlist, i + 1: tail i.
   head_index = jnp.clip(jnp.where(cluster == 0, y, s + cluster - 1), 0, head_lp.shape[-1] - 1)
@@ -361,6 +370,8 @@ def adaptive_softmax_loss(features, labels, head_kernel, tail_kernels, *, cutoff
     else:
       log_p = log_p + _routed_tail_log_p(tuple(capacity_fractions), x, proj, out, mask, rel)
   loss = jnp.where((y >= 0) & (y < k), -log_p, jnp.nan)
+  if ignored is not None:
+    loss = jnp.where(ignored, jnp.zeros_like(loss), loss)
   return loss.reshape(lead)
 
 

@@ -9,6 +9,9 @@ Two passes over vocabulary chunks do all the work: `_lse_pass` (online logsumexp
 * a slice of one `[B, K]` block `x_b @ w` (token-outer, Liger Kernel): both passes run in the
   forward pass, which so forms every gradient: three matrix products; a reduced loss only,
   as its cotangent is a scalar the backward pass can apply afterwards.
+
+A NaN feature gives its example a NaN loss (a NaN weight: every example), and `ignore_index`
+works as in `cross_entropy`: the NaN rule and `ignore_index` of the package docstring.
 """
 
 import functools
@@ -39,10 +42,10 @@ class _Cfg(NamedTuple):
   token_chunk_size: int
 
 
-def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, where=None,
+def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, ignore_index=None,
                          label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None,
                          reduction='none', return_lse=False, chunk_size=4096,
-                         token_chunk_size=256):
+                         token_chunk_size=256, where=None):
   """Cross-entropy of the linear logits `x @ w`, streamed over chunks, never [N, K] at once.
 
   `z = x @ w + bias`; `z = c * tanh(z / c)` if `logit_soft_cap=c`; `z += logit_offsets`;
@@ -60,24 +63,28 @@ def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, where=N
   Args:
     x: [..., d] features, float.
     w: [d, K] weights, float.
-    labels: [...] int, in [0, K) where `where` is True. Concrete out-of-range labels raise;
-      under `jit` they give a NaN loss (and NaN gradients), never a silent clip.
+    labels: [...] int (a list or NumPy array too), in [0, K) or equal to `ignore_index`.
+      Concrete out-of-range labels raise; under `jit` they give a NaN loss (and NaN
+      gradients), never a silent clip.
     bias: [K] float or None, added before the soft cap.
     logit_offsets: [K] float or None, added after the soft cap, differentiable like `bias`:
       `tau * log(prior)` for logit adjustment, or -inf to drop a class (vocabulary padding).
-    where: [...] bool or None, a per-EXAMPLE mask (`cross_entropy`'s is per class; drop
-      classes with -inf `logit_offsets`): False marks padding, whose loss and gradient are 0
-      and whose label is ignored.
+    ignore_index: None or an int (PyTorch's): examples whose label equals it are padding,
+      with loss exactly 0 and gradient exactly 0; their label is not range-checked and their
+      features are not read. (To drop classes, give them -inf `logit_offsets`.)
     label_smoothing: eps in [0, 1).
     z_loss: coefficient of `lse**2` (PaLM).
     logit_soft_cap: c > 0 or None (Gemma 2).
     reduction: 'none' -> [...] float32; 'sum' -> scalar; 'mean' -> scalar sum divided by
-      the number of True entries of `where` (0 when there are none). float64 for float64.
-    return_lse: also return lse(z) [...] float32, differentiable.
+      the number of examples not ignored (0 when there are none). float64 for float64.
+    return_lse: also return lse(z) [...] float32, differentiable (0 for ignored examples).
     chunk_size: vocabulary columns per chunk. 'none' holds ~2 [N, chunk_size] float32 blocks.
     token_chunk_size: rows per block for 'sum' and 'mean', which hold one [token_chunk_size, K]
       float32 block and a few [token_chunk_size + d, chunk_size] ones, and a float32 [d, K]
       gradient accumulator if w is not float32.
+    where: removed; passing it raises. It was a per-example mask, which is now `ignore_index`
+      (`where=m` is `labels=jnp.where(m, labels, -1), ignore_index=-1`): in `cross_entropy`
+      `where` masks classes, and one name has one meaning.
 
   Returns:
     loss: [...] float32 or a float32 scalar; and lse [...] float32 if `return_lse`.
@@ -86,24 +93,31 @@ def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, where=N
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `w` is not
       `[d, K]`, `x` is not `[..., d]`, `x` or `w` is not float, `labels` is not an integer
       array of shape `x.shape[:-1]`, `bias` or `logit_offsets` is not a float `[K]`, or `where`
-      is not a bool array of shape `labels.shape`; if a Python option (`label_smoothing`,
-      `logit_soft_cap`, `reduction`, the chunk sizes) is out of its range; and, for concrete
-      `labels` and `where` only, if a label where `where` is True lies outside [0, K) (traced
-      ones are not checked: they give a NaN loss and NaN gradients).
+      is passed; if a Python option (`ignore_index`, `label_smoothing`, `logit_soft_cap`,
+      `reduction`, the chunk sizes) is out of its range; and, for concrete `labels` only, if a
+      label other than `ignore_index` lies outside [0, K) (traced ones are not checked: they
+      give a NaN loss and NaN gradients).
 
   References:
     Wijmans et al. 2024, Cut Your Losses in Large-Vocabulary Language Models, arXiv:2411.09009.
     Hsu et al. 2024, Liger Kernel, arXiv:2410.10989. Chowdhery et al. 2022 (PaLM, z-loss).
     Menon et al. 2021, Long-tail learning via logit adjustment, arXiv:2007.07314.
   """
-  x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
-  bias, logit_offsets, where = (None if a is None else jnp.asarray(a)
-                                for a in (bias, logit_offsets, where))
-  _check(x, w, labels, bias, logit_offsets, where, label_smoothing, logit_soft_cap, reduction,
-         chunk_size, token_chunk_size)
-  lead, (d, k) = labels.shape, w.shape
-  valid = jnp.ones(lead, bool) if where is None else where
-  _check_labels(labels, valid, k)
+  if where is not None:
+    raise _checks.ArgumentError(
+        '`where` is not an option of linear_cross_entropy: to ignore examples (padding) pass '
+        '`ignore_index` (a per-example mask `m` is `labels=jnp.where(m, labels, -1), '
+        'ignore_index=-1`); to drop classes, give them -inf `logit_offsets`; got a `where` of '
+        f'shape {np.shape(where)}.')
+  x, w = jnp.asarray(x), jnp.asarray(w)
+  bias, logit_offsets = (None if a is None else jnp.asarray(a) for a in (bias, logit_offsets))
+  _check(x, w, bias, logit_offsets, label_smoothing, logit_soft_cap, reduction, chunk_size,
+         token_chunk_size)
+  lead, (d, k) = x.shape[:-1], w.shape
+  labels, ignored = _checks.labels_or_ignored(labels, k, lead, ignore_index, 'x')
+  if ignored is not None:
+    x = jnp.where(ignored[..., None], jnp.zeros((), x.dtype), x)  # Not read: no NaN leaks.
+  valid = jnp.ones(lead, bool) if ignored is None else ~ignored
   rw = valid.reshape(-1).astype(_acc(x, w))
   if reduction == 'mean':
     rw = rw / jnp.maximum(rw.sum(), 1.0)
@@ -113,11 +127,13 @@ def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, where=N
   loss, lse = _lce(cfg, x.reshape(-1, d), w, bias, logit_offsets, labels.reshape(-1), rw)
   if reduction == 'none':
     loss = loss.reshape(lead)
-  return (loss, lse.reshape(lead)) if return_lse else loss
+  lse = lse.reshape(lead)
+  if ignored is not None:
+    lse = jnp.where(ignored, jnp.zeros_like(lse), lse)
+  return (loss, lse) if return_lse else loss
 
 
-def _check(x, w, labels, bias, offsets, where, eps, cap, reduction, chunk_size,
-           token_chunk_size):
+def _check(x, w, bias, offsets, eps, cap, reduction, chunk_size, token_chunk_size):
   """Static checks (shapes, dtypes: also under jit) and checks of the Python options."""
   _checks.rank(w, 2, 'w', '[d, K]')
   d, k = w.shape
@@ -125,15 +141,10 @@ def _check(x, w, labels, bias, offsets, where, eps, cap, reduction, chunk_size,
                      need=f'have shape [..., d] with d = w.shape[0] = {d}', got=f'shape {x.shape}')
   _checks.dtype(x, float, 'x', 'be a float array')
   _checks.dtype(w, float, 'w', 'be a float array')
-  _checks.shape(labels, x.shape[:-1], 'labels', 'x.shape[:-1]')
-  _checks.dtype(labels, int, 'labels', 'be integer class indices')
   for name, a in (('bias', bias), ('logit_offsets', offsets)):
     if a is not None:
       _checks.shape(a, (k,), name, '[K]')
       _checks.dtype(a, float, name, 'be a float array')
-  if where is not None:
-    _checks.shape(where, labels.shape, 'where', 'labels.shape')
-    _checks.dtype(where, bool, 'where', 'be a bool mask of examples')
 
   def fail(name, need, got):
     raise _checks.ArgumentError(f'`{name}` must {need}; got {got}.')
@@ -146,19 +157,6 @@ def _check(x, w, labels, bias, offsets, where, eps, cap, reduction, chunk_size,
   for name, n in (('chunk_size', chunk_size), ('token_chunk_size', token_chunk_size)):
     if int(n) != n or n < 1:
       fail(name, 'be a positive int', n)
-
-
-def _check_labels(labels, valid, k):
-  """Concrete labels lie in [0, K) where `valid`; traced ones pass (NaN loss, see `_row_loss`)."""
-  if _checks.is_traced(labels) or _checks.is_traced(valid):
-    return
-  labels, valid = np.asarray(labels), np.asarray(valid)
-  bad = np.argwhere(valid & ((labels < 0) | (labels >= k)))
-  if bad.size:
-    pos = tuple(int(i) for i in bad[0])
-    raise _checks.ArgumentError(
-        f'`labels` must lie in [0, {k}) where `where` is True; got {labels[pos]} at position '
-        f'{pos} ({len(bad)} out of range in all).')
 
 
 def _chunks(total, size, body, carry):

@@ -17,7 +17,9 @@ build the tree outside `jit` or from closed-over values. The ops check the shape
 `jit`/`vmap`/`grad`; labels lie in [0, K) is checked only when they are concrete (a traced
 out-of-range label gives a NaN loss). The tree itself must be concrete NumPy (close over it or
 bind it with `functools.partial`; never pass it as a traced `jit` argument). Failures raise a
-ValueError naming the argument.
+ValueError naming the argument. A NaN feature gives its example a NaN loss and NaN
+log-probabilities; `hierarchical_loss` takes `ignore_index` as `cross_entropy` does: the NaN rule
+and `ignore_index` of the package docstring.
 
 Costs: `hierarchical_loss` gathers only the label's D node vectors, O(N D d), never the
 `[N, K-1]` matmul; `hierarchical_log_prob` (evaluation) is one `features @ node_vectors.T`
@@ -278,7 +280,7 @@ def hierarchical_log_prob(features, node_vectors, tree, *, node_bias=None):
   return out
 
 
-def hierarchical_loss(features, labels, node_vectors, tree, *, node_bias=None):
+def hierarchical_loss(features, labels, node_vectors, tree, *, node_bias=None, ignore_index=None):
   """Per-example negative log-likelihood `-log p(label)` from the label's path alone.
 
   `loss = -sum_j mask log_sigmoid(code_j (x . v_{path_j} + b_{path_j}))` over the D padded
@@ -288,10 +290,11 @@ def hierarchical_loss(features, labels, node_vectors, tree, *, node_bias=None):
 
   Args:
     features: [..., d] float; 16-bit inputs are multiplied with float32 accumulation.
-    labels: [...] int in [0, K), `features.shape[:-1]`.
+    labels: [...] int in [0, K) or `ignore_index`, `features.shape[:-1]`.
     node_vectors: [K-1, d] float.
     tree: a `Tree` over K classes.
     node_bias: optional [K-1] float.
+    ignore_index: None or an int; examples with this label get loss 0 and gradient 0.
 
   Returns:
     [...] float32 per-example loss (float64 for float64 inputs).
@@ -301,15 +304,18 @@ def hierarchical_loss(features, labels, node_vectors, tree, *, node_bias=None):
       concrete `Tree` with int `paths`/`codes` and bool `mask`, all `[K, D]`, K >= 2;
       `features` is not a float `[..., d]`; `node_vectors` is not a float `[K-1, d]`;
       `node_bias` is not a float `[K-1]`; `labels` is not an integer array of shape
-      `features.shape[:-1]`. Only on concrete labels: ids outside [0, K); a traced out-of-range
-      label gives a NaN loss for its example.
+      `features.shape[:-1]`; `ignore_index` is not None or an int. Only on concrete labels: ids
+      (other than `ignore_index`) outside [0, K); a traced out-of-range label gives a NaN loss
+      for its example.
 
   References:
     Mikolov et al., "Distributed representations of words and phrases and their
     compositionality", NIPS 2013 (hierarchical softmax with a Huffman tree).
   """
   x, w, bias, k, acc = _check(features, node_vectors, tree, node_bias)
-  labels = _checks.labels(labels, k, x.shape[:-1], 'features')
+  labels, ignored = _checks.labels_or_ignored(labels, k, x.shape[:-1], ignore_index, 'features')
+  if ignored is not None:
+    x = jnp.where(ignored[..., None], jnp.zeros((), x.dtype), x)  # Not read: no NaN leaks.
   # One [K, D] table `code * (node + 1)` (0 at padding): a single gather per label, at trace time.
   signed = np.where(tree.mask, np.asarray(tree.codes, np.int32) * (np.asarray(tree.paths) + 1), 0)
   in_range = (labels >= 0) & (labels < k)
@@ -318,8 +324,9 @@ def hierarchical_loss(features, labels, node_vectors, tree, *, node_bias=None):
   z = jnp.einsum('...d,...jd->...j', x, jnp.take(w, node, axis=0), preferred_element_type=acc)
   if bias is not None:
     z = z + jnp.take(bias, node).astype(acc)
-  nll = -jnp.sum(jnp.where(sign != 0, jax.nn.log_sigmoid(sign * z), 0), axis=-1)
-  return jnp.where(in_range, nll, jnp.nan)
+  nll = jnp.where(in_range, -jnp.sum(jnp.where(sign != 0, jax.nn.log_sigmoid(sign * z), 0), -1),
+                  jnp.nan)
+  return nll if ignored is None else jnp.where(ignored, jnp.zeros_like(nll), nll)
 
 
 def hierarchical_predict(features, node_vectors, tree, *, node_bias=None):

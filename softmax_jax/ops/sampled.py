@@ -27,7 +27,12 @@ a sampler vmapped over per-example keys) gives each example its own S negatives.
 Checks: shapes, ranks and dtypes (and that `num_sampled`/`num_classes` are Python ints, which fix
 the output shapes) are checked always, also under `jit`/`vmap`/`grad`; class ids (labels,
 `true_classes`, sampled ids) are checked to lie in [0, K) only when concrete. Failures raise
-`ArgumentError`, a ValueError naming the argument.
+`ArgumentError`, a ValueError naming the argument. Traced ids out of range give NaN, never a
+clipped id: a label its example's loss, a sampled id every loss (the sample is shared).
+
+NaN and padding: a NaN feature gives its example a NaN loss, and the losses (and the samplers'
+`true_classes`) take `ignore_index` as `cross_entropy` does: the NaN rule and `ignore_index` of
+the package docstring.
 
 References: TF `tf.nn.sampled_softmax_loss`, `tf.nn.nce_loss`, "Candidate sampling algorithms
 reference"; Jean et al. 2015 (arXiv:1412.2007); Mikolov et al. 2013 (word2vec).
@@ -134,19 +139,25 @@ def _candidates(key, s, p, prob, unique, true_classes):
   return SampledValues(sampled, true_count, count(sampled))
 
 
-def _check_sampler_args(key, true_classes, num_classes):
-  """Static checks of `key` and `true_classes`; concrete `true_classes` must lie in [0, K)."""
+def _check_sampler_args(key, true_classes, num_classes, ignore_index):
+  """Static checks of `key` and `true_classes`; concrete `true_classes` must lie in [0, K) or
+  equal `ignore_index`. Returns `true_classes` with ignored ones replaced by class 0."""
   _check_key(key)
+  ignore_index = _checks.ignore_index_value(ignore_index)
   if true_classes is None:
     return None
   if not isinstance(true_classes, jax.Array):
     true_classes = np.asarray(true_classes)
   _checks.dtype(true_classes, int, 'true_classes', 'be integer class ids')
+  if ignore_index is not None:  # np.where keeps concrete ids concrete for the range check.
+    where = jnp.where if _checks.is_traced(true_classes) else np.where
+    true_classes = where(true_classes == ignore_index, 0, true_classes)
   _checks.in_range('true_classes', true_classes, num_classes)
   return jnp.asarray(true_classes)
 
 
-def uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_classes=None):
+def uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_classes=None,
+                    ignore_index=None):
   """Uniform sampler, `P(k) = 1 / K` (TF `uniform_candidate_sampler`); counts are S / K exactly.
 
   Draws one sample `[S]` per call, shared by a whole batch; `jax.vmap` it over a batch of keys
@@ -158,6 +169,8 @@ def uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_classes=
     num_classes: K, a Python int (>= 2 if unique).
     unique: sample without replacement (Gumbel-top-k; TF's default) or with replacement.
     true_classes: optional [...] int labels in [0, K) whose expected counts to return.
+    ignore_index: None or an int: `true_classes` equal to it (ignored labels, see the losses)
+      are not range-checked and get the count of class 0.
 
   Returns:
     SampledValues(sampled [S] int32, true_expected_count [...] float32 or None,
@@ -175,7 +188,7 @@ def uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_classes=
   """
   k = _check_int('num_classes', num_classes, 2 if unique else 1)
   s = _check_num_sampled(num_sampled, k, unique)
-  true_classes = _check_sampler_args(key, true_classes, k)
+  true_classes = _check_sampler_args(key, true_classes, k, ignore_index)
   return _candidates(key, s, np.full(k, 1.0 / k), lambda ids: jnp.full(ids.shape, 1.0 / k),
                      unique, true_classes)
 
@@ -198,7 +211,8 @@ def log_uniform_probs(num_classes: int) -> np.ndarray:
   return np.log1p(1.0 / np.arange(1.0, k + 1.0)) / np.log(k + 1.0)
 
 
-def log_uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_classes=None):
+def log_uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_classes=None,
+                        ignore_index=None):
   """Log-uniform (Zipf) sampler, `P(k) = log((k + 2) / (k + 1)) / log(K + 1)`.
 
   TF `log_uniform_candidate_sampler`; ids must be sorted by decreasing frequency. Arguments
@@ -213,7 +227,7 @@ def log_uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_clas
   """
   k = _check_int('num_classes', num_classes, 2 if unique else 1)
   s = _check_num_sampled(num_sampled, k, unique)
-  true_classes = _check_sampler_args(key, true_classes, k)
+  true_classes = _check_sampler_args(key, true_classes, k, ignore_index)
   log_k1 = np.log(k + 1.0)
   prob = lambda ids: jnp.log1p(1.0 / (jnp.asarray(ids, jnp.float32) + 1.0)) / np.float32(log_k1)
   p = log_uniform_probs(k)
@@ -256,7 +270,7 @@ def unigram_probs(counts, distortion=0.75):
 
 
 def unigram_sampler(key, num_sampled, counts, *, distortion=0.75, unique=True,
-                    true_classes=None):
+                    true_classes=None, ignore_index=None):
   """Unigram sampler, `P(k) ∝ counts_k ** distortion` (TF `fixed_unigram_candidate_sampler`).
 
   Distortion 0.75 is word2vec's; 0 is uniform over the classes with counts > 0. Arguments and
@@ -275,14 +289,16 @@ def unigram_sampler(key, num_sampled, counts, *, distortion=0.75, unique=True,
   p = unigram_probs(counts, distortion)
   s = _check_num_sampled(num_sampled, int(np.sum(p > 0)), unique,
                          'the number of classes with counts > 0')
-  true_classes = _check_sampler_args(key, true_classes, p.size)
+  true_classes = _check_sampler_args(key, true_classes, p.size, ignore_index)
   p32 = jnp.asarray(p, jnp.float32)
   return _candidates(key, s, p, lambda ids: jnp.take(p32, ids, mode='clip'), unique,
                      true_classes)
 
 
-def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits, log_q):
-  """Checks; returns z_true [N], z_sampled [N, S], keep [N, S] bool, in_range [N], lead shape."""
+def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits, log_q,
+                    ignore_index):
+  """Checks; returns z_true [N], z_sampled [N, S], keep [N, S] bool and `finish`, mapping the
+  [N] loss to [...] with NaN for an out-of-range label and 0 for an ignored one."""
   triple = sampled_values if isinstance(sampled_values, (tuple, list)) else (sampled_values,)
   if len(triple) not in (1, 3):
     raise _checks.ArgumentError(
@@ -302,7 +318,7 @@ def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits,
                      got=f'shape {features.shape}')
   _checks.dtype(features, float, 'features', 'be a float array')
   lead = features.shape[:-1]
-  labels = _checks.labels(labels, k, lead, 'features')
+  labels, ignored = _checks.labels_or_ignored(labels, k, lead, ignore_index, 'features')
   _checks.rank(sampled, 1, ids_name, '[S]')
   _checks.dtype(sampled, int, ids_name, 'be integer class ids')
   _checks.in_range(ids_name, sampled, k)
@@ -326,23 +342,35 @@ def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits,
   x, y = features.reshape(-1, d), labels.reshape(-1)
   in_range = (y >= 0) & (y < k)
   y_safe = jnp.where(in_range, y, 0)
+  if log_q:
+    true_count = jnp.broadcast_to(true_count, lead).reshape(-1)
+  if ignored is not None:  # Ignored rows are not read: zero features, count 1.
+    ignored = ignored.reshape(-1)
+    x, in_range = jnp.where(ignored[:, None], jnp.zeros((), x.dtype), x), in_range | ignored
+    true_count = jnp.where(ignored, 1, true_count) if log_q else None
+  s_ok = (sampled >= 0) & (sampled < k)  # A traced id out of range: NaN, never a clipped id.
+  s_safe = jnp.where(s_ok, sampled, 0)
   w_true = jnp.take(kernel, y_safe, axis=0, mode='clip')  # [N, d]: contiguous rows.
-  w_samp = jnp.take(kernel, sampled, axis=0, mode='clip')  # [S, d]
+  w_samp = jnp.where(s_ok[:, None], jnp.take(kernel, s_safe, axis=0, mode='clip'), jnp.nan)
   z_true = jnp.einsum('nd,nd->n', x, w_true, preferred_element_type=acc).astype(acc)
   z_samp = jnp.einsum('nd,sd->ns', x, w_samp, preferred_element_type=acc).astype(acc)
   if bias is not None:
     b = jnp.asarray(bias).astype(acc)
     z_true = z_true + jnp.take(b, y_safe, mode='clip')
-    z_samp = z_samp + jnp.take(b, sampled, mode='clip')
+    z_samp = z_samp + jnp.take(b, s_safe, mode='clip')
   if log_q:
-    z_true = z_true - jnp.log(jnp.broadcast_to(true_count, lead).astype(acc)).reshape(-1)
+    z_true = z_true - jnp.log(true_count.astype(acc))
     z_samp = z_samp - jnp.log(sampled_count.astype(acc))
   keep = (sampled[None, :] != y[:, None]) if remove_hits else jnp.ones(z_samp.shape, bool)
-  return z_true, z_samp, keep, in_range, lead
+
+  def finish(loss):
+    loss = jnp.where(in_range, loss, jnp.nan)
+    return (loss if ignored is None else jnp.where(ignored, 0.0, loss)).reshape(lead)
+  return z_true, z_samp, keep, finish
 
 
 def sampled_softmax_loss(features, kernel, labels, sampled_values, *, bias=None,
-                         remove_accidental_hits=True, subtract_log_q=True):
+                         remove_accidental_hits=True, subtract_log_q=True, ignore_index=None):
   """Per-example sampled softmax loss (TF `tf.nn.sampled_softmax_loss`, one true class).
 
   `z_0 = <x, w_y> + b_y - log Q_y`, `z_j = <x, w_{s_j}> + b_{s_j} - log Q_{s_j}` over the S
@@ -357,13 +385,16 @@ def sampled_softmax_loss(features, kernel, labels, sampled_values, *, bias=None,
   Args:
     features: [..., d] float.
     kernel: [K, d] float class rows (TF's `weights`; the transpose of DenseSoftmax's kernel).
-    labels: [...] int in [0, K); concrete ones are checked, traced ones out of range give NaN.
+    labels: [...] int in [0, K), or `ignore_index`; concrete ones are checked, traced ones out
+      of range give NaN.
     sampled_values: SampledValues / (sampled [S] int, true_expected_count [...] float
       (broadcastable to `labels`), sampled_expected_count [S] float) from a sampler called with
       `true_classes=labels`; the ids `[S] int` alone if not `subtract_log_q`.
     bias: optional [K] float.
     remove_accidental_hits: mask samples equal to the example's label.
     subtract_log_q: subtract the log expected counts (the log-Q correction).
+    ignore_index: None or an int; examples with this label get loss 0 and gradient 0 (call
+      the sampler with the same `ignore_index`).
 
   Returns:
     [...] float32 per-example loss (float64 for float64 inputs).
@@ -374,33 +405,33 @@ def sampled_softmax_loss(features, kernel, labels, sampled_values, *, bias=None,
       is not an integer array of shape `features.shape[:-1]`; `sampled_values` is not 3 items
       (or the ids alone), its ids are not an integer `[S]`, its `sampled_expected_count` not
       a float `[S]`, its `true_expected_count` not a float broadcastable to `labels`, or the
-      counts are missing with `subtract_log_q`; `bias` is not a float `[K]`. Only on concrete
-      values: `labels` and sampled ids outside [0, K). A traced out-of-range label gives a NaN
-      loss for its example; a traced out-of-range sampled id is clamped to [0, K) (the
-      samplers never produce one).
+      counts are missing with `subtract_log_q`; `bias` is not a float `[K]`; `ignore_index` is
+      not None or an int. Only on concrete values: `labels` (other than `ignore_index`) and
+      sampled ids outside [0, K). A traced out-of-range label gives a NaN loss for its
+      example; a traced out-of-range sampled id a NaN loss for every example (the samplers
+      never produce one).
 
   References:
     TF `tf.nn.sampled_softmax_loss`; Jean et al., "On using very large target vocabulary for
     neural machine translation", ACL 2015 (arXiv:1412.2007).
   """
-  z_t, z_s, keep, ok, lead = _sampled_logits(
-      features, kernel, labels, sampled_values, bias, remove_accidental_hits, subtract_log_q)
+  z_t, z_s, keep, finish = _sampled_logits(features, kernel, labels, sampled_values, bias,
+                                           remove_accidental_hits, subtract_log_q, ignore_index)
   z = jnp.concatenate([z_t[:, None], z_s], axis=-1)
   mask = jnp.concatenate([jnp.ones_like(keep[:, :1]), keep], axis=-1)
-  loss = logsumexp(z, where=mask) - z_t
-  return jnp.where(ok, loss, jnp.nan).reshape(lead)
+  return finish(logsumexp(z, where=mask) - z_t)
 
 
-def _logistic_loss(features, kernel, labels, sampled_values, bias, remove_hits, log_q):
-  z_t, z_s, keep, ok, lead = _sampled_logits(features, kernel, labels, sampled_values, bias,
-                                             remove_hits, log_q)
+def _logistic_loss(features, kernel, labels, sampled_values, bias, remove_hits, log_q,
+                   ignore_index):
+  z_t, z_s, keep, finish = _sampled_logits(features, kernel, labels, sampled_values, bias,
+                                           remove_hits, log_q, ignore_index)
   negatives = jnp.where(keep, -jax.nn.log_sigmoid(-z_s), 0)  # z_s finite: finite gradients.
-  loss = -jax.nn.log_sigmoid(z_t) + jnp.sum(negatives, axis=-1)
-  return jnp.where(ok, loss, jnp.nan).reshape(lead)
+  return finish(-jax.nn.log_sigmoid(z_t) + jnp.sum(negatives, axis=-1))
 
 
 def nce_loss(features, kernel, labels, sampled_values, *, bias=None,
-             remove_accidental_hits=False, subtract_log_q=True):
+             remove_accidental_hits=False, subtract_log_q=True, ignore_index=None):
   """Per-example noise-contrastive estimation loss (TF `tf.nn.nce_loss`, one true class).
 
   With the logits `z_0`, `z_j` of `sampled_softmax_loss` (log-Q corrected):
@@ -417,11 +448,11 @@ def nce_loss(features, kernel, labels, sampled_values, *, bias=None,
     models", ICML 2012.
   """
   return _logistic_loss(features, kernel, labels, sampled_values, bias,
-                        remove_accidental_hits, subtract_log_q)
+                        remove_accidental_hits, subtract_log_q, ignore_index)
 
 
 def negative_sampling_loss(features, kernel, labels, sampled_values, *, bias=None,
-                           remove_accidental_hits=True):
+                           remove_accidental_hits=True, ignore_index=None):
   """Per-example negative sampling loss (word2vec), no log-Q correction.
 
   `loss = -log sigmoid(s_y) - sum_j log sigmoid(-s_{n_j})` with raw scores `s = <x, w> + b` of
@@ -437,4 +468,4 @@ def negative_sampling_loss(features, kernel, labels, sampled_values, *, bias=Non
     compositionality", NIPS 2013 (eq. 4).
   """
   return _logistic_loss(features, kernel, labels, sampled_values, bias,
-                        remove_accidental_hits, False)
+                        remove_accidental_hits, False, ignore_index)

@@ -18,14 +18,16 @@ CHUNKS = dict(chunk_size=64, token_chunk_size=16)
 OPTIONS = dict(label_smoothing=0.1, z_loss=1e-2, logit_soft_cap=4.0)
 
 
-def _reference(x, w, labels, ct, *, bias=None, logit_offsets=None, where=None,
+def _reference(x, w, labels, ct, *, bias=None, logit_offsets=None, ignore_index=None,
                label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None, reduction='none'):
-  """float64 loss, lse and the gradients of `sum(ct * loss)` (x, w, bias, offsets)."""
+  """float64 loss, lse (0 where ignored) and the gradients of `sum(ct * loss)` (x, w, bias,
+  offsets); the ignored rows are sliced out, so NaN features there are never read."""
   x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
   x2, l, k = x.reshape(-1, x.shape[-1]), np.asarray(labels).reshape(-1), w.shape[1]
   b = 0.0 if bias is None else np.asarray(bias, np.float64)
   o = 0.0 if logit_offsets is None else np.asarray(logit_offsets, np.float64)
-  m = np.ones(l.shape, bool) if where is None else np.asarray(where).reshape(-1)
+  m = l != ignore_index
+  x2 = np.where(m[:, None], x2, 0.0)
   z = x2 @ w + b
   dcap = 1.0
   if logit_soft_cap:
@@ -45,7 +47,7 @@ def _reference(x, w, labels, ct, *, bias=None, logit_offsets=None, where=None,
   grads = (dzp @ w.T).reshape(x.shape), x2.T @ dzp, dzp.sum(0), dz.sum(0)
   if reduction != 'none':
     loss = loss.sum() / (max(m.sum(), 1) if reduction == 'mean' else 1)
-  return loss.reshape(labels.shape if reduction == 'none' else ()), lse, grads
+  return loss.reshape(labels.shape if reduction == 'none' else ()), np.where(m, lse, 0), grads
 
 
 def _data(dtype=jnp.float32, lead=LEAD, d=D, k=K, seed=0):
@@ -57,7 +59,8 @@ def _data(dtype=jnp.float32, lead=LEAD, d=D, k=K, seed=0):
   bias, offsets = jnp.asarray(bias, dtype), jnp.asarray(offsets, dtype)
   labels = jnp.asarray(rng.integers(0, k - 3, lead), jnp.int32)
   where = jnp.asarray(rng.random(lead) > 0.25)
-  labels = jnp.where(where, labels, -100)  # padding labels are ignored, whatever they are
+  labels = jnp.where(where, labels, -100)  # padding (ignore_index=-100): features NaN, never read
+  x = jnp.where(where[..., None], x, jnp.nan)
   return x, w, labels, bias, offsets, where
 
 
@@ -70,7 +73,7 @@ def _close(got, want, tol):
     ['none', 'sum', 'mean'], [jnp.float32, jnp.bfloat16], [False, True])))
 def test_matches_float64_reference(reduction, dtype, options):
   x, w, labels, bias, offsets, where = _data(dtype)
-  kw = dict(where=where, reduction=reduction, **(OPTIONS if options else {}))
+  kw = dict(ignore_index=-100, reduction=reduction, **(OPTIONS if options else {}))
   ct = jnp.asarray(np.random.default_rng(1).normal(size=LEAD) if reduction == 'none' else 1.5)
 
   def f(x, w, bias, offsets):
@@ -89,24 +92,27 @@ def test_matches_float64_reference(reduction, dtype, options):
   for g, a, r in zip(grads, (x, w, bias, offsets), ref_grads):
     assert g.dtype == a.dtype and g.shape == a.shape
     _close(g, r.reshape(a.shape), tol)
+  assert not np.any(np.asarray(grads[0])[~np.asarray(where)])  # ignored: exactly 0
 
 
 @pytest.mark.parametrize('reduction', ['none', 'sum', 'mean'])
 def test_check_grads_float64(reduction):
   with jax.enable_x64(True):
     x, w, labels, bias, offsets, where = _data(jnp.float64, lead=(9,), d=5, k=13)
+    x = jnp.where(where[:, None], x, 0.5)  # finite differences need finite inputs
     f = jax.jit(lambda x, w, b, o: linear_cross_entropy(
-        x, w, labels, bias=b, logit_offsets=o, where=where, reduction=reduction,
+        x, w, labels, bias=b, logit_offsets=o, ignore_index=-100, reduction=reduction,
         chunk_size=5, token_chunk_size=4, **OPTIONS))
     check_grads(f, (x, w, bias, offsets), order=1, modes=['rev'])
-    g = jax.jit(lambda x, w: linear_cross_entropy(x, w, labels, where=where, return_lse=True,
-                                                  reduction=reduction, chunk_size=5)[1])
+    g = jax.jit(lambda x, w: linear_cross_entropy(x, w, labels, ignore_index=-100,
+                                                  return_lse=True, reduction=reduction,
+                                                  chunk_size=5)[1])
     check_grads(g, (x, w), order=1, modes=['rev'])  # through the returned lse
 
 
 def test_lse_gradient_beside_reduced_loss():
-  x, w, labels, *_ = _data()
-  labels = jnp.maximum(labels, 0)
+  x, w, labels, *_ = _data(seed=1)
+  x, labels = jnp.nan_to_num(x), jnp.maximum(labels, 0)
   def loss(fn, x, w):
     mean, lse = fn(x, w)
     return mean + 1e-2 * (lse**2).mean()
@@ -122,7 +128,7 @@ def test_lse_gradient_beside_reduced_loss():
 def test_equals_cross_entropy_of_logits(reduction):
   """The contract: `cross_entropy(x @ w + bias, labels)`, here with -inf offsets and smoothing."""
   x, w, labels, bias, offsets, _ = _data()
-  labels = jnp.maximum(labels, 0)
+  x, labels = jnp.nan_to_num(x), jnp.maximum(labels, 0)
   kw = dict(label_smoothing=0.1)
   def naive(x, w, b):
     loss = cross_entropy(x @ w + b + offsets, labels, **kw)
@@ -136,18 +142,54 @@ def test_equals_cross_entropy_of_logits(reduction):
     _close(g, r, 1e-5)
 
 
-def test_where_equals_slicing():
+@pytest.mark.parametrize('reduction', ['none', 'sum', 'mean'])
+def test_ignore_index_equals_slicing(reduction):
+  """Ignored rows (NaN features here) are as if sliced out: loss 0, gradient 0, no NaN leaks."""
   x, w, labels, _, _, where = _data()
   keep = np.asarray(where)
-  f = lambda x, w, l, m: linear_cross_entropy(x, w, l, where=m, reduction='mean', **CHUNKS)
-  got = jax.jit(jax.value_and_grad(f, (0, 1)))(x, w, labels, where)
-  want = jax.jit(jax.value_and_grad(f, (0, 1)))(x[keep], w, labels[keep], None)
+  f = lambda x, w, l, i: linear_cross_entropy(x, w, l, ignore_index=i, reduction=reduction,
+                                              **CHUNKS).sum()
+  got = jax.jit(jax.value_and_grad(f, (0, 1)), static_argnums=3)(x, w, labels, -100)
+  want = jax.jit(jax.value_and_grad(f, (0, 1)), static_argnums=3)(x[keep], w, labels[keep], None)
   _close(got[0], want[0], 1e-6)
   _close(got[1][0][keep], want[1][0], 1e-6)
   assert not np.any(np.asarray(got[1][0])[~keep])  # padding rows: exactly zero gradient
   _close(got[1][1], want[1][1], 1e-6)
-  none = linear_cross_entropy(x, w, labels, where=where)
-  assert not np.any(np.asarray(none)[~keep])
+  loss, lse = linear_cross_entropy(x, w, labels, ignore_index=-100, return_lse=True)
+  assert not np.any(np.asarray(loss)[~keep]) and not np.any(np.asarray(lse)[~keep])
+  assert np.isfinite(np.asarray(loss)).all()
+
+
+def test_where_is_rejected_with_the_new_name():
+  """`where` meant examples here and classes in cross_entropy: one name, one meaning now."""
+  x, w, labels, _, _, where = _data()
+  with pytest.raises(ValueError, match=r'`where` is not an option of linear_cross_entropy: to '
+                     r'ignore examples \(padding\) pass `ignore_index`'):
+    linear_cross_entropy(x, w, labels, where=where)
+
+
+def test_list_labels_and_features():
+  x, w, labels, *_ = _data(lead=(4,))
+  x, labels = jnp.nan_to_num(x), np.maximum(np.asarray(labels), 0)
+  want = cross_entropy(x @ w, labels)
+  _close(linear_cross_entropy(np.asarray(x).tolist(), w, labels.tolist()), want, 1e-6)
+  _close(linear_cross_entropy(x, w, tuple(labels), reduction='sum'), want.sum(), 1e-6)
+
+
+@pytest.mark.parametrize('reduction', ['none', 'sum', 'mean'])
+def test_nan_feature_gives_nan_for_its_example_only(reduction):
+  x, w, labels, bias, *_ = _data(lead=(5,), seed=2)
+  x, labels = jnp.nan_to_num(x), jnp.maximum(labels, 0)
+  bad = x.at[2, 3].set(jnp.nan)
+  f = jax.jit(lambda x: linear_cross_entropy(x, w, labels, bias=bias, reduction=reduction,
+                                             return_lse=True, **CHUNKS))
+  loss, lse = f(bad)
+  want_loss, want_lse = f(x)
+  assert np.isnan(np.asarray(lse)[2]) and np.isnan(np.asarray(loss).reshape(-1)).any()
+  np.testing.assert_array_equal(np.delete(np.asarray(lse), 2), np.delete(np.asarray(want_lse), 2))
+  if reduction == 'none':
+    assert np.isnan(np.asarray(loss)).tolist() == [False, False, True, False, False]
+    np.testing.assert_array_equal(np.delete(np.asarray(loss), 2), np.delete(want_loss, 2))
 
 
 def _count_dots(jaxpr):
@@ -163,6 +205,7 @@ def _count_dots(jaxpr):
     ('mean', (0, 1), 3), ('sum', (1,), 2), ('none', (0, 1), 4)])
 def test_matrix_products(reduction, argnums, dots):
   x, w, labels, *_ = _data(lead=(64,), k=256)  # divisible: one loop body, no tail
+  x, labels = jnp.nan_to_num(x), jnp.maximum(labels, 0)
   f = lambda x, w: linear_cross_entropy(x, w, labels, reduction=reduction, chunk_size=64,
                                         token_chunk_size=16).sum()
   assert _count_dots(jax.make_jaxpr(jax.value_and_grad(f, argnums))(x, w).jaxpr) == dots
@@ -186,12 +229,15 @@ def test_out_of_range_labels():
   x, w, *_ = _data(lead=(6,))
   labels = jnp.arange(6) * 7
   bad = labels.at[4].set(K)
-  with pytest.raises(ValueError, match=r'`labels` must lie in \[0, 300\) where `where` is True; '
+  with pytest.raises(ValueError, match=r'`labels` must lie in \[0, 300\); '
                      r'got 300 at position \(4,\)'):
     linear_cross_entropy(x, w, bad)
   with pytest.raises(ValueError, match=r'`labels` must lie in .*got -1 at position \(2,\)'):
     linear_cross_entropy(x, w, labels.at[2].set(-1), reduction='mean')
-  linear_cross_entropy(x, w, bad, where=jnp.arange(6) != 4)  # masked: ignored
+  with pytest.raises(ValueError, match=r'`labels` must lie in \[0, 300\) or equal `ignore_index` '
+                     r'= -1; got 300 at position \(4,\)'):
+    linear_cross_entropy(x, w, bad, ignore_index=-1)
+  linear_cross_entropy(x, w, bad, ignore_index=K)  # ignored: not range-checked
   for reduction in ['none', 'sum', 'mean']:
     f = jax.jit(lambda x, w, l: linear_cross_entropy(x, w, l, reduction=reduction, **CHUNKS))
     loss, (dx, dw) = jax.jit(jax.value_and_grad(lambda *a: f(*a).sum(), (0, 1)))(x, w, bad)
@@ -213,9 +259,10 @@ def test_bad_arguments():
       (dict(bias=bias[:-1]), r'`bias` must have shape \[K\] = \(300,\); got shape \(299,\)'),
       (dict(bias=bias.astype(jnp.int32)), '`bias` must be a float.*got dtype int32'),
       (dict(logit_offsets=bias[None]), r'`logit_offsets` must have shape .*got shape \(1, 300\)'),
-      (dict(where=jnp.ones(6)), r'`where` must be a bool mask.*got dtype float32'),
-      (dict(where=jnp.ones(5, bool)),
-       r'`where` must have shape labels.shape = \(6,\); got shape \(5,\)'),
+      (dict(where=jnp.ones(6, bool)), r'`where` is not an option.*got a `where` of shape \(6,\)'),
+      (dict(ignore_index=1.5), r'`ignore_index` must be None or an int; got 1\.5'),
+      (dict(ignore_index=True), r'`ignore_index` must be None or an int; got True'),
+      (dict(ignore_index=np.asarray([1, 2])), r'`ignore_index` must be None or an int'),
       (dict(label_smoothing=1.0), r'`label_smoothing` must be in \[0, 1\); got 1.0'),
       (dict(logit_soft_cap=0.0), '`logit_soft_cap` must be None or > 0; got 0.0'),
       (dict(reduction='avg'), "`reduction` must be 'none', 'sum' or 'mean'; got 'avg'"),
@@ -230,7 +277,7 @@ def test_bad_arguments():
 
 def test_vmap_and_rank_one_x():
   x, w, labels, *_ = _data(lead=(3, 10))
-  labels = jnp.maximum(labels, 0)
+  x, labels = jnp.nan_to_num(x), jnp.maximum(labels, 0)
   f = lambda x, l: linear_cross_entropy(x, w, l, reduction='mean', **CHUNKS)
   g = lambda x, l: cross_entropy(x @ w, l).mean()
   got, want = (jax.jit(jax.vmap(jax.value_and_grad(h)))(x, labels) for h in (f, g))

@@ -309,6 +309,17 @@ def test_traced_out_of_range_label_gives_nan_and_concrete_raises():
     so.sampled_softmax_loss(x, w, y.at[1].set(-1), sv)
 
 
+@pytest.mark.parametrize('bad_id', [K, -1])
+def test_traced_out_of_range_sampled_id_gives_nan_never_a_clipped_id(bad_id):
+  x, w, _, y, (sampled, tc, sc) = _case((4,), seed=5)
+  sampled = sampled.at[2].set(bad_id)  # Shared by every example: every loss is NaN.
+  for op, *_ in LOSSES.values():
+    out = jax.jit(lambda s: op(x, w, y, (s, tc, sc)))(sampled)
+    assert np.isnan(np.asarray(out)).all(), op.__name__
+  with pytest.raises(ValueError, match=r'`sampled_values.sampled` must lie in \[0, 12\)'):
+    so.sampled_softmax_loss(x, w, y, (sampled, tc, sc))
+
+
 def test_loss_errors():
   x, w, b, y, sv = _case((4,), seed=6)
   cases = [

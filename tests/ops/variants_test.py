@@ -59,6 +59,7 @@ STEPS = np.asarray([0.0, 3.0, 40.0, 2000.0], np.float32)
 FUSED_OPTIONS = dict(label_smoothing=0.1, z_loss=1e-2, logit_soft_cap=4.0)
 FUSED = dict(FUSED_OPTIONS, chunk_size=4)  # K = 6 classes in a chunk of 4 and a tail of 2.
 W_CE = _RNG.uniform(0.5, 2.0, size=K).astype(np.float32)
+Y_IGN = np.where(np.arange(N) == 1, -100, Y).astype(np.int32)  # Example 1 is ignored.
 
 
 class Case(NamedTuple):
@@ -101,6 +102,10 @@ CASES = {
     'cross_entropy': Case(
         lambda x, y, m: ops.cross_entropy(x, y, where=m, label_smoothing=0.1, class_weights=W_CE),
         (X, Y, MASK), lambda x, y, m: _ref_ce(x, y, m, eps=0.1, weights=W_CE), (0, 0, 0), (0,)),
+    'cross_entropy_ignore_index': Case(
+        lambda x, y: ops.cross_entropy(x, y, label_smoothing=0.1, ignore_index=-100), (X, Y_IGN),
+        lambda x, y: np.where(y == -100, 0.0, _ref_ce(x, np.maximum(y, 0), eps=0.1)), (0, 0),
+        (0,)),
     'soft_cross_entropy': Case(lambda x, t, m: ops.soft_cross_entropy(x, t, where=m),
                                (X, TARGETS, MASK), _soft_ce_ref, (0, 0, 0), (0, 1)),
     # fused.py: x [N, d], labels [N], w [d, K] shared by the examples.
@@ -112,6 +117,11 @@ CASES = {
         lambda x, y, w: ops.linear_cross_entropy(x, w, y, reduction='mean', **FUSED),
         (FEAT, Y, WEIGHTS),
         lambda x, y, w: _ref_fused(x, w, y, 1.0, reduction='mean', **FUSED_OPTIONS)[0]),
+    'linear_cross_entropy_ignore_index': Case(
+        lambda x, y, w: ops.linear_cross_entropy(x, w, y, ignore_index=-100, **FUSED),
+        (FEAT, Y_IGN, WEIGHTS),
+        lambda x, y, w: _ref_fused(x, w, y, 1.0, ignore_index=-100, **FUSED_OPTIONS)[0],
+        (0, 0, None), (0, 2)),
     # imbalance.py
     'focal_loss': Case(lambda z, y: ops.focal_loss(z, y, gamma=2.0, alpha=CB), (X, Y),
                        lambda z, y: _ref_focal(z, y, 2.0, CB), (0, 0), (0,)),
@@ -289,7 +299,7 @@ STATIC_ERRORS = {
                                r'`x` must have shape \[\.\.\., d\] with d = w.shape\[0\] = 5'),
     'linear_cross_entropy_where': (
         lambda x, y, w, m: ops.linear_cross_entropy(x, w, y, where=m),
-        (FEAT, _L, WEIGHTS, np.ones(N, np.float32)), r'`where` must be a bool mask of examples'),
+        (FEAT, _L, WEIGHTS, np.ones(N, bool)), r'`where` is not an option of linear_cross_entropy'),
     'focal_loss_alpha': (lambda z, y, a: ops.focal_loss(z, y, alpha=a),
                          (_Z, _L, np.ones(K - 1, np.float32)),
                          r'`alpha` must have shape \[num_classes\] = \(6,\); got shape \(5,\)'),
