@@ -1,7 +1,8 @@
 """SIGINT and SIGTERM (Ctrl-C, preemption on Colab and clouds) stop a run at a checkpoint.
 
 `with Interrupts() as interrupts:` installs handlers for both signals (main thread only; elsewhere
-it does nothing). Inside `interrupts.deferred()` (the step loop) a first signal only sets
+it does nothing; a signal the process ignores, as `nohup` and a shell's `cmd &` make SIGINT, stays
+ignored). Inside `interrupts.deferred()` (the step loop) a first signal only sets
 `interrupts.signum`: the loop finishes the step in flight, checkpoints it and raises
 `TrainingInterrupted`. Outside it (data preparation, the final evaluation: nothing there is lost
 by stopping) the first signal raises `TrainingInterrupted` at once. A second signal always acts at
@@ -53,7 +54,8 @@ class Interrupts:
   def __enter__(self) -> 'Interrupts':
     if threading.current_thread() is threading.main_thread():
       for sig in SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # ignored on purpose (nohup, `cmd &`): keep
+          self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def __exit__(self, *exc) -> None:

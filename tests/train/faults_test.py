@@ -287,7 +287,19 @@ def test_final_metrics_row_is_written_once_when_final_evaluation_is_rerun(data_d
   assert [r['step'] for r in finals] == [STEPS]
 
 
-def test_sigint_during_final_evaluation_says_training_had_finished(data_dir, finished, tmp_path, monkeypatch):
+@pytest.fixture
+def default_handlers():
+  """SIGINT and SIGTERM as an interactive Python has them (a background job ignores SIGINT)."""
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  yield
+  for s, handler in before.items():
+    signal.signal(s, handler)
+
+
+def test_sigint_during_final_evaluation_says_training_had_finished(data_dir, finished, tmp_path, monkeypatch,
+                                                                    default_handlers):
   workdir = copy_of(finished, tmp_path)
   monkeypatch.setattr(loop, 'final_evaluation', lambda *a, **k: os.kill(os.getpid(), signal.SIGINT) or time.sleep(5))
   with pytest.raises(TrainingInterrupted, match=r'Interrupted by SIGINT. Training had finished '
@@ -326,7 +338,8 @@ def _wait_for_training(proc, workdir, timeout=120):
 
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
-def test_signal_mid_run_checkpoints_the_step_and_exits_cleanly(data_dir, tmp_path, signum):
+def test_signal_mid_run_checkpoints_the_step_and_exits_cleanly(data_dir, tmp_path, signum, default_handlers):
+  # default_handlers: the child inherits an ignored SIGINT (pytest in a background job) otherwise.
   workdir = str(tmp_path / 'w')
   # README-style head overrides on the default config, the second in the space form.
   extra = ['--config.head.name=margin', '--config.head.kind', 'cosface', '--config.model.hidden=(32,)']
@@ -356,7 +369,7 @@ def test_signal_mid_run_checkpoints_the_step_and_exits_cleanly(data_dir, tmp_pat
   assert rows and rows[-1] <= step  # every logged step is in the checkpoint: a rerun loses nothing
 
 
-def test_a_second_sigint_aborts_at_once():
+def test_a_second_sigint_aborts_at_once(default_handlers):
   with Interrupts() as interrupts:
     with interrupts.deferred():
       os.kill(os.getpid(), signal.SIGINT)
@@ -371,6 +384,10 @@ def test_a_second_sigint_aborts_at_once():
       os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(5)
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # ignored on purpose (nohup): stays ignored
+  with Interrupts():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
 
 
 def test_runner_checkpoints_the_step_a_signal_arrives_in(monkeypatch):
