@@ -12,8 +12,8 @@ rows whose label falls in its cluster (static-capacity routing, see `softmax_jax
 argmax is a cluster. Class ids must be sorted by decreasing frequency (the vocabulary builders do).
 
 Checks: the ranks, shapes and dtypes of `features` and `labels` as every head (chex, eagerly and
-under `jit`, see dense.py); `num_classes`, `cutoffs`, `div_value` and `class_counts` when the head
-is first applied (Python values, so under `jit` too); labels in [0, K) only when concrete (traced
+under `jit`, see dense.py); `num_classes`, `cutoffs`, `div_value`, `class_counts` and `dtype` on
+every call (Python values, so under `jit` too); labels in [0, K) only when concrete (traced
 out-of-range ones give a NaN loss).
 """
 
@@ -38,7 +38,7 @@ class AdaptiveSoftmax(nn.Module):
     head_bias: a learned bias on the head logits.
     class_counts: training counts per class `[K]` in id order (filled by the builders); used only
       to pick `cutoffs` when they are None.
-    dtype: computation dtype of the matmuls (None: the features' dtype); log-probabilities and
+    dtype: computation dtype of the matmuls, None or floating (None: the features'); log-probabilities and
       losses are accumulated in float32.
     capacity_fractions: the routing's capacity rungs (`ops.adaptive_softmax_loss`); None runs
       every tail on every row. The routing also holds under `vmap` over blocks of rows.
@@ -53,9 +53,7 @@ class AdaptiveSoftmax(nn.Module):
 
   def resolved_cutoffs(self) -> Tuple[int, ...]:
     """The cutoffs in use (validated; chosen from counts or the Zipf default when None)."""
-    k = self.num_classes
-    if not (isinstance(k, int) and k >= 2):
-      raise ValueError(f'AdaptiveSoftmax: num_classes must be an int >= 2; got {k!r}.')
+    k = _checks.num_classes(type(self).__name__, self.num_classes)
     if self.cutoffs is not None:
       return adaptive_ops.check_cutoffs(self.cutoffs, k)
     if self.class_counts is None:
@@ -80,25 +78,28 @@ class AdaptiveSoftmax(nn.Module):
     return dict(head_kernel=head_kernel, tail_kernels=tails, cutoffs=cutoffs, head_bias=bias)
 
   def _prepare(self, features, labels=None):
-    _checks.features_and_labels(type(self).__name__, features, labels)
+    _checks.compute_dtype(type(self).__name__, self.dtype)
+    self.resolved_cutoffs()  # Checks num_classes, cutoffs and class_counts before the labels' range.
+    features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
+                                                   num_classes=self.num_classes)
     weights = self._weights(features.shape[-1])
-    return features.astype(self.dtype or features.dtype), weights
+    return features.astype(self.dtype or features.dtype), labels, weights
 
   def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
     """Per-example `-log p(label)` `[...]` for `features: [..., d]`, `labels: [...] int` (exact;
     the same in training and evaluation)."""
     del train  # No train-only behaviour: the routed loss is exact.
-    features, weights = self._prepare(features, labels)
+    features, labels, weights = self._prepare(features, labels)
     return adaptive_ops.adaptive_softmax_loss(features, labels, **weights,
                                               capacity_fractions=self.capacity_fractions)
 
   def log_prob(self, features: jnp.ndarray) -> jnp.ndarray:
     """Exact normalized log-probabilities `[..., K]` (every tail on every row)."""
-    features, weights = self._prepare(features)
+    features, _, weights = self._prepare(features)
     return adaptive_ops.adaptive_log_softmax(features, **weights)
 
   def predict(self, features: jnp.ndarray) -> jnp.ndarray:
     """`argmax(log_prob(features), -1)` `[...] int32`, tails only where the head argmax is a cluster."""
-    features, weights = self._prepare(features)
+    features, _, weights = self._prepare(features)
     return adaptive_ops.adaptive_predict(features, **weights,
                                          capacity_fractions=self.capacity_fractions)

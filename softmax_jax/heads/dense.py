@@ -6,11 +6,20 @@ Every head in `softmax_jax.heads` shares this contract (see DESIGN.md):
 - `log_prob(features [..., d]) -> [..., num_classes]`, exact and normalized;
 - `predict(features [..., d]) -> [...] int`, equal to `argmax(log_prob(features), -1)`.
 
-Checks (every head): the ranks, shapes and dtypes of `features` (floating, rank >= 1) and `labels`
-(integer, shape `features.shape[:-1]`) are chex assertions, raised as a `ValueError` naming the
-argument, eagerly and under `jit`/`vmap`/`grad` alike. Labels outside `[0, K)` raise only when
-they are concrete; traced ones (under `jit`) give a NaN loss. `softmax_jax.testing.assert_head_contract`
-checks a head against this contract.
+NaN (every head, the NaN rule of `softmax_jax.ops`): a NaN in one example's features makes that
+example's losses (training and evaluation) NaN and its `log_prob` row all NaN, never a finite
+number, and leaves every other example's outputs unchanged; the training gradient has NaNs (in the
+parameters and in that example's features). `predict` of a NaN row is some id in `[0, K)` (an
+integer cannot be NaN; ours give 0, as `jnp.argmax` returns the first NaN): look for NaNs in the
+loss, not in the predictions.
+
+Checks (every head): the ranks, shapes and dtypes of `features` (floating, rank >= 1; int features
+are rejected, not cast) and `labels` (integer, shape `features.shape[:-1]`) are chex assertions,
+raised as a `ValueError` naming the argument, eagerly and under `jit`/`vmap`/`grad` alike. Labels
+outside `[0, K)` raise, naming `labels`, only when they are concrete; traced ones (under `jit`)
+give a NaN loss. The head's attributes (`num_classes >= 2`, a floating or None `dtype`, ...) are
+checked on every call, in training and in evaluation alike.
+`softmax_jax.testing.assert_head_contract` checks a head against this contract.
 """
 
 from typing import Any, Optional
@@ -26,14 +35,14 @@ class DenseSoftmax(nn.Module):
   """Full softmax head: `logits = features @ kernel + bias`, loss = cross-entropy.
 
   Attributes:
-    num_classes: K, the number of classes.
+    num_classes: K >= 2, the number of classes.
     use_bias: whether to add a learned `[K]` bias.
     label_smoothing: eps of the smoothed target `(1 - eps) * onehot + eps / K` in training.
     fused: train through `ops.linear_cross_entropy`, which never builds the `[N, K]`
       logits (for large K); `log_prob` stays the exact full softmax either way.
     chunk_size: vocabulary chunk of the fused op (None: the op's default).
-    dtype: computation dtype of the matmul (None: the features' dtype). Losses and
-      log-probabilities are accumulated in float32.
+    dtype: computation dtype of the matmul, None or floating (None: the features' dtype).
+      Losses and log-probabilities are accumulated in float32.
   """
   num_classes: int
   use_bias: bool = True
@@ -41,6 +50,16 @@ class DenseSoftmax(nn.Module):
   fused: bool = False
   chunk_size: Optional[int] = None
   dtype: Any = None
+
+  def _config(self) -> None:
+    """Validates the attributes (on every call, so evaluation-only use is checked too)."""
+    name = type(self).__name__
+    _checks.num_classes(name, self.num_classes)
+    _checks.compute_dtype(name, self.dtype)
+    _checks.in_range(name, 'label_smoothing', self.label_smoothing, 0.0, 1.0,
+                     'the smoothed target (1 - eps) onehot + eps / K')
+    if self.chunk_size is not None:
+      _checks.integer_at_least(name, 'chunk_size', self.chunk_size, 1, 'classes per fused chunk')
 
   @nn.compact
   def _weights(self, d: int):
@@ -50,7 +69,8 @@ class DenseSoftmax(nn.Module):
 
   def logits(self, features: jnp.ndarray) -> jnp.ndarray:
     """Unnormalized logits `[..., K]`."""
-    _checks.features_and_labels(type(self).__name__, features)
+    self._config()
+    features, _ = _checks.features_and_labels(type(self).__name__, features)
     kernel, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype
     z = jnp.matmul(features.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
@@ -58,7 +78,9 @@ class DenseSoftmax(nn.Module):
 
   def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
     """Per-example cross-entropy `[...]` for `features: [..., d]`, `labels: [...] int`."""
-    _checks.features_and_labels(type(self).__name__, features, labels)
+    self._config()
+    features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
+                                                   num_classes=self.num_classes)
     smoothing = self.label_smoothing if train else 0.0
     if self.fused:
       kernel, bias = self._weights(features.shape[-1])

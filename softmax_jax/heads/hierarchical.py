@@ -13,9 +13,9 @@ Trees:
   'balanced'  complete binary tree, depth ceil(log2 K) for every class (counts ignored).
 
 Checks: the ranks, shapes and dtypes of `features` and `labels` as every head (chex, eagerly and
-under `jit`, see dense.py); `num_classes`, `tree` and `class_counts` when the head is first applied
-(Python values, so under `jit` too); labels in [0, K) only when concrete (traced out-of-range ones
-give a NaN loss).
+under `jit`, see dense.py); `num_classes`, `tree`, `class_counts` and `dtype` on every call (Python
+values, so under `jit` too); labels in [0, K) only when concrete (traced out-of-range ones give a
+NaN loss).
 """
 
 import functools
@@ -41,9 +41,7 @@ def build_tree(num_classes: int, tree: str = 'huffman',
                class_counts: Optional[Tuple[int, ...]] = None) -> hs.Tree:
   """The (cached) `ops.hierarchical.Tree` a `HierarchicalSoftmax` with these fields uses."""
   name = 'HierarchicalSoftmax'
-  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-      or num_classes < 2:
-    raise ValueError(f'{name}: num_classes must be an int >= 2; got {num_classes!r}.')
+  _checks.num_classes(name, num_classes)
   if tree not in TREES:
     raise ValueError(f'{name}: tree must be one of {TREES}; got {tree!r}.')
   if class_counts is not None and np.shape(class_counts) != (num_classes,):
@@ -67,7 +65,8 @@ class HierarchicalSoftmax(nn.Module):
     tree: 'huffman' (of `class_counts`, default) or 'balanced'.
     class_counts: training counts per class, `[K]` (None: Zipf over frequency-sorted ids).
     use_bias: a learned bias per internal node.
-    dtype: computation dtype of the node vectors and features (None: the features' dtype);
+    dtype: computation dtype of the node vectors and features, None or floating (None: the
+      features' dtype);
       logits and losses are accumulated in float32.
     node_init: initializer of the `[K-1, d]` node vectors (fan-in d). Zeros (word2vec's and
       fastText's choice) start every class at `2^-depth`, which for a Huffman tree is close
@@ -94,11 +93,13 @@ class HierarchicalSoftmax(nn.Module):
     return vectors, bias
 
   def _prepare(self, features, labels=None):
-    _checks.features_and_labels(type(self).__name__, features, labels)
-    tree = self._tree()
+    _checks.compute_dtype(type(self).__name__, self.dtype)
+    tree = self._tree()  # Checks num_classes, tree and class_counts before the labels' range.
+    features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
+                                                   num_classes=self.num_classes)
     vectors, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype
-    return tree, features.astype(dtype), vectors.astype(dtype), bias
+    return tree, features.astype(dtype), labels, vectors.astype(dtype), bias
 
   def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False):
     """Per-example `-log p(label)` `[...]` for `features: [..., d]`, `labels: [...] int`.
@@ -106,12 +107,12 @@ class HierarchicalSoftmax(nn.Module):
     The same path loss in training and evaluation (it is exact); `train` is unused.
     """
     del train
-    tree, x, vectors, bias = self._prepare(features, labels)
+    tree, x, labels, vectors, bias = self._prepare(features, labels)
     return hs.hierarchical_loss(x, labels, vectors, tree, node_bias=bias)
 
   def log_prob(self, features: jnp.ndarray) -> jnp.ndarray:
     """Exact normalized log-probabilities `[..., K]` (logsumexp over the last axis is 0)."""
-    tree, x, vectors, bias = self._prepare(features)
+    tree, x, _, vectors, bias = self._prepare(features)
     return hs.hierarchical_log_prob(x, vectors, tree, node_bias=bias)
 
   def predict(self, features: jnp.ndarray) -> jnp.ndarray:

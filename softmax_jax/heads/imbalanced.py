@@ -17,12 +17,17 @@ evaluation-time view (`ops.posthoc_logit_adjustment`) that the training loop rep
 Per-example losses carry their class weight `w_y`; the batch mean is `sum_i w_i l_i / B`
 (PyTorch's weighted `mean` divides by `sum_i w_i` instead; with Adam the difference is a scale).
 
+NaN: as every head (see dense.py); with 'ldam' a NaN feature gives NaN cosines, so NaN losses
+(training and evaluation) and a NaN `log_prob` row, never the zero row of a zero feature.
+
 Checks: the ranks, shapes and dtypes of `features` and `labels` as every head (chex, eagerly and
-under `jit`, see dense.py); `loss` and `class_counts` (the ops check `gamma`, `beta`, ...) when the
-head is first applied (Python values, so under `jit` too); labels in [0, K) only when concrete
+under `jit`, see dense.py); `num_classes`, `loss`, `class_counts` and every option the chosen loss
+uses (`beta`, `gamma`, `tau`, `max_margin`, `scale`, `drw_start_step`) on every call, in
+evaluation as in training (Python values, so under `jit` too); labels in [0, K) only when concrete
 (traced out-of-range ones give a NaN loss).
 """
 
+import math
 from typing import ClassVar, Optional, Tuple
 
 import flax.linen as nn
@@ -39,7 +44,7 @@ class ImbalancedSoftmax(nn.Module):
   """Softmax head with a long-tail loss (see the module docstring for `loss`).
 
   Attributes:
-    num_classes: C.
+    num_classes: C >= 2.
     loss: one of `LOSSES`.
     class_counts: training examples per class, `[C]` ints (None: all equal, i.e. balanced).
     gamma: focal exponent (focal, cb_focal).
@@ -65,21 +70,45 @@ class ImbalancedSoftmax(nn.Module):
   uses_step: ClassVar[bool] = True
 
   def _counts(self) -> np.ndarray:
+    """Validates every attribute the chosen `loss` uses (on every call, training or evaluation);
+    returns the class counts `[C]` (ones when None)."""
+    name = 'ImbalancedSoftmax'
+    _checks.num_classes(name, self.num_classes)
     if self.loss not in LOSSES:
       raise ValueError(f'ImbalancedSoftmax: loss={self.loss!r} is unknown; choose one of {LOSSES}.')
+    drw = _checks.integer_at_least(name, 'drw_start_step', self.drw_start_step, -1,
+                                   'the first re-weighted step, or -1 for none') >= 0
+    drw = drw and self.loss in ('ce', 'ldam')  # DRW re-weights these two losses only
+    uses_counts = drw or self.loss in ('cb', 'cb_focal', 'ldam', 'logit_adjusted')
+    if drw or self.loss in ('cb', 'cb_focal'):
+      _checks.in_range(name, 'beta', self.beta, 0.0, 1.0,
+                       'class-balanced weights (1 - beta) / (1 - beta^n)')
+    if self.loss in ('focal', 'cb_focal'):
+      _checks.in_range(name, 'gamma', self.gamma, 0.0, math.inf, 'focal exponent')
+    if self.loss == 'logit_adjusted':
+      _checks.in_range(name, 'tau', self.tau, 0.0, math.inf, 'logit-adjustment strength')
+    if self.loss == 'ldam':
+      _checks.positive(name, 'max_margin', self.max_margin, "LDAM's largest margin")
+      _checks.positive(name, 'scale', self.scale, "LDAM's scale of the cosine logits")
     if self.class_counts is None:
       return np.ones(self.num_classes, np.int64)
     counts = np.asarray(self.class_counts)
     if counts.shape != (self.num_classes,):
       raise ValueError(f'ImbalancedSoftmax: class_counts must have num_classes = {self.num_classes} '
                        f'entries; got shape {counts.shape}.')
+    if not (np.issubdtype(counts.dtype, np.number) and np.all(np.isfinite(counts) & (counts >= 0))):
+      raise ValueError(f'ImbalancedSoftmax: `class_counts` must be finite and >= 0; got {counts}.')
+    if uses_counts and not np.all(counts > 0):
+      raise ValueError(f"ImbalancedSoftmax: loss={self.loss!r}"
+                       f"{' with drw_start_step' if drw else ''} needs `class_counts` > 0 for every "
+                       f'class; got a count of 0 for class {int(np.argmin(counts))}.')
     return counts
 
   @nn.compact
   def logits(self, features: jnp.ndarray) -> jnp.ndarray:
     """Logits `[..., C]` float32: `features @ kernel + bias`, or `scale * cos` for 'ldam'."""
     self._counts()
-    _checks.features_and_labels('ImbalancedSoftmax', features)
+    features, _ = _checks.features_and_labels('ImbalancedSoftmax', features)
     d = features.shape[-1]
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (d, self.num_classes))
     if self.loss == 'ldam':
@@ -96,7 +125,9 @@ class ImbalancedSoftmax(nn.Module):
   def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False,
                step: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """Per-example loss `[...]`: the training loss, or `-log_prob[label]` in evaluation."""
-    _checks.features_and_labels('ImbalancedSoftmax', features, labels)
+    self._counts()
+    features, labels = _checks.features_and_labels('ImbalancedSoftmax', features, labels,
+                                                   num_classes=self.num_classes)
     if not train:
       return ops.cross_entropy(self._eval_logits(features), labels)
     counts, z = self._counts(), self.logits(features)

@@ -8,10 +8,14 @@ training the label column gets the margin of `kind` (`ops.arcface_logits`, `cosf
 the largest of them (sub-center ArcFace). `embed(features)` gives the unit features the head scores,
 for retrieval and verification by cosine.
 
+NaN: as every head (see dense.py), a NaN feature gives its example NaN cosines, so NaN losses
+(with and without margin), a NaN `log_prob` row and a NaN `embed` row; SphereFace's default scale,
+the feature norm, is NaN there too and is not mistaken for a bad `scale`.
+
 Checks: the ranks, shapes and dtypes of `features` and `labels` as every head (chex, eagerly and
-under `jit`, see dense.py); `kind`, `scale`, the margins and `num_subcenters` when the head is first
-applied (Python values, so under `jit` too); labels in [0, K) only when concrete (traced
-out-of-range ones give a NaN loss).
+under `jit`, see dense.py); `num_classes`, `kind`, `scale` (finite, > 0), the margins and
+`num_subcenters` on every call (Python values, so under `jit` too); labels in [0, K) only when
+concrete (traced out-of-range ones give a NaN loss).
 """
 
 import math
@@ -38,9 +42,9 @@ class MarginSoftmax(nn.Module):
   """Cosine softmax head with an ArcFace / CosFace / SphereFace / combined margin.
 
   Attributes:
-    num_classes: C, the number of classes.
+    num_classes: C >= 2, the number of classes.
     kind: 'arcface' | 'cosface' | 'sphereface' | 'combined' | 'normface' (no margin).
-    scale: s > 0 (None: 64 for arcface, cosface and combined, 16 for normface, and the feature
+    scale: s, finite and > 0 (None: 64 for arcface, cosface and combined, 16 for normface, and the feature
       norm ||x|| for sphereface, as in the paper).
     margin: m of arcface (radians, default 0.5), cosface (default 0.35) or sphereface (integer,
       default 4); unused by combined and normface.
@@ -68,19 +72,24 @@ class MarginSoftmax(nn.Module):
   uses_step: ClassVar[bool] = True  # `Classifier` passes the training step (SphereFace's lambda).
 
   def _check(self):
+    name = 'MarginSoftmax'
+    _checks.num_classes(name, self.num_classes)
     if self.kind not in KINDS:
       raise ValueError(f'MarginSoftmax: kind={self.kind!r} is unknown; choose one of {sorted(KINDS)}.')
-    if self.scale is not None and not self.scale > 0:
-      raise ValueError(f'MarginSoftmax: scale must be > 0 (or None for the default); got {self.scale}.')
+    if self.scale is not None:
+      _checks.positive(name, 'scale', self.scale, 's of s * cos; or None for the default')
     if not isinstance(self.num_subcenters, int) or self.num_subcenters < 1:
       raise ValueError(f'MarginSoftmax: num_subcenters must be an integer >= 1; got {self.num_subcenters!r}.')
-    m, name = self._margin(), 'MarginSoftmax'
+    m = self._margin()
     if self.kind == 'arcface':
       _checks.in_range(name, 'margin', m, 0.0, math.pi / 2, 'ArcFace additive angular margin, radians')
     elif self.kind == 'cosface':
       _checks.in_range(name, 'margin', m, 0.0, 2.0, 'CosFace additive cosine margin')
     elif self.kind == 'sphereface':
       _checks.integer_at_least(name, 'margin', m, 1, 'SphereFace psi uses cos(m theta)')
+      for field in ('lambda_base', 'lambda_gamma', 'lambda_power', 'lambda_min'):
+        _checks.in_range(name, field, getattr(self, field), 0.0, math.inf,
+                         "SphereFace's annealing max(lambda_min, base (1 + gamma step)^-power)")
     elif self.kind == 'combined':
       _checks.in_range(name, 'm1', self.m1, 1.0, math.inf, 'multiplicative angular margin')
       _checks.in_range(name, 'm2', self.m2, 0.0, math.pi / 2, 'additive angular margin, radians')
@@ -90,7 +99,7 @@ class MarginSoftmax(nn.Module):
   def cosines(self, features: jnp.ndarray) -> jnp.ndarray:
     """Cosines `[..., C]` float32 of `features: [..., d]` with the (closest sub-center) class weights."""
     self._check()
-    _checks.features_and_labels('MarginSoftmax', features)
+    features, _ = _checks.features_and_labels('MarginSoftmax', features)
     shape = (features.shape[-1], self.num_classes)
     if self.num_subcenters > 1:
       shape += (self.num_subcenters,)
@@ -110,6 +119,7 @@ class MarginSoftmax(nn.Module):
 
   def logits(self, features: jnp.ndarray) -> jnp.ndarray:
     """Evaluation logits `s * cos` `[..., C]` float32 (no margin)."""
+    features, _ = _checks.features_and_labels('MarginSoftmax', features)
     cos = self.cosines(features)
     scale = jnp.asarray(self._scale(features), cos.dtype)
     return (scale[..., None] if scale.ndim else scale) * cos
@@ -117,7 +127,9 @@ class MarginSoftmax(nn.Module):
   def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False,
                step: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """Per-example loss `[...]`: cross-entropy of the margin logits (train) or of `logits` (eval)."""
-    _checks.features_and_labels('MarginSoftmax', features, labels)
+    self._check()
+    features, labels = _checks.features_and_labels('MarginSoftmax', features, labels,
+                                                   num_classes=self.num_classes)
     if not train or self.kind == 'normface':
       return ops.cross_entropy(self.logits(features), labels)
     cos, scale = self.cosines(features), self._scale(features)
@@ -144,4 +156,5 @@ class MarginSoftmax(nn.Module):
 
   def embed(self, features: jnp.ndarray) -> jnp.ndarray:
     """Unit-norm embeddings `[..., d]` float32 (compare by cosine for retrieval/verification)."""
+    features, _ = _checks.features_and_labels('MarginSoftmax', features)
     return ops.l2_normalize(features)

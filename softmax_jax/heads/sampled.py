@@ -11,9 +11,10 @@ shared sample, so `vmap` equals the batched call. The class weights are one `[K,
 for weight tying) plus an optional `[K]` `'bias'`.
 
 Checks: the ranks, shapes and dtypes of `features` and `labels` as every head (chex, eagerly and
-under `jit`, see dense.py); `num_classes`, `num_sampled`, `sampler`, `loss` and `class_counts` when
-the head is first applied (Python values, so under `jit` too); labels in [0, K) only when concrete
-(traced out-of-range ones give a NaN loss).
+under `jit`, see dense.py); `num_classes`, `num_sampled`, `sampler`, `loss`, `class_counts` and
+`dtype` on every call (Python values, so under `jit` too); labels in [0, K) when concrete, at the
+head, so the error names `labels` (not the sampler's `true_classes`); traced out-of-range ones
+give a NaN loss.
 """
 
 from typing import Any, Optional, Tuple
@@ -50,7 +51,7 @@ class SampledSoftmax(nn.Module):
       counts are raised to the smallest positive count so every class can be sampled and
       its log-Q correction stays finite. Unused by the other samplers.
     use_bias: learn a `[K]` bias.
-    dtype: computation dtype of the matrix products (None: the features'); losses and
+    dtype: computation dtype of the matrix products, None or floating (None: the features'); losses and
       log-probabilities accumulate in float32.
   """
   num_classes: int
@@ -67,9 +68,8 @@ class SampledSoftmax(nn.Module):
   def _config(self):
     """Validates the attributes; returns (num_sampled, counts or None)."""
     name = type(self).__name__
-    k = self.num_classes
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
-      raise ValueError(f'{name}: `num_classes` must be an int >= 2; got {k!r}.')
+    k = _checks.num_classes(name, self.num_classes)
+    _checks.compute_dtype(name, self.dtype)
     s = min(1024, max(1, k // 4)) if self.num_sampled is None else self.num_sampled
     if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
       raise ValueError(f'{name}: `num_sampled` must be None or an int >= 1; got {s!r}.')
@@ -104,8 +104,8 @@ class SampledSoftmax(nn.Module):
 
   def logits(self, features: jnp.ndarray) -> jnp.ndarray:
     """Full unnormalized logits `[..., K]` (float32 accumulation)."""
-    _checks.features_and_labels(type(self).__name__, features)
     self._config()
+    features, _ = _checks.features_and_labels(type(self).__name__, features)
     embedding, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype
     z = jnp.einsum('...d,kd->...k', features.astype(dtype), embedding.astype(dtype),
@@ -114,10 +114,12 @@ class SampledSoftmax(nn.Module):
 
   def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False):
     """Per-example loss `[...]`: sampled in training, full cross-entropy in evaluation."""
-    _checks.features_and_labels(type(self).__name__, features, labels)
+    s, counts = self._config()
+    # The label range is checked here, naming `labels`, before a sampler sees `true_classes`.
+    features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
+                                                   num_classes=self.num_classes)
     if not train:
       return cross_entropy(self.logits(features), labels)
-    s, counts = self._config()
     embedding, bias = self._weights(features.shape[-1])
     key = self.make_rng('sample')
     kw = dict(unique=self.unique, true_classes=labels)

@@ -116,7 +116,7 @@ def test_trains_and_gradients_match_full_log_prob():
 def test_registered_and_bad_input_errors():
   assert HEADS['adaptive'] is AdaptiveSoftmax
   x, y = jnp.ones((4, D)), jnp.zeros((4,), jnp.int32)
-  with pytest.raises(ValueError, match='num_classes must be an int >= 2'):
+  with pytest.raises(ValueError, match='`num_classes` must be an int >= 2'):
     AdaptiveSoftmax(num_classes=1).init(jax.random.PRNGKey(0), x, y)
   with pytest.raises(ValueError, match=r'`cutoffs` must be .*num_classes - 1 = 39'):
     AdaptiveSoftmax(num_classes=K, cutoffs=(10, 40)).init(jax.random.PRNGKey(0), x, y)

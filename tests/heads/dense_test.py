@@ -1,5 +1,7 @@
 """DenseSoftmax against a float64 NumPy reference of its own parameters, and its error messages."""
 
+import re
+
 from absl.testing import parameterized
 import chex
 import jax
@@ -96,6 +98,58 @@ def test_every_head_checks_shapes_and_dtypes_eagerly_and_under_jit(name, feature
               lambda f, y: jax.eval_shape(lambda f, y: head.init(rngs, f, y, train=True), f, y)):
     with pytest.raises(ValueError, match=f'{HEADS[name].__name__}: {msg}'):
       run(jnp.asarray(features), jnp.asarray(labels))
+
+
+@pytest.mark.parametrize('name', sorted(HEADS))
+@pytest.mark.parametrize('k', [0, -1, 1, 8.0, True])
+def test_every_head_names_a_bad_num_classes(name, k):
+  """0 and -1 gave ZeroDivisionError / TypeError from the initializer (issue 14, item 8)."""
+  head = HEADS[name](num_classes=k)
+  rngs = {'params': jax.random.PRNGKey(0), 'sample': jax.random.PRNGKey(1)}
+  x, y = jnp.zeros((4, 8)), jnp.zeros((4,), jnp.int32)
+  with pytest.raises(ValueError, match=rf'^{HEADS[name].__name__}: `num_classes` must be an int '
+                     rf'>= 2 \(the number of classes\); got {re.escape(repr(k))}\.'):
+    jax.eval_shape(lambda: head.init(rngs, x, y, train=False))
+
+
+@pytest.mark.parametrize('name', ['adaptive', 'dense', 'hierarchical', 'sampled'])
+def test_an_integer_compute_dtype_is_rejected(name):
+  """DenseSoftmax(dtype=int32) rounded the kernel to integers: silently wrong logits (item 8)."""
+  head = HEADS[name](num_classes=8, dtype=jnp.int32)
+  rngs = {'params': jax.random.PRNGKey(0), 'sample': jax.random.PRNGKey(1)}
+  x, y = jnp.ones((4, 8)), jnp.zeros((4,), jnp.int32)
+  for method in ('log_prob', None):
+    kwargs = {'method': method} if method else {'train': True}
+    args = (x,) if method else (x, y)
+    with pytest.raises(ValueError, match=rf'^{HEADS[name].__name__}: `dtype` .*must be None or a '
+                       'floating dtype.*got .*int32'):
+      jax.eval_shape(lambda: head.init(rngs, *args, **kwargs))  # pylint: disable=cell-var-from-loop
+
+
+@pytest.mark.parametrize('name', sorted(HEADS))
+def test_every_head_names_out_of_range_labels_before_its_op(name):
+  """SampledSoftmax named the sampler's `true_classes` for a label >= K in training (item 8)."""
+  head = HEADS[name](num_classes=8)
+  rngs = {'params': jax.random.PRNGKey(0), 'sample': jax.random.PRNGKey(1)}
+  for bad in ([0, 1, 8, 2], [0, -1, 2, 3]):
+    with pytest.raises(ValueError, match=rf'^{HEADS[name].__name__}: `labels` must lie in \[0, 8\) '
+                       rf'\(num_classes = 8\); got {bad[1] if bad[1] < 0 else 8} at position'):
+      head.init(rngs, jnp.ones((4, 8)), jnp.asarray(bad, jnp.int32), train=True)
+
+
+@pytest.mark.parametrize('name', ['dense', 'sampled'])  # one shared check; eager adaptive is slow
+def test_heads_take_lists_as_arrays(name):
+  """Python lists were checked as pytrees: `labels` must have shape (4,); got shape (4,)."""
+  head = HEADS[name](num_classes=8)
+  rngs = {'params': jax.random.PRNGKey(0), 'sample': jax.random.PRNGKey(1)}
+  x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+  y = [0, 3, 7, 1]
+  variables = head.init(rngs, jnp.asarray(x), jnp.asarray(y), train=False)
+  np.testing.assert_allclose(head.apply(variables, x.tolist(), y, train=False),
+                             head.apply(variables, jnp.asarray(x), jnp.asarray(y), train=False),
+                             rtol=1e-6)
+  np.testing.assert_allclose(head.apply(variables, x.tolist(), method='log_prob'),
+                             head.apply(variables, jnp.asarray(x), method='log_prob'), rtol=1e-6)
 
 
 class ContractTest(chex.TestCase):

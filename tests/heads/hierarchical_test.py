@@ -136,7 +136,7 @@ def test_errors_name_the_argument():
     init(hh.HierarchicalSoftmax(num_classes=K, tree='random'))
   with pytest.raises(ValueError, match=r'class_counts must have num_classes = 11 entries.*got shape \(3,\)'):
     init(hh.HierarchicalSoftmax(num_classes=K, class_counts=(1, 2, 3)))
-  with pytest.raises(ValueError, match=r'num_classes must be an int >= 2; got 1'):
+  with pytest.raises(ValueError, match=r'`num_classes` must be an int >= 2 \(the number of classes\); got 1'):
     init(hh.HierarchicalSoftmax(num_classes=1))
   with pytest.raises(ValueError, match=r'`class_counts` must be finite and >= 0; got -2'):
     init(hh.HierarchicalSoftmax(num_classes=3, class_counts=(5, -2, 1)))

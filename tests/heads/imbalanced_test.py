@@ -117,15 +117,27 @@ def test_default_constructor_trains_balanced():
 @pytest.mark.parametrize('kwargs, match', [
     (dict(loss='lda'), 'loss'),
     (dict(class_counts=(1, 2)), 'class_counts'),
-    (dict(loss='cb', beta=1.0, class_counts=COUNTS), 'beta'),
-    (dict(loss='focal', gamma=-1.0), 'gamma'),
-    (dict(loss='cb', class_counts=(5, 0, 1, 1, 1)), 'count'),
+    (dict(loss='cb', beta=1.0, class_counts=COUNTS), '`beta` must be in'),
+    (dict(loss='focal', gamma=-1.0), '`gamma` must be in'),
+    (dict(loss='focal', gamma=float('inf')), '`gamma` must be in'),
+    (dict(loss='cb', class_counts=(5, 0, 1, 1, 1)), '`class_counts` > 0 .*class 1'),
+    (dict(loss='ce', class_counts=(5, -1, 1, 1, 1)), '`class_counts` must be finite and >= 0'),
+    (dict(loss='ldam', scale=0.0, class_counts=COUNTS), '`scale` must be finite and > 0'),
+    (dict(loss='ldam', max_margin=float('nan'), class_counts=COUNTS), '`max_margin` must be finite'),
+    (dict(loss='logit_adjusted', tau=-0.5, class_counts=COUNTS), '`tau` must be in'),
+    (dict(loss='ce', drw_start_step=-2, class_counts=COUNTS), '`drw_start_step` must be an integer >= -1'),
+    (dict(loss='ce', drw_start_step=0, beta=1.5, class_counts=COUNTS), '`beta` must be in'),
 ])
-def test_bad_configuration_is_named(kwargs, match):
+@pytest.mark.parametrize('path', ['train', 'eval', 'log_prob'])
+def test_bad_configuration_is_named_in_training_and_evaluation(kwargs, match, path):
+  """The options were checked by the training-loss ops only: evaluation ran with beta = 1 (item 8)."""
   head = ImbalancedSoftmax(num_classes=K, **kwargs)
-  with pytest.raises(ValueError, match=match):
-    features, labels, params = _setup(head)
-    head.apply({'params': params}, features, labels, train=True)
+  x, y = jnp.ones((3, D)), jnp.zeros((3,), jnp.int32)
+  call = {'train': lambda: head.init(jax.random.PRNGKey(0), x, y, train=True),
+          'eval': lambda: head.init(jax.random.PRNGKey(0), x, y, train=False),
+          'log_prob': lambda: head.init(jax.random.PRNGKey(0), x, method='log_prob')}[path]
+  with pytest.raises(ValueError, match=f'ImbalancedSoftmax: .*{match}'):
+    jax.eval_shape(call)
 
 
 class ContractTest(chex.TestCase):

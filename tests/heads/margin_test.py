@@ -145,12 +145,28 @@ def test_classifier_passes_step_only_to_heads_that_use_it():
     (dict(kind='combined', m1=0.5), 'm1'),
     (dict(kind='arcface', scale=0.0), 'scale'),
     (dict(kind='arcface', scale=-1.0), 'scale'),
+    (dict(kind='cosface', scale=float('inf')), '`scale` must be finite and > 0'),
+    (dict(kind='combined', scale=float('nan')), '`scale` must be finite and > 0'),
+    (dict(kind='sphereface', lambda_min=-1.0), '`lambda_min` must be in'),
+    (dict(kind='sphereface', lambda_base=float('nan')), '`lambda_base` must be in'),
     (dict(num_subcenters=0), 'num_subcenters'),
 ])
 def test_bad_configuration_is_named(kwargs, match):
   head = MarginSoftmax(num_classes=K, **kwargs)
   with pytest.raises(ValueError, match=match):
     _setup(head)
+
+
+def test_sphereface_nan_feature_gives_nan_not_a_scale_error():
+  """Its default scale is the feature norm: a NaN feature was blamed on `scale` (item 8); now that
+  example's loss is NaN (eagerly, where the scale was checked; the contract test covers jit) and
+  the others are unchanged."""
+  head = MarginSoftmax(num_classes=K, kind='sphereface')
+  features, labels, params = _setup(head)
+  loss = lambda f: np.asarray(head.apply({'params': params}, f, labels, train=True))
+  got, clean = loss(features.at[2, 1].set(jnp.nan)), loss(features)
+  assert np.isnan(got[2]) and np.all(np.isfinite(np.delete(got, 2)))
+  np.testing.assert_allclose(np.delete(got, 2), np.delete(clean, 2), rtol=1e-6)
 
 
 def test_bad_labels_are_named():
