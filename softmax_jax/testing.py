@@ -20,7 +20,16 @@ and bfloat16 features, under `jax.jit` and without it (or one chex variant, `var
   and both losses (the training loss with the same `'sample'` key in every mapped call: one shared
   sample, as in the batched call), so every loss must be per example;
 - the training loss and its gradients (parameters and features) stay finite at extreme inputs,
-  the features rescaled to `max |x| = 1e4`.
+  the features rescaled to `max |x| = 1e4`;
+- a NaN propagates, for its example only (first dtype; the NaN rule of `softmax_jax.ops`): with
+  one NaN entry in the first example's features, that example's evaluation and training losses
+  are NaN and its `log_prob` row is all NaN; its `predict` is some id in [0, K) (an integer cannot
+  be NaN, so it is not specified further; our heads give 0, as `jnp.argmax` returns the first
+  NaN); every other example's `log_prob`, `predict` and losses are unchanged; and the training
+  loss's gradient (at the extreme inputs) has a NaN in the parameters and in that example's
+  features while the other examples' feature gradients are unchanged. A head that turns a NaN
+  into a finite number (a zero norm guard, `nan_to_num`, a `where` that drops it) would let a
+  diverged run train on; one that spreads it over the batch would stop runs for one bad example.
 
 A broken property raises `HeadContractError` (an `AssertionError`) whose message starts with the
 head, the property (one of `PROPERTIES`) and where it broke, e.g.
@@ -40,7 +49,7 @@ Variant = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 PROPERTIES = ('runs', 'shapes and dtypes', 'log_prob normalized', 'predict == argmax(log_prob)',
               'eval loss == -log_prob[label]', 'finite losses', 'vmap == batched call',
-              'finite gradients at extreme inputs')
+              'finite gradients at extreme inputs', 'NaN propagates')
 
 
 class HeadContractError(AssertionError):
@@ -127,21 +136,28 @@ def assert_head_contract(
     return [jax.value_and_grad(lambda p, x: jnp.sum(apply(p, x, y, train=True)), (0, 1))(p, x)
             for x in xs]
 
-  def everything(p, xs, big, y):  # one function, so that a transform compiles once
-    return outputs(p, xs, y), per_example(p, xs, y) if lead else None, gradients(p, big, y)
+  def poisoned(p, nan_xs, y):  # first dtype, one NaN: outputs, and gradients at extreme inputs
+    return outputs(p, nan_xs[:1], y)[0], gradients(p, nan_xs[1:], y)[0]
+
+  def everything(p, xs, big, nan_xs, y):  # one function, so that a transform compiles once
+    return (outputs(p, xs, y), per_example(p, xs, y) if lead else None, gradients(p, big, y),
+            poisoned(p, nan_xs, y))
 
   transforms = {'variant': variant} if variant else {'jit': jax.jit, 'no jit': lambda f: f}
   names = '/'.join(jnp.dtype(d).name for d in dtypes)
   xs = [features.astype(d) for d in dtypes]
   big = [(features * (extreme / jnp.maximum(jnp.max(jnp.abs(features)), 1e-30))).astype(d)
          for d in dtypes]
+  nan_at = (0,) * len(lead) + (0,)  # one entry of the first example's features
+  nan_xs = [x.at[nan_at].set(jnp.nan) for x in (xs[0], big[0])]
   for t_name, t in transforms.items():
     try:
-      out, v_out, grads = t(everything)(params, xs, big, labels)
+      out, v_out, grads, nan_out = t(everything)(params, xs, big, nan_xs, labels)
     except Exception as e:  # pylint: disable=broad-except
       where = f'{names} features, {t_name}'
       for prop, part, x in (('runs', outputs, xs), ('vmap == batched call', per_example, xs),
-                            ('finite gradients at extreme inputs', gradients, big)):
+                            ('finite gradients at extreme inputs', gradients, big),
+                            ('NaN propagates', poisoned, nan_xs)):
         with _property(head, prop, where):  # the first part that fails alone names the property
           t(part)(params, x, labels)
       with _property(head, 'runs', where):
@@ -173,3 +189,46 @@ def assert_head_contract(
     with _property(head, 'finite gradients at extreme inputs', f'{names} features, {t_name}, '
                    f'max |x| = {extreme:g}; (training loss, (d/d params, d/d features)) per dtype'):
       chex.assert_tree_all_finite(grads)
+    tol = atol if jnp.dtype(dtypes[0]) == jnp.float32 else 100 * atol
+    with _property(head, 'NaN propagates', f'{jnp.dtype(dtypes[0]).name} features, {t_name}, '
+                   f'features{list(nan_at)} = nan'):
+      _assert_nan_propagates(out[0], grads[0][1][1], nan_out, k, tol)
+
+
+def _assert_nan_propagates(clean, clean_feature_grad, poisoned, k: int, tol: float) -> None:
+  """The first example of `poisoned` (outputs, (loss, (d/d params, d/d features))) is NaN, the
+  others equal `clean` (outputs) and `clean_feature_grad`; raises AssertionError saying what not."""
+  (lp, pred, eval_loss, train_loss), (_, (param_grad, feature_grad)) = poisoned
+  first = lambda a, n=0: np.asarray(a, np.float32).reshape((-1,) + a.shape[a.ndim - n:])[0]
+  rest = lambda a, n=0: jnp.reshape(a, (-1,) + a.shape[a.ndim - n:])[1:]
+  for name, value in (('evaluation loss', eval_loss), ('training loss', train_loss)):
+    if not np.isnan(first(value)):
+      raise AssertionError(f'the {name} of the example with a NaN feature is {first(value)}, '
+                           'not NaN: the NaN was turned into a finite number.')
+  if not np.all(np.isnan(first(lp, 1))):
+    raise AssertionError(f'the log_prob row of the example with a NaN feature has finite entries '
+                         f'({first(lp, 1)}); it must be all NaN.')
+  p0 = int(np.asarray(pred).reshape(-1)[0])
+  if not 0 <= p0 < k:
+    raise AssertionError(f'predict of the example with a NaN feature is {p0}, outside [0, {k}).')
+  leaves = jax.tree.leaves(param_grad)  # (a head without parameters has none to check)
+  if leaves and not any(np.any(np.isnan(np.asarray(g, np.float32))) for g in leaves):
+    raise AssertionError('the training loss is NaN but its gradient with respect to the '
+                         'parameters is finite: the NaN was dropped on the way back.')
+  if not np.any(np.isnan(first(feature_grad, 1))):
+    raise AssertionError('the gradient with respect to the NaN example\'s features is finite '
+                         f'({first(feature_grad, 1)}); it must have a NaN.')
+  clean_lp, _, clean_eval, clean_train = clean
+  for name, value, ref, n in (('log_prob', lp, clean_lp, 1),
+                              ('evaluation loss', eval_loss, clean_eval, 0),
+                              ('training loss', train_loss, clean_train, 0),
+                              ('feature gradient', feature_grad, clean_feature_grad, 1)):
+    try:
+      chex.assert_trees_all_close(rest(value, n), rest(ref, n), atol=tol, rtol=tol)
+    except AssertionError as e:
+      raise AssertionError(f'one NaN example changed the {name} of the other examples: {e}') from e
+  try:  # predict of the others: an argmax of their clean log_prob (a near-tie within tol counts)
+    others = rest(clean_lp, 1)
+    chex.assert_trees_all_close(_picked(others, rest(pred)), jnp.max(others, -1), atol=tol, rtol=0)
+  except AssertionError as e:
+    raise AssertionError(f'one NaN example changed the predictions of the others: {e}') from e

@@ -26,7 +26,14 @@ class ToyHead(nn.Module):
   def logits(self, features):
     if self.broken == 'batch_coupled':  # centred over the batch: each example depends on the others
       features = features - features.mean(axis=tuple(range(features.ndim - 1)), keepdims=True)
-    return nn.Dense(self.num_classes)(features)
+    if self.broken == 'nan_to_zero':  # a guard that turns a NaN feature into a finite one
+      features = jnp.nan_to_num(features)
+    z = nn.Dense(self.num_classes)(features)
+    if self.broken == 'nan_spreads':  # 0 for finite features, but one NaN poisons every example
+      z = z + 0.0 * jnp.sum(features)
+    if self.broken == 'nan_gradient_dropped':  # NaN logits pass no gradient back
+      z = jnp.where(jnp.isnan(z), jax.lax.stop_gradient(z), z)
+    return z
 
   def __call__(self, features, labels, *, train=False):
     z = self.logits(features)
@@ -78,6 +85,9 @@ class PassesTest(chex.TestCase):
     ('float_predict', 'shapes and dtypes'),
     ('batch_coupled', 'vmap == batched call'),
     ('needs_concrete_features', 'runs'),
+    ('nan_to_zero', 'NaN propagates'),
+    ('nan_spreads', 'NaN propagates'),
+    ('nan_gradient_dropped', 'NaN propagates'),
 ])
 def test_broken_head_fails_naming_the_property(broken, prop):
   assert re.sub(r'\\', '', prop) in testing.PROPERTIES
