@@ -142,7 +142,7 @@ def test_equals_cross_entropy_of_logits(reduction):
     _close(g, r, 1e-5)
 
 
-@pytest.mark.parametrize('reduction', ['none', 'sum', 'mean'])
+@pytest.mark.parametrize('reduction', ['mean'])  # 'none' and 'sum': tests/ops/ignore_index_test.py
 def test_ignore_index_equals_slicing(reduction):
   """Ignored rows (NaN features here) are as if sliced out: loss 0, gradient 0, no NaN leaks."""
   x, w, labels, _, _, where = _data()
@@ -176,7 +176,7 @@ def test_list_labels_and_features():
   _close(linear_cross_entropy(x, w, tuple(labels), reduction='sum'), want.sum(), 1e-6)
 
 
-@pytest.mark.parametrize('reduction', ['none', 'sum', 'mean'])
+@pytest.mark.parametrize('reduction', ['none', 'sum'])  # The reduced one: token-outer passes.
 def test_nan_feature_gives_nan_for_its_example_only(reduction):
   x, w, labels, bias, *_ = _data(lead=(5,), seed=2)
   x, labels = jnp.nan_to_num(x), jnp.maximum(labels, 0)
