@@ -175,8 +175,9 @@ def load_dataset(config: Any) -> Dataset:
     builder = builders.prepare(name, data_dir=data_dir, source_dir=_field(config, 'source_dir'))
     split_names = _LOCAL_SPLITS
   elif name in STOCK_SPLITS:
-    builder = tfds.builder(name, data_dir=data_dir)
-    builder.download_and_prepare()  # No-op once prepared (as `tfds.data_source` does).
+    # Downloaded and prepared once, also when several first runs share a fresh data_dir.
+    builder = builders.prepare_once(lambda: tfds.builder(name, data_dir=data_dir),
+                                    lambda b: b.download_and_prepare())
     split_names = STOCK_SPLITS[name]
   else:
     raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(KNOWN_DATASETS)}')

@@ -157,6 +157,7 @@ def _source_lines(source, start: int = 0, stop: Optional[int] = None) -> Iterato
 
 
 def _lm1b_lines(data_dir: Optional[str]) -> Dict[str, Iterator[str]]:
+  prepare_once(lambda: tfds.builder('lm1b', data_dir=data_dir), lambda b: b.download_and_prepare())
   train = tfds.data_source('lm1b', split='train', data_dir=data_dir)
   test = tfds.data_source('lm1b', split='test', data_dir=data_dir)
   n = len(train)

@@ -197,3 +197,42 @@ def test_bad_classes_are_named(digits, classes):
   config, _ = digits
   with pytest.raises(ValueError, match=r'data.classes must be >= 2 distinct class ids in \[0, 10\)'):
     data.load_dataset(dict(config, classes=classes))
+
+
+def test_stock_dataset_is_prepared_once_by_concurrent_first_runs(tmp_path, monkeypatch):
+  """Stock TFDS datasets go through `builders.prepare_once` too: three first runs, one download."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from softmax_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  state = {'prepared': False, 'calls': 0}
+
+  class FakeBuilder:  # stands in for tfds.builder('mnist'): no network
+    name, data_dir_root = 'mnist', str(tmp_path)
+
+    def is_prepared(self):
+      return state['prepared']
+
+    def download_and_prepare(self):
+      state['calls'] += 1
+      time.sleep(0.3)
+      state['prepared'] = True
+
+    @property
+    def info(self):
+      raise LookupError('stop after preparing')
+
+  monkeypatch.setattr(pipeline.tfds, 'builder', lambda name, data_dir=None: FakeBuilder())
+  errors = []
+
+  def first_run():
+    try:
+      pipeline.load_dataset(dict(name='mnist', data_dir=str(tmp_path)))
+    except LookupError as e:
+      errors.append(e)
+
+  threads = [threading.Thread(target=first_run) for _ in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(errors) == 3 and state == {'prepared': True, 'calls': 1}
