@@ -312,6 +312,21 @@ def test_gradients_under_vmap_equal_per_example_gradients():
   chex.assert_trees_all_close(summed[1], jnp.stack([w[1] for w in want]), atol=1e-5, rtol=1e-5)
 
 
+def test_bfloat16_features_accumulate_in_float32():
+  rng = np.random.default_rng(4)
+  head, tails, _ = _f32(*_params(rng, 32, K, CUTOFFS, 2.0))
+  x = jnp.asarray(rng.normal(size=(N, 32)), jnp.float32)
+  y = jnp.asarray(_labels((10, 10, 10), 1))
+  out32 = A.adaptive_softmax_loss(x, y, head, tails, cutoffs=CUTOFFS)
+  out16 = A.adaptive_softmax_loss(x.astype(jnp.bfloat16), y, head, tails, cutoffs=CUTOFFS)
+  lp16 = A.adaptive_log_softmax(x.astype(jnp.bfloat16), head, tails, cutoffs=CUTOFFS)
+  assert out16.dtype == jnp.float32 and lp16.dtype == jnp.float32
+  assert np.isfinite(out16).all()
+  np.testing.assert_allclose(out16, out32, rtol=0.05, atol=0.05)
+  np.testing.assert_allclose(jax.nn.logsumexp(lp16, -1), 0, atol=1e-5)
+  assert np.abs(np.asarray(out16) - np.asarray(out32)).max() > 0  # the bf16 path really ran
+
+
 @pytest.mark.parametrize('cutoffs', [(5, 3), (4, 4), (0, 10), (10, 40), (10, 45), (), (2.5,), (True,), 7])
 def test_bad_cutoffs_raise(cutoffs):
   with pytest.raises(ValueError, match='cutoffs'):
