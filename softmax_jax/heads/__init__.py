@@ -1,5 +1,7 @@
 """Output heads (flax.linen) over `softmax_jax.ops`, all with one contract (see dense.py)."""
 
+from softmax_jax.heads._eval import chunked_eval_stats
+from softmax_jax.heads._eval import log_prob_eval_stats
 from softmax_jax.heads.adaptive import AdaptiveSoftmax
 from softmax_jax.heads.dense import DenseSoftmax
 from softmax_jax.heads.hierarchical import HierarchicalSoftmax
@@ -11,4 +13,4 @@ HEADS = {'adaptive': AdaptiveSoftmax, 'dense': DenseSoftmax, 'hierarchical': Hie
          'imbalanced': ImbalancedSoftmax, 'margin': MarginSoftmax, 'sampled': SampledSoftmax}
 
 __all__ = ['AdaptiveSoftmax', 'DenseSoftmax', 'HEADS', 'HierarchicalSoftmax', 'ImbalancedSoftmax',
-           'MarginSoftmax', 'SampledSoftmax']
+           'MarginSoftmax', 'SampledSoftmax', 'chunked_eval_stats', 'log_prob_eval_stats']

@@ -17,12 +17,13 @@ every call (Python values, so under `jit` too); labels in [0, K) only when concr
 out-of-range ones give a NaN loss).
 """
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from softmax_jax.heads import _checks
+from softmax_jax.heads import _eval
 from softmax_jax.ops import adaptive as adaptive_ops
 
 
@@ -103,3 +104,9 @@ class AdaptiveSoftmax(nn.Module):
     features, _, weights = self._prepare(features)
     return adaptive_ops.adaptive_predict(features, **weights,
                                          capacity_fractions=self.capacity_fractions)
+
+  def eval_stats(self, features: jnp.ndarray, labels: jnp.ndarray, *, temperatures=(1.0,),
+                 log_prior=None, chunk_size: Optional[int] = None) -> Dict[str, jnp.ndarray]:
+    """Per-example statistics of `log_prob` (keys as `DenseSoftmax.eval_stats`), from its rows."""
+    return _eval.from_log_prob(self, features, labels, temperatures=temperatures,
+                               log_prior=log_prior, chunk_size=chunk_size)

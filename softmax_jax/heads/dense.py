@@ -4,7 +4,13 @@ Every head in `softmax_jax.heads` shares this contract (see DESIGN.md):
 
 - `__call__(features [..., d], labels [...] int, *, train) -> loss [...]` per example;
 - `log_prob(features [..., d]) -> [..., num_classes]`, exact and normalized;
-- `predict(features [..., d]) -> [...] int`, equal to `argmax(log_prob(features), -1)`.
+- `predict(features [..., d]) -> [...] int`, equal to `argmax(log_prob(features), -1)`;
+- `eval_stats(features [..., d], labels [...] int, *, temperatures=(1.0,), log_prior=None,
+  chunk_size=None) -> dict` of per-example evaluation statistics of `log_prob`: 'prediction',
+  'label_rank' `[...]` int32, 'label_log_prob', 'confidence' `[..., G]` float32 (one column per
+  temperature), and with `log_prior [K]` the same prefixed 'adjusted_' (post-hoc logit
+  adjustment); see `softmax_jax/heads/_eval.py`. Heads for large K (fused dense, sampled,
+  hierarchical, adaptive) compute them chunk by chunk over the classes, never forming `[..., K]`.
 
 NaN (every head, the NaN rule of `softmax_jax.ops`): a NaN in one example's features makes that
 example's losses (training and evaluation) NaN and its `log_prob` row all NaN, never a finite
@@ -22,13 +28,15 @@ checked on every call, in training and in evaluation alike.
 `softmax_jax.testing.assert_head_contract` checks a head against this contract.
 """
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from softmax_jax import ops
 from softmax_jax.heads import _checks
+from softmax_jax.heads import _eval
 
 
 class DenseSoftmax(nn.Module):
@@ -98,3 +106,35 @@ class DenseSoftmax(nn.Module):
   def predict(self, features: jnp.ndarray) -> jnp.ndarray:
     """Most probable class `[...] int32`, `argmax(log_prob(features), -1)`."""
     return jnp.argmax(self.log_prob(features), axis=-1).astype(jnp.int32)
+
+  def eval_stats(self, features: jnp.ndarray, labels: jnp.ndarray, *, temperatures=(1.0,),
+                 log_prior=None, chunk_size: Optional[int] = None) -> Dict[str, jnp.ndarray]:
+    """Per-example statistics of `log_prob` for `features: [..., d]`, `labels: [...] int`.
+
+    Keys 'prediction', 'label_rank' `[...]` int32, 'label_log_prob', 'confidence' `[..., G]`
+    float32 for the G `temperatures`, and 'adjusted_*' with `log_prior: [K]` (see
+    `softmax_jax/heads/_eval.py`). With `fused=True` the logits are formed `chunk_size` classes
+    at a time (None: the head's `chunk_size`, else 2048), so memory does not grow with K.
+    """
+    opts = dict(temperatures=temperatures, log_prior=log_prior)
+    if not self.fused:
+      return _eval.from_log_prob(self, features, labels, chunk_size=chunk_size, **opts)
+    self._config()
+    features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
+                                                   num_classes=self.num_classes)
+    kernel, bias = self._weights(features.shape[-1])
+    dtype = self.dtype or features.dtype
+    x = features.astype(dtype)
+
+    def chunk(start, size):
+      w = jax.lax.dynamic_slice_in_dim(kernel, start, size, axis=1).astype(dtype)
+      z = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+      return z if bias is None else z + jax.lax.dynamic_slice_in_dim(bias, start, size)
+
+    label = jnp.einsum('...d,...d->...', x, _eval.label_rows(kernel, labels, 1).astype(dtype),
+                       preferred_element_type=jnp.float32)
+    if bias is not None:
+      label = label + _eval.label_rows(bias, labels, 0)
+    return _eval.chunked_eval_stats(chunk, labels, num_classes=self.num_classes,
+                                    chunk_size=chunk_size or self.chunk_size,
+                                    label_scores=label, **opts)

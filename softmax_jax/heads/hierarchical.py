@@ -19,13 +19,14 @@ NaN loss).
 """
 
 import functools
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
 from softmax_jax.heads import _checks
+from softmax_jax.heads import _eval
 from softmax_jax.ops import hierarchical as hs
 from softmax_jax.ops.sampled import log_uniform_probs
 
@@ -118,3 +119,9 @@ class HierarchicalSoftmax(nn.Module):
   def predict(self, features: jnp.ndarray) -> jnp.ndarray:
     """Most probable class `[...] int32`, `argmax(log_prob(features), -1)` (exact, not greedy)."""
     return jnp.argmax(self.log_prob(features), axis=-1).astype(jnp.int32)
+
+  def eval_stats(self, features: jnp.ndarray, labels: jnp.ndarray, *, temperatures=(1.0,),
+                 log_prior=None, chunk_size: Optional[int] = None) -> Dict[str, jnp.ndarray]:
+    """Per-example statistics of `log_prob` (keys as `DenseSoftmax.eval_stats`), from its rows."""
+    return _eval.from_log_prob(self, features, labels, temperatures=temperatures,
+                               log_prior=log_prior, chunk_size=chunk_size)

@@ -28,7 +28,7 @@ evaluation as in training (Python values, so under `jit` too); labels in [0, K) 
 """
 
 import math
-from typing import ClassVar, Optional, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -36,6 +36,7 @@ import numpy as np
 
 from softmax_jax import ops
 from softmax_jax.heads import _checks
+from softmax_jax.heads import _eval
 
 LOSSES = ('ce', 'cb', 'focal', 'cb_focal', 'ldam', 'logit_adjusted')
 
@@ -154,3 +155,9 @@ class ImbalancedSoftmax(nn.Module):
   def predict(self, features: jnp.ndarray) -> jnp.ndarray:
     """`argmax(log_prob(features), -1)` `[...] int32`."""
     return jnp.argmax(self.log_prob(features), axis=-1).astype(jnp.int32)
+
+  def eval_stats(self, features: jnp.ndarray, labels: jnp.ndarray, *, temperatures=(1.0,),
+                 log_prior=None, chunk_size: Optional[int] = None) -> Dict[str, jnp.ndarray]:
+    """Per-example statistics of `log_prob` (keys as `DenseSoftmax.eval_stats`), from its rows."""
+    return _eval.from_log_prob(self, features, labels, temperatures=temperatures,
+                               log_prior=log_prior, chunk_size=chunk_size)

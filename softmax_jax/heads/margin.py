@@ -19,13 +19,14 @@ concrete (traced out-of-range ones give a NaN loss).
 """
 
 import math
-from typing import ClassVar, Optional
+from typing import ClassVar, Dict, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from softmax_jax import ops
 from softmax_jax.heads import _checks
+from softmax_jax.heads import _eval
 
 # kind -> (default scale, default margin). SphereFace's scale None means the feature norm ||x||,
 # as in the paper (its weights are unit vectors, its features are not).
@@ -153,6 +154,12 @@ class MarginSoftmax(nn.Module):
   def predict(self, features: jnp.ndarray) -> jnp.ndarray:
     """Most probable class `[...] int32`: the class with the largest cosine."""
     return jnp.argmax(self.log_prob(features), axis=-1).astype(jnp.int32)
+
+  def eval_stats(self, features: jnp.ndarray, labels: jnp.ndarray, *, temperatures=(1.0,),
+                 log_prior=None, chunk_size: Optional[int] = None) -> Dict[str, jnp.ndarray]:
+    """Per-example statistics of `log_prob` (keys as `DenseSoftmax.eval_stats`), from its rows."""
+    return _eval.from_log_prob(self, features, labels, temperatures=temperatures,
+                               log_prior=log_prior, chunk_size=chunk_size)
 
   def embed(self, features: jnp.ndarray) -> jnp.ndarray:
     """Unit-norm embeddings `[..., d]` float32 (compare by cosine for retrieval/verification)."""

@@ -17,13 +17,15 @@ head, so the error names `labels` (not the sampler's `true_classes`); traced out
 give a NaN loss.
 """
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from softmax_jax.heads import _checks
+from softmax_jax.heads import _eval
 from softmax_jax.ops import sampled as sampled_ops
 from softmax_jax.ops.softmax import cross_entropy
 from softmax_jax.ops.softmax import log_softmax
@@ -140,3 +142,32 @@ class SampledSoftmax(nn.Module):
   def predict(self, features: jnp.ndarray) -> jnp.ndarray:
     """Most probable class `[...] int32`, `argmax(log_prob(features), -1)`."""
     return jnp.argmax(self.log_prob(features), axis=-1).astype(jnp.int32)
+
+  def eval_stats(self, features: jnp.ndarray, labels: jnp.ndarray, *, temperatures=(1.0,),
+                 log_prior=None, chunk_size: Optional[int] = None) -> Dict[str, jnp.ndarray]:
+    """Per-example statistics of the exact full softmax, `chunk_size` classes at a time.
+
+    `features: [..., d]`, `labels: [...] int`; keys as `DenseSoftmax.eval_stats` ('prediction',
+    'label_rank' `[...]` int32, 'label_log_prob', 'confidence' `[..., G]`, 'adjusted_*' with
+    `log_prior: [K]`). The logits `x @ embedding[chunk].T + bias[chunk]` are formed one chunk
+    (None: 2048 classes) at a time: memory does not grow with K.
+    """
+    self._config()
+    features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
+                                                   num_classes=self.num_classes)
+    embedding, bias = self._weights(features.shape[-1])
+    dtype = self.dtype or features.dtype
+    x = features.astype(dtype)
+
+    def chunk(start, size):
+      e = jax.lax.dynamic_slice_in_dim(embedding, start, size, axis=0).astype(dtype)
+      z = jnp.einsum('...d,kd->...k', x, e, preferred_element_type=jnp.float32)
+      return z if bias is None else z + jax.lax.dynamic_slice_in_dim(bias, start, size)
+
+    label = jnp.einsum('...d,...d->...', x, _eval.label_rows(embedding, labels, 0).astype(dtype),
+                       preferred_element_type=jnp.float32)
+    if bias is not None:
+      label = label + _eval.label_rows(bias, labels, 0)
+    return _eval.chunked_eval_stats(chunk, labels, num_classes=self.num_classes,
+                                    chunk_size=chunk_size, label_scores=label,
+                                    temperatures=temperatures, log_prior=log_prior)

@@ -1,13 +1,14 @@
 """Classifier = backbone + head, built from config by name.
 
-The training loop only knows this module's three methods, which forward the head
+The training loop only knows this module's methods, which forward the head
 contract: `__call__(images, labels, *, train) -> loss [B]`, `log_prob(images) -> [B, K]`,
-`predict(images) -> [B]`. Any backbone trains with any head by changing one config field.
+`predict(images) -> [B]`, `eval_stats(images, labels, **options) -> dict` of `[B]`/`[B, G]`
+per-example statistics (nothing of shape `[B, K]` leaves the head). Any backbone trains with any head by changing one config field.
 """
 
 import dataclasses
 import difflib
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -42,6 +43,15 @@ class Classifier(nn.Module):
   def predict(self, images: jnp.ndarray) -> jnp.ndarray:
     """Most probable class `[B] int32`, the argmax of `log_prob`."""
     return self.head.predict(self.backbone(images, train=False))
+
+  def eval_stats(self, images: jnp.ndarray, labels: jnp.ndarray, **options) -> Dict[str, jnp.ndarray]:
+    """The head's per-example evaluation statistics (evaluation mode), `labels: [B] int`.
+
+    `options` (keyword-only: `temperatures`, `log_prior`, `chunk_size`) go to the head's
+    `eval_stats`: 'prediction', 'label_rank' `[B]` int32, 'label_log_prob', 'confidence'
+    `[B, G]` float32 (and 'adjusted_*' with `log_prior`).
+    """
+    return self.head.eval_stats(self.backbone(images, train=False), labels, **options)
 
 
 def build_module(registry: Mapping[str, type], cfg: Mapping[str, Any], where: str, **fixed) -> nn.Module:

@@ -67,6 +67,17 @@ class LanguageModel(nn.Module):
     features, carry = self.backbone(tokens, carry, train=False)
     return self.head(features, labels, train=False), self.head.predict(features), carry
 
+  def eval_stats(self, tokens: jnp.ndarray, labels: jnp.ndarray, carry: Any, **options):
+    """`(stats, carry)`: the head's per-token evaluation statistics from one backbone pass.
+
+    `stats` holds 'prediction', 'label_rank' `[B, T]` int32, 'label_log_prob', 'confidence'
+    `[B, T, G]` float32 (and 'adjusted_*' with `log_prior`); `options` (keyword-only:
+    `temperatures`, `log_prior`, `chunk_size`) go to the head's `eval_stats`. Large-vocabulary
+    heads compute them chunk by chunk, never forming `[B, T, K]`.
+    """
+    features, carry = self.backbone(tokens, carry, train=False)
+    return self.head.eval_stats(features, labels, **options), carry
+
 
 def build_language_model(model_cfg: Mapping[str, Any], head_cfg: Mapping[str, Any], vocab_size: int,
                          class_counts=None) -> LanguageModel:

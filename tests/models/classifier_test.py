@@ -44,3 +44,18 @@ def test_cnn_embedding_is_a_final_linear_layer():
   hidden = CNN(channels=(4,), dense=8).apply({'params': trunk}, images, train=False)
   np.testing.assert_allclose(out, hidden @ params['Dense_1']['kernel'] + params['Dense_1']['bias'],
                              rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_eval_stats_forward_the_head_in_evaluation_mode():
+  images = jax.random.normal(jax.random.PRNGKey(0), (5, 8, 8, 1))
+  labels = jnp.array([0, 1, 2, 3, 1], jnp.int32)
+  model = build_classifier({'name': 'mlp', 'hidden': [16], 'dropout': 0.5}, {'name': 'dense'},
+                           num_classes=4)
+  params = model.init(jax.random.PRNGKey(0), images, labels, train=False)
+  stats = jax.jit(lambda p: model.apply(p, images, labels, temperatures=(1.0, 3.0),
+                                        method='eval_stats'))(params)
+  lp = np.asarray(model.apply(params, images, method='log_prob'), np.float64)
+  assert set(stats) == {'prediction', 'label_rank', 'label_log_prob', 'confidence'}
+  np.testing.assert_array_equal(stats['prediction'], lp.argmax(-1))
+  np.testing.assert_allclose(stats['label_log_prob'][:, 0], lp[np.arange(5), labels], rtol=1e-5)
+  np.testing.assert_allclose(stats['confidence'][:, 0], np.exp(lp.max(-1)), rtol=1e-5)

@@ -146,3 +146,37 @@ def test_steps_reach_only_heads_that_use_them():
   dv = jax.eval_shape(lambda: dense.init(jax.random.PRNGKey(0), x, y, carry=None, train=False))
   out, _ = jax.eval_shape(lambda v: dense.apply(v, x, y, carry=None, train=True, step=jnp.int32(3)), dv)
   assert out.shape == (B, T)  # DenseSoftmax has no `step` argument: LanguageModel does not pass it
+
+
+@pytest.mark.parametrize('head', [{'name': 'dense'}, {'name': 'sampled'},
+                                  {'name': 'hierarchical'}])
+def test_language_model_eval_stats_forward_the_head_from_one_backbone_pass(head):
+  model = lm_lib.build_language_model(dict(name='lstm', embed_dim=8, hidden=16), head, V)
+  x, y = tokens(5, (B, T)), tokens(6, (B, T))
+  carry = model.initial_carry(B)
+  variables = model.init(jax.random.PRNGKey(7), x, y, carry=carry, train=False)
+  prior = jnp.log(jnp.linspace(1.0, 2.0, V) / jnp.sum(jnp.linspace(1.0, 2.0, V)))
+
+  @jax.jit
+  def everything(variables, carry):
+    return (model.apply(variables, x, y, carry, temperatures=(0.5, 2.0), log_prior=prior,
+                        method='eval_stats'),
+            model.apply(variables, x, carry, method='log_prob'))
+
+  (stats, carry_a), (log_probs, carry_b) = everything(variables, carry)
+  lp = np.asarray(log_probs, np.float64)
+  assert stats['label_log_prob'].shape == (B, T, 2) and stats['prediction'].shape == (B, T)
+  np.testing.assert_array_equal(stats['prediction'], lp.argmax(-1))
+  label = np.take_along_axis(lp, np.asarray(y)[..., None], -1)
+  np.testing.assert_array_equal(stats['label_rank'], (lp > label).sum(-1))
+  for g, t in enumerate((0.5, 2.0)):
+    scaled = lp / t - np.logaddexp.reduce(lp / t, axis=-1, keepdims=True)
+    np.testing.assert_allclose(stats['label_log_prob'][..., g],
+                               np.take_along_axis(scaled, np.asarray(y)[..., None], -1)[..., 0],
+                               rtol=1e-5, atol=1e-5)
+    adjusted = lp - np.asarray(prior, np.float64)
+    np.testing.assert_allclose(stats['adjusted_confidence'][..., g],
+                               np.exp((adjusted / t - np.logaddexp.reduce(
+                                   adjusted / t, axis=-1, keepdims=True)).max(-1)),
+                               rtol=1e-5, atol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, carry_a, carry_b)
