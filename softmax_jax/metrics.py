@@ -59,8 +59,10 @@ def _rank(log_probs, labels):
 
 def _class_counts(log_probs, labels, where):
   """[K] int32 true positives, support (label counts) and predicted counts."""
-  k = log_probs.shape[1]
-  pred = jnp.argmax(log_probs, axis=-1)
+  return _counts_of(jnp.argmax(log_probs, axis=-1), labels, where, log_probs.shape[1])
+
+
+def _counts_of(pred, labels, where, k):  # the same from predictions [N]
   w = where.astype(jnp.int32)
   tp = jnp.bincount(labels, weights=w * (pred == labels), length=k)
   support = jnp.bincount(labels, weights=w, length=k)
@@ -70,10 +72,15 @@ def _class_counts(log_probs, labels, where):
 
 def _bin_sums(log_probs, labels, where, num_bins):
   """Per confidence bin (lower, upper]: [B] count, sum of confidence, sum of correct."""
+  return _bins_of(jnp.exp(jnp.max(log_probs, axis=-1)), jnp.argmax(log_probs, axis=-1) == labels,
+                  where, num_bins)
+
+
+def _bins_of(confidence, correct, where, num_bins):  # the same from [N] confidence and correct
   if not isinstance(num_bins, int) or num_bins < 1:
     raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}.")
-  conf = jnp.where(where, jnp.exp(jnp.max(log_probs, axis=-1)), 0.0)
-  correct = (jnp.argmax(log_probs, axis=-1) == labels) & where
+  conf = jnp.where(where, confidence, 0.0)
+  correct = correct & where
   # conf in (b/B, (b+1)/B] -> bin b, as Guo et al.'s (conf > lower) & (conf <= upper).
   bins = jnp.clip(jnp.ceil(conf * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
   count = jnp.bincount(bins, weights=where.astype(jnp.int32), length=num_bins)
@@ -303,13 +310,47 @@ def accuracy_by_frequency(log_probs, labels, *, class_counts, where=None, many=1
   return out | {f"{b}_classes": int(masks[i].sum()) for i, b in enumerate(_BUCKETS)}
 
 
-@functools.partial(jax.jit, static_argnames="top5")
-def _summary(log_probs, labels, where, top5):
-  fns = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy, "macro_f1": macro_f1,
-         "nll": nll, "ece": expected_calibration_error}
-  if top5:
-    fns["top5_accuracy"] = functools.partial(top_k_accuracy, k=5)
-  return {name: fn(log_probs, labels, where=where) for name, fn in fns.items()}
+@jax.jit
+def _stats_of(log_probs, labels):  # the per-example statistics a head's eval_stats returns
+  return {"prediction": jnp.argmax(log_probs, axis=-1).astype(jnp.int32),
+          "label_rank": _rank(log_probs, labels), "label_log_prob": _true_log_prob(log_probs, labels),
+          "confidence": jnp.exp(jnp.max(log_probs, axis=-1))}
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "num_bins"))
+def _summary(stats, labels, where, masks, num_classes, num_bins=15):
+  """The scalars of `classification_metrics` from per-example statistics (one code path)."""
+  pred, k = stats["prediction"], num_classes
+  tp, support, predicted = _counts_of(pred, labels, where, k)
+  present = support > 0
+  out = {"accuracy": _masked_mean(pred == labels, where),
+         "balanced_accuracy": jnp.sum(jnp.where(present, _safe_div(tp, support), 0.0))
+                              / jnp.sum(present),
+         "nll": -_masked_mean(stats["label_log_prob"], where)}
+  seen = support + predicted > 0
+  out["macro_f1"] = (jnp.sum(jnp.where(seen, _safe_div(2 * tp, predicted + support), 0.0))
+                     / jnp.sum(seen))
+  count, conf_sum, correct_sum = _bins_of(stats["confidence"], pred == labels, where, num_bins)
+  out["ece"] = jnp.sum(jnp.abs(correct_sum - conf_sum)) / jnp.sum(count)
+  if k > 5:
+    out["top5_accuracy"] = _masked_mean(stats["label_rank"] < 5, where)
+  if masks is not None:
+    in_bucket = masks & present
+    recall = (jnp.sum(jnp.where(in_bucket, _safe_div(tp, support), 0.0), -1)
+              / jnp.sum(in_bucket, -1))
+    out |= {f"{b}_accuracy": recall[i] for i, b in enumerate(_BUCKETS)}
+  return out
+
+
+def _host_summary(stats, labels, where, num_classes, prefix, class_counts):
+  valid = np.asarray(labels)[np.asarray(where)]
+  if valid.size and (valid.min() < 0 or valid.max() >= num_classes):
+    raise ValueError(f"labels must lie in [0, num_classes={num_classes}), got values in "
+                     f"[{valid.min()}, {valid.max()}].")
+  masks = (None if class_counts is None  # checked first, so a bad class_counts fails early
+           else _frequency_masks(class_counts, num_classes, 100, 20))
+  values = jax.device_get(_summary(stats, labels, where, masks, num_classes=num_classes))
+  return {prefix + name: float(value) for name, value in sorted(values.items())}
 
 
 def classification_metrics(log_probs, labels, *, where=None, prefix="", class_counts=None):
@@ -319,7 +360,8 @@ def classification_metrics(log_probs, labels, *, where=None, prefix="", class_co
   num_classes > 5 (else it is trivially 1) `top5_accuracy`, and only with `class_counts`
   `many_accuracy`, `medium_accuracy`, `few_accuracy` (`accuracy_by_frequency`, default
   thresholds), each as `prefix + key`. Labels of valid rows must lie in [0, num_classes)
-  (checked, as the values are concrete here).
+  (checked, as the values are concrete here). The same as `summary_from_stats` of the
+  per-example statistics of `log_probs` (which is how it is computed).
 
   Args:
     log_probs: [N, num_classes] float normalized log-probabilities.
@@ -331,14 +373,63 @@ def classification_metrics(log_probs, labels, *, where=None, prefix="", class_co
   Returns: dict[str, float].
   """
   lp, lab, w = _check(log_probs, labels, where)
-  valid = np.asarray(labels)[np.asarray(w)]
-  k = lp.shape[1]
-  if valid.size and (valid.min() < 0 or valid.max() >= k):
-    raise ValueError(f"labels must lie in [0, num_classes={k}), got values in "
-                     f"[{valid.min()}, {valid.max()}].")
-  values = {}
-  if class_counts is not None:  # first, so a bad class_counts fails before any compute
-    by_freq = accuracy_by_frequency(lp, lab, class_counts=class_counts, where=w)
-    values = {f"{b}_accuracy": by_freq[f"{b}_accuracy"] for b in _BUCKETS}
-  values = jax.device_get(values | _summary(lp, lab, w, top5=k > 5))
-  return {prefix + name: float(value) for name, value in sorted(values.items())}
+  return _host_summary(_stats_of(lp, lab), lab, w, lp.shape[1], prefix, class_counts)
+
+
+def summary_from_stats(stats, labels, *, num_classes, where=None, prefix="", class_counts=None):
+  """`classification_metrics` from per-example statistics: the same keys and values, no [N, K].
+
+  The statistics are those of a head's `eval_stats` with one temperature column selected
+  (`{k: v[:, g] for k, v in stats.items()}` for 'label_log_prob' and 'confidence'): 'prediction'
+  (argmax, first index on ties) gives accuracy, balanced accuracy, macro F1 and the frequency
+  buckets; 'label_rank' (classes scoring strictly above the label) top-5 accuracy;
+  'label_log_prob' the NLL; 'confidence' (the largest probability) with 'prediction' the ECE.
+  Other keys (e.g. 'adjusted_*') are ignored. Not jittable (returns Python floats).
+
+  Args:
+    stats: dict with [N] int 'prediction', 'label_rank' and [N] float 'label_log_prob',
+      'confidence'.
+    labels: [N] int true classes, in [0, num_classes) for valid rows.
+    num_classes: K, an int >= 1 (static: decides `top5_accuracy` and the per-class counts).
+    where: [N] bool or None; False rows are excluded.
+    prefix: str put before every key, e.g. 'test/'.
+    class_counts: [num_classes] int training counts per class, or None.
+
+  Returns: dict[str, float], the keys of `classification_metrics`.
+
+  Raises:
+    ValueError: a missing key, a statistic that is not [N] (naming it and its shape, e.g. an
+      unselected [N, G] column), a wrong dtype, `num_classes` not an int >= 1, labels out of
+      range, or a bad `class_counts`.
+  """
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+      or num_classes < 1:
+    raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}.")
+  labels = jnp.asarray(labels)
+  if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be [N] integer class ids, got shape {labels.shape} and dtype "
+                     f"{labels.dtype}.")
+  n = labels.shape[0]
+  picked = {}
+  for key, kind in (("prediction", jnp.integer), ("label_rank", jnp.integer),
+                    ("label_log_prob", jnp.floating), ("confidence", jnp.floating)):
+    if key not in stats:
+      raise ValueError(f"stats must hold {key!r} (a head's eval_stats), got keys {sorted(stats)}.")
+    value = jnp.asarray(stats[key])
+    if value.shape != (n,):
+      raise ValueError(f"stats[{key!r}] must be [N] = ({n},) like labels, got shape "
+                       f"{value.shape}" + ("; select one temperature column, e.g. "
+                                           f"stats[{key!r}][:, 0]." if value.ndim == 2 else "."))
+    if not jnp.issubdtype(value.dtype, kind):
+      raise ValueError(f"stats[{key!r}] must be {kind.__name__}, got dtype {value.dtype}.")
+    picked[key] = (value.astype(jnp.int32) if kind is jnp.integer
+                   else value.astype(jnp.promote_types(value.dtype, jnp.float32)))
+  if where is None:
+    where = jnp.ones((n,), bool)
+  else:
+    where = jnp.asarray(where)
+    if where.shape != (n,) or where.dtype != jnp.bool_:
+      raise ValueError(f"where must be [N] = ({n},) bool, got shape {where.shape} and dtype "
+                       f"{where.dtype}.")
+  return _host_summary(picked, labels.astype(jnp.int32), where, int(num_classes), prefix,
+                       class_counts)

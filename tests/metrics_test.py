@@ -335,3 +335,77 @@ def test_accuracy_by_frequency_needs_concrete_class_counts():
   fn = jax.jit(lambda c: metrics.accuracy_by_frequency(lp, y, class_counts=c))
   with pytest.raises(ValueError, match=r"class_counts must be concrete .*got a tracer"):
     fn(np.ones(7, np.int32))
+
+
+def _tied(k, seed=3):
+  """`_padded(k)` with ties: rows whose top classes tie (argmax and rank must break them alike)."""
+  lp_pad, y_pad, where, _, _ = _padded(k)
+  rng = np.random.default_rng(seed)
+  rows = rng.choice(np.flatnonzero(where), 20, replace=False)
+  for r in rows:  # two (or three) classes share the row's largest log-prob; the label is one
+    top = np.argsort(-lp_pad[r])[:3 if r % 2 else 2]
+    lp_pad[r, top] = lp_pad[r, top[0]]
+    if r % 3 == 0:
+      y_pad[r] = top[-1]
+  lp_pad[where] -= np.logaddexp.reduce(lp_pad[where], axis=-1, keepdims=True)
+  return lp_pad, y_pad, where
+
+
+@pytest.mark.parametrize("k", [3, 7, 20])
+@pytest.mark.parametrize("counts", [False, True])
+def test_summary_from_stats_equals_classification_metrics(k, counts):
+  from softmax_jax import heads  # pylint: disable=g-import-not-at-top
+  lp_pad, y_pad, where = _tied(k)
+  class_counts = np.random.default_rng(k).integers(0, 200, k) if counts else None
+  want = metrics.classification_metrics(lp_pad, y_pad, where=where, prefix="v/",
+                                        class_counts=class_counts)
+  stats = heads.log_prob_eval_stats(lp_pad, y_pad, temperatures=(1.0, 2.0))
+  one = {key: value[:, 0] if value.ndim == 2 else value for key, value in stats.items()}
+  got = metrics.summary_from_stats(one, y_pad, num_classes=k, where=where, prefix="v/",
+                                   class_counts=class_counts)
+  assert set(got) == set(want)
+  assert ("v/top5_accuracy" in got) == (k > 5) and ("v/few_accuracy" in got) == counts
+  for key, value in want.items():
+    assert type(got[key]) is float
+    np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+  # The same from statistics computed directly in float64 NumPy (ties: first index, strict rank).
+  valid = np.where(where[:, None], lp_pad, 0.0).astype(np.float64)
+  y = np.where(where, y_pad, 0)
+  label = valid[np.arange(len(y)), y]
+  ref = {"prediction": valid.argmax(-1), "label_rank": (valid > label[:, None]).sum(-1),
+         "label_log_prob": label, "confidence": np.exp(valid.max(-1))}
+  got64 = metrics.summary_from_stats(ref, y_pad, num_classes=k, where=where, prefix="v/",
+                                     class_counts=class_counts)
+  for key, value in want.items():
+    np.testing.assert_allclose(got64[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda s: s.pop("label_rank"), r"stats must hold 'label_rank'"),
+    (lambda s: s.update(confidence=np.ones((10, 2), np.float32)),
+     r"stats\['confidence'\] must be \[N\] = \(10,\).*\(10, 2\); select one temperature column"),
+    (lambda s: s.update(prediction=np.zeros(10, np.float32)), r"'prediction'\] must be integer"),
+    (lambda s: s.update(label_log_prob=np.zeros(9, np.float32)), r"'label_log_prob'\] must be"),
+])
+def test_summary_from_stats_bad_stats_raise(change, match):
+  stats = {"prediction": np.zeros(10, np.int32), "label_rank": np.zeros(10, np.int32),
+           "label_log_prob": np.zeros(10, np.float32), "confidence": np.ones(10, np.float32)}
+  change(stats)
+  with pytest.raises(ValueError, match=match):
+    metrics.summary_from_stats(stats, np.zeros(10, np.int32), num_classes=7)
+
+
+def test_summary_from_stats_bad_arguments_raise():
+  stats = {"prediction": np.zeros(4, np.int32), "label_rank": np.zeros(4, np.int32),
+           "label_log_prob": np.zeros(4, np.float32), "confidence": np.ones(4, np.float32)}
+  y = np.array([0, 1, 2, 7])
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=7\).*\[0, 7\]"):
+    metrics.summary_from_stats(stats, y, num_classes=7)
+  assert np.isfinite(metrics.summary_from_stats(stats, y, num_classes=7,
+                                                where=y < 7)["accuracy"])
+  with pytest.raises(ValueError, match=r"num_classes must be an int >= 1, got 0"):
+    metrics.summary_from_stats(stats, y, num_classes=0)
+  with pytest.raises(ValueError, match=r"where must be \[N\] = \(4,\) bool"):
+    metrics.summary_from_stats(stats, y, num_classes=8, where=np.ones(4))
+  with pytest.raises(ValueError, match=r"class_counts must be \[num_classes\] = \(8,\)"):
+    metrics.summary_from_stats(stats, y, num_classes=8, class_counts=np.ones(7, int))
