@@ -12,6 +12,11 @@ bracket where f' changes sign, finds the minimizer to near machine precision. A 
 constant leaves f unchanged, so log-probabilities work as well as logits. Logits may hold -inf
 (a class of probability 0) except at a valid row's label; NaN and +inf are rejected. Rows
 with `where` False are ignored and may hold anything.
+
+Without `[N, K]` on the host: a head's `eval_stats(..., temperatures=TEMPERATURE_GRID)` gives
+each example's label log-probability at every grid temperature, `fit_temperature_from_stats`
+minimizes their mean NLL over the grid (refined between grid points), and
+`save_reliability_figure_from_stats` draws from each example's confidence and correctness.
 """
 
 import numbers
@@ -21,6 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_jax import metrics
+
+# 32 temperatures log-spaced over fit_temperature's default bounds (0.05, 20): a step of
+# log(400) / 31 = 0.19 in log T. `fit_temperature_from_stats` on this grid lands within 0.5% of
+# `fit_temperature` (median 0.015%) on 60 random miscalibrated problems (tests/calibration_test.py).
+TEMPERATURE_GRID = tuple(float(t) for t in np.geomspace(0.05, 20.0, 32))
 
 _MAX_ITERS = 100
 _RTOL = 1e-10  # Newton stops when a step moves beta (hence T) by less than this, relatively
@@ -127,6 +137,65 @@ def fit_temperature(logits, labels, *, where=None, bounds=(0.05, 20.0)):
   return float(np.clip(1.0 / beta, t_lo, t_hi))
 
 
+def fit_temperature_from_stats(label_log_probs, temperatures, *, where=None):
+  """The temperature minimizing the mean NLL, from label log-probabilities at G temperatures.
+
+  `label_log_probs[i, g] = log_softmax(logits_i / temperatures[g])[label_i]`, e.g. a head's
+  `eval_stats(..., temperatures=TEMPERATURE_GRID)['label_log_prob']` gathered over a split. The
+  mean NLL `f_g` is minimized over the grid; around the best point the interpolating polynomial
+  of `f` in log T through up to 5 grid points (the best and two on each side) is minimized
+  between the best point's neighbours. On `TEMPERATURE_GRID` this is within 0.5% of
+  `fit_temperature` (median 0.015%), as tested; a coarser grid is less precise (the error falls
+  about as the step in log T to the fourth power). The result lies in `[temperatures[0],
+  temperatures[-1]]`: when the grid's best point is an end, that end is returned (a minimizer
+  beyond the grid, as `fit_temperature` gives a bound; one within the first step is not refined),
+  in float64 on the host.
+
+  Args:
+    label_log_probs: [N, G] float, each example's label log-probability at each temperature.
+    temperatures: [G] finite temperatures > 0, strictly increasing, G >= 3.
+    where: [N] bool or None; False rows are excluded; at least one row must be valid.
+
+  Returns: float T.
+
+  Raises:
+    ValueError: a bad shape or dtype (naming the argument), temperatures not increasing and
+      positive, no valid row, or a NaN or -inf label log-probability in a valid row (naming it).
+  """
+  t = np.asarray(temperatures, np.float64)
+  if t.ndim != 1 or t.size < 3 or not np.all(np.isfinite(t) & (t > 0)) or np.any(np.diff(t) <= 0):
+    raise ValueError(f"temperatures must be [G] finite, > 0 and strictly increasing with G >= 3 "
+                     f"(e.g. TEMPERATURE_GRID), got {temperatures!r:.200}.")
+  lp = np.asarray(label_log_probs)
+  if lp.ndim != 2 or lp.shape[1] != t.size or lp.shape[0] < 1:
+    raise ValueError(f"label_log_probs must be [N, G] = [N, {t.size}] (one column per "
+                     f"temperature, N >= 1), got shape {lp.shape}.")
+  if not jnp.issubdtype(lp.dtype, jnp.floating):
+    raise ValueError(f"label_log_probs must be floating, got dtype {lp.dtype}.")
+  w = np.ones(lp.shape[0], bool) if where is None else np.asarray(where)
+  if w.shape != lp.shape[:1] or w.dtype != np.bool_:
+    raise ValueError(f"where must be [N] = ({lp.shape[0]},) bool, got shape {w.shape} and dtype "
+                     f"{w.dtype}.")
+  if not w.any():
+    raise ValueError("where must select at least one row, got none.")
+  lp = lp.astype(np.float64)[w]
+  bad = ~np.isfinite(lp).all(-1)
+  if bad.any():
+    raise ValueError(f"label_log_probs must be finite in valid rows (NaN features, or a label of "
+                     f"probability 0), got {lp[np.argmax(bad)]} in row "
+                     f"{np.flatnonzero(w)[np.argmax(bad)]}.")
+  f, u = -np.mean(lp, axis=0), np.log(t)
+  g = int(np.argmin(f))
+  if g in (0, t.size - 1):  # the minimizer lies beyond the grid (or within its first step)
+    return float(t[g])
+  lo, hi = max(g - 2, 0), min(g + 3, t.size)
+  xs = np.linspace(u[g - 1], u[g + 1], 4001)
+  poly = np.polyfit(u[lo:hi] - u[g], f[lo:hi], hi - lo - 1)
+  values = np.polyval(poly, xs - u[g])
+  best = xs[np.argmin(values)] if values.min() < f[g] else u[g]
+  return float(np.clip(np.exp(best), t[0], t[-1]))
+
+
 def apply_temperature(logits, temperature):
   """Temperature-scaled log-probabilities `log_softmax(logits / T)` in float64.
 
@@ -170,10 +239,25 @@ def reliability_diagram(ax, log_probs, labels, *, num_bins=15, where=None, label
   if lse.size and not np.all(np.abs(lse) < 0.05):  # loose enough for bfloat16
     raise ValueError("log_probs must be normalized (logsumexp over classes = 0 in valid rows), "
                      f"got {lse[np.argmax(~(np.abs(lse) < 0.05))]}; use apply_temperature.")
-  bins = {k: np.asarray(v) for k, v in
-          metrics.reliability_bins(log_probs, labels, num_bins=num_bins, where=where).items()}
+  bins = metrics.reliability_bins(log_probs, labels, num_bins=num_bins, where=where)
   ece = float(metrics.expected_calibration_error(log_probs, labels, num_bins=num_bins,
                                                  where=where))
+  return _draw(ax, bins, ece, num_bins, label)
+
+
+def reliability_diagram_from_stats(ax, confidence, correct, *, num_bins=15, where=None,
+                                   label=None):
+  """`reliability_diagram` from per-example statistics: `confidence: [N]` float (the largest
+  probability, a head's `eval_stats` 'confidence' column) and `correct: [N]` bool (prediction ==
+  label); the bins are `metrics.reliability_bins_from_stats`. Returns the ECE drawn."""
+  bins = metrics.reliability_bins_from_stats(confidence, correct, num_bins=num_bins, where=where)
+  count = np.asarray(bins["count"], np.float64)
+  gap = np.abs(np.asarray(bins["accuracy"], np.float64) - np.asarray(bins["confidence"]))
+  return _draw(ax, bins, float(np.sum(count * gap) / np.sum(count)), num_bins, label)
+
+
+def _draw(ax, bins, ece, num_bins, label):  # the bars of both diagrams; returns ece
+  bins = {k: np.asarray(v) for k, v in bins.items()}
   left, width, shown = bins["edges"][:-1], 1.0 / num_bins, bins["count"] > 0
   acc, conf = bins["accuracy"][shown], bins["confidence"][shown]
   ax.bar(left[shown], acc, width=width, align="edge", color="tab:blue", edgecolor="black",
@@ -198,8 +282,6 @@ def save_reliability_figure(path, panels, *, num_bins=15, where=None):
 
   Returns: path.
   """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   if not isinstance(panels, dict) or not panels:
     raise ValueError(f"panels must be a non-empty dict title -> (log_probs, labels), got "
                      f"{panels!r:.80}.")
@@ -207,11 +289,42 @@ def save_reliability_figure(path, panels, *, num_bins=15, where=None):
     if not isinstance(value, (tuple, list)) or len(value) != 2:
       raise ValueError(f"panels[{title!r}] must be a (log_probs, labels) pair, got "
                        f"{type(value).__name__}.")
+  return _figure(path, panels, lambda ax, pair: reliability_diagram(
+      ax, *pair, num_bins=num_bins, where=where))
+
+
+def save_reliability_figure_from_stats(path, panels, *, where=None, num_bins=15):
+  """`save_reliability_figure` from per-example statistics (no [N, K] on the host).
+
+  Args:
+    path: str output file, e.g. 'reliability.png'; missing parent folders are created.
+    panels: non-empty dict title -> (confidence [N] float, correct [N] bool), e.g.
+      {'before': (stats['confidence'][:, g1], stats['prediction'] == y),
+       'after temperature scaling': (stats['confidence'][:, g_fit], stats['prediction'] == y)}
+      from a head's `eval_stats` (temperature scaling keeps the prediction).
+    where: [N] bool or None, applied to every panel.
+    num_bins: int B >= 1.
+
+  Returns: path.
+  """
+  if not isinstance(panels, dict) or not panels:
+    raise ValueError(f"panels must be a non-empty dict title -> (confidence, correct), got "
+                     f"{panels!r:.80}.")
+  for title, value in panels.items():
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+      raise ValueError(f"panels[{title!r}] must be a (confidence, correct) pair, got "
+                       f"{type(value).__name__}.")
+  return _figure(path, panels, lambda ax, pair: reliability_diagram_from_stats(
+      ax, *pair, num_bins=num_bins, where=where))
+
+
+def _figure(path, panels, draw):  # one panel per item, side by side; writes path
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(4.2 * len(panels), 4.4), layout="constrained")
   FigureCanvasAgg(fig)
-  for ax, (title, (log_probs, labels)) in zip(fig.subplots(1, len(panels), squeeze=False)[0],
-                                              panels.items()):
-    reliability_diagram(ax, log_probs, labels, num_bins=num_bins, where=where)
+  for ax, (title, pair) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+    draw(ax, pair)
     ax.set_title(str(title))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)

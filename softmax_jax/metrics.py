@@ -219,6 +219,36 @@ def reliability_bins(log_probs, labels, *, num_bins=15, where=None):
 
 
 @functools.partial(jax.jit, static_argnames="num_bins")
+def reliability_bins_from_stats(confidence, correct, *, num_bins=15, where=None):
+  """`reliability_bins` from per-example statistics (a head's `eval_stats`), no [N, K] needed.
+
+  Args:
+    confidence: [N] float, each example's largest probability (`eval_stats` 'confidence' column).
+    correct: [N] bool, whether its prediction is its label.
+    num_bins: static int B >= 1.
+    where: [N] bool or None; False rows are excluded.
+
+  Returns: dict as `reliability_bins`: 'confidence', 'accuracy' [B] float, 'count' [B] int32,
+    'edges' [B + 1] float.
+  """
+  confidence, correct = jnp.asarray(confidence), jnp.asarray(correct)
+  if confidence.ndim != 1 or not jnp.issubdtype(confidence.dtype, jnp.floating):
+    raise ValueError(f"confidence must be [N] float, got shape {confidence.shape} and dtype "
+                     f"{confidence.dtype}.")
+  if correct.shape != confidence.shape or correct.dtype != jnp.bool_:
+    raise ValueError(f"correct must be [N] = {confidence.shape} bool, got shape {correct.shape} "
+                     f"and dtype {correct.dtype}.")
+  where = jnp.ones(correct.shape, bool) if where is None else jnp.asarray(where)
+  if where.shape != correct.shape or where.dtype != jnp.bool_:
+    raise ValueError(f"where must be [N] = {correct.shape} bool, got shape {where.shape} and "
+                     f"dtype {where.dtype}.")
+  confidence = confidence.astype(jnp.promote_types(confidence.dtype, jnp.float32))
+  count, conf_sum, correct_sum = _bins_of(confidence, correct, where, num_bins)
+  return {"confidence": _safe_div(conf_sum, count), "accuracy": _safe_div(correct_sum, count),
+          "count": count, "edges": jnp.linspace(0.0, 1.0, num_bins + 1, dtype=confidence.dtype)}
+
+
+@functools.partial(jax.jit, static_argnames="num_bins")
 def expected_calibration_error(log_probs, labels, *, num_bins=15, where=None):
   """ECE: `sum_b (n_b / N) |acc_b - conf_b|` over the bins of `reliability_bins`.
 

@@ -209,3 +209,117 @@ def test_accepts_jax_and_bfloat16_arrays():
                              rtol=1e-6)  # float32 on device
   got16 = calibration.fit_temperature(jnp.asarray(z, jnp.bfloat16), y)
   np.testing.assert_allclose(got16, want, rtol=2e-2)
+
+
+def _label_log_probs(z, y, temperatures):
+  """[N, G] float64 log_softmax(z / t)[label] per temperature (what eval_stats returns)."""
+  return np.stack([log_softmax(z / t, axis=-1)[np.arange(len(y)), y] for t in temperatures], -1)
+
+
+def test_temperature_grid_is_log_spaced_within_fit_temperatures_bounds():
+  grid = np.asarray(calibration.TEMPERATURE_GRID)
+  assert grid.ndim == 1 and len(grid) >= 3
+  np.testing.assert_allclose(grid[[0, -1]], [0.05, 20.0])
+  np.testing.assert_allclose(np.diff(np.log(grid)), np.log(grid[1] / grid[0]), rtol=1e-9)
+
+
+def test_fit_temperature_from_stats_is_within_one_percent_of_fit_temperature():
+  # 60 random problems: sharp to soft logits, 2 to 200 classes, accurate to near-random labels.
+  rng = np.random.default_rng(0)
+  errors = []
+  for _ in range(60):
+    n, k, scale = rng.integers(50, 2000), rng.integers(2, 200), np.exp(rng.uniform(-2, 3))
+    z = rng.normal(size=(n, k)) * scale
+    y = np.where(rng.random(n) < rng.uniform(0.1, 0.9), z.argmax(-1), rng.integers(0, k, n))
+    where = rng.random(n) < 0.9
+    lp = _label_log_probs(z, y, calibration.TEMPERATURE_GRID)
+    lp[~where] = np.nan  # padding rows are ignored
+    got = calibration.fit_temperature_from_stats(lp.astype(np.float32),
+                                                 calibration.TEMPERATURE_GRID, where=where)
+    errors.append(abs(got / calibration.fit_temperature(z, y, where=where) - 1))
+  assert max(errors) < 0.01, max(errors)
+  assert np.median(errors) < 0.001, np.median(errors)
+
+
+@pytest.mark.parametrize("t_true", [0.5, 1.0, 2.5])
+def test_fit_temperature_from_stats_recovers_true_temperature(t_true):
+  z, y = _tempered(t_true)
+  t = calibration.fit_temperature_from_stats(_label_log_probs(z, y, calibration.TEMPERATURE_GRID),
+                                             calibration.TEMPERATURE_GRID)
+  assert isinstance(t, float)
+  np.testing.assert_allclose(t, calibration.fit_temperature(z, y), rtol=0.005)
+
+
+def test_fit_temperature_from_stats_ends_of_the_grid():
+  z, y = _tempered(1.0, n=500, k=4)
+  grid = (0.5, 0.7, 1.0, 1.4, 2.0)
+  assert calibration.fit_temperature_from_stats(_label_log_probs(z, y, grid), grid) == \
+      pytest.approx(calibration.fit_temperature(z, y), rel=0.02)
+  separable = np.eye(4)[y] * 5.0  # perfectly separated: the NLL falls as T -> 0
+  assert calibration.fit_temperature_from_stats(_label_log_probs(separable, y, grid), grid) == 0.5
+  assert calibration.fit_temperature_from_stats(
+      _label_log_probs(z, y, (0.05, 0.1, 0.2)), (0.05, 0.1, 0.2)) == 0.2
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda lp: calibration.fit_temperature_from_stats(lp, (1.0, 2.0)),
+     r"temperatures must be \[G\] .*G >= 3"),
+    (lambda lp: calibration.fit_temperature_from_stats(lp, (1.0, 3.0, 2.0)), r"strictly incr"),
+    (lambda lp: calibration.fit_temperature_from_stats(lp, (0.0, 1.0, 2.0)), r"> 0"),
+    (lambda lp: calibration.fit_temperature_from_stats(lp[:, :2], (1.0, 2.0, 3.0)),
+     r"label_log_probs must be \[N, G\] = \[N, 3\].*\(4, 2\)"),
+    (lambda lp: calibration.fit_temperature_from_stats(lp.astype(int), (1.0, 2.0, 3.0)),
+     r"label_log_probs must be floating"),
+    (lambda lp: calibration.fit_temperature_from_stats(lp, (1.0, 2.0, 3.0), where=np.ones(4)),
+     r"where must be \[N\] = \(4,\) bool"),
+    (lambda lp: calibration.fit_temperature_from_stats(lp, (1.0, 2.0, 3.0),
+                                                       where=np.zeros(4, bool)), r"where must sel"),
+    (lambda lp: calibration.fit_temperature_from_stats(np.where(lp < -1.5, np.nan, lp),
+                                                       (1.0, 2.0, 3.0)), r"finite in valid.*row"),
+    (lambda lp: calibration.save_reliability_figure_from_stats("x.png", {}), r"non-empty"),
+    (lambda lp: calibration.save_reliability_figure_from_stats("x.png", {"a": lp}),
+     r"panels\['a'\] must be a \(confidence, correct\) pair"),
+])
+def test_from_stats_bad_inputs_raise(call, match):
+  lp = -np.array([[0.1, 0.5, 0.9], [1.0, 1.2, 1.3], [2.0, 1.5, 1.4], [0.3, 0.6, 0.8]])
+  with pytest.raises(ValueError, match=match):
+    call(lp)
+
+
+def test_reliability_diagram_from_stats_draws_what_the_log_prob_diagram_draws():
+  z, y = _tempered(2.0, n=2000, k=5)
+  lp = log_softmax(z, axis=-1).astype(np.float32)
+  where = np.arange(2000) % 5 != 0
+  axes = []
+  for draw in (lambda ax: calibration.reliability_diagram(ax, lp, y, num_bins=10, where=where),
+               lambda ax: calibration.reliability_diagram_from_stats(
+                   ax, np.exp(lp.max(-1)), lp.argmax(-1) == y, num_bins=10, where=where)):
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    axes.append(fig.subplots())
+    axes[-1].ece = draw(axes[-1])
+  np.testing.assert_allclose(axes[1].ece, axes[0].ece, rtol=1e-5)
+  np.testing.assert_allclose(axes[1].ece, metrics.expected_calibration_error(
+      lp, y, num_bins=10, where=where), rtol=1e-5)
+  for a, b in zip(*(ax.containers for ax in axes)):
+    np.testing.assert_allclose([r.get_height() for r in b], [r.get_height() for r in a],
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose([r.get_x() for r in b], [r.get_x() for r in a])
+
+
+def test_save_reliability_figure_from_stats(tmp_path):
+  z, y = _tempered(2.0, n=1000, k=5)
+  where = np.arange(1000) % 7 != 0
+  grid = calibration.TEMPERATURE_GRID
+  conf = np.stack([np.exp(log_softmax(z / t, axis=-1).max(-1)) for t in grid], -1)
+  t = calibration.fit_temperature_from_stats(_label_log_probs(z, y, grid), grid, where=where)
+  fitted = int(np.argmin(np.abs(np.log(np.asarray(grid) / t))))
+  correct = z.argmax(-1) == y
+  path = str(tmp_path / "figs" / "reliability.png")
+  panels = {"before": (conf[:, grid.index(min(grid, key=lambda g: abs(g - 1)))], correct),
+            "after temperature scaling": (conf[:, fitted], correct)}
+  assert calibration.save_reliability_figure_from_stats(path, panels, where=where,
+                                                        num_bins=12) == path
+  with open(path, "rb") as f:
+    data = f.read()
+  assert len(data) > 10_000 and data.startswith(b"\x89PNG")
