@@ -70,7 +70,8 @@ def _init(shape, g, k):
 
 
 def _update(state, a, ids, label, label_score, ts, k):
-  """Folds one chunk of scores `a: [..., c]` (classes `ids: [c]`, -inf = not counted) in."""
+  """Folds one chunk of scores `a: [..., c]` (classes `ids: [c]`; -inf and id -1: columns of
+  the last chunk already seen) in."""
   cm = jnp.max(a, axis=-1)
   new_max = jnp.maximum(state['max'], cm)  # NaN propagates
   ref = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -79,7 +80,7 @@ def _update(state, a, ids, label, label_score, ts, k):
   for g, t in enumerate(ts):  # one [..., c] block at a time, never [..., c, G]
     carried = state['sums'][..., g] * jnp.exp((old - ref) / t)
     sums.append(carried + jnp.sum(jnp.exp((a - ref[..., None]) / t), axis=-1))
-  cid = jnp.min(jnp.where(a == cm[..., None], ids, k), axis=-1)
+  cid = jnp.min(jnp.where((a == cm[..., None]) & (ids >= 0), ids, k), axis=-1)
   best = jnp.where(cm > state['max'], cid,
                    jnp.where(cm == state['max'], jnp.minimum(state['best'], cid), state['best']))
   above = (a > label_score[..., None]) & (ids != label[..., None])
@@ -132,15 +133,16 @@ def chunked_eval_stats(chunk: Callable[[jax.Array, int], jax.Array], labels: jax
   labels = jnp.asarray(labels).astype(jnp.int32)
   shape = labels.shape
   in_range = (labels >= 0) & (labels < k)
-  ids_all = jnp.arange(k, dtype=jnp.int32) if class_ids is None else jnp.asarray(class_ids,
-                                                                                 jnp.int32)
   num_chunks = -(-k // size)
 
   def scores_of(i):
     start = jnp.minimum(i * size, k - size).astype(jnp.int32)
     pos = start + jnp.arange(size, dtype=jnp.int32)
     s = jnp.asarray(chunk(start, size)).astype(jnp.float32)
-    return jnp.where(pos >= i * size, s, -jnp.inf), jax.lax.dynamic_slice_in_dim(ids_all, start, size)
+    ids = pos if class_ids is None else jax.lax.dynamic_slice_in_dim(
+        jnp.asarray(class_ids, jnp.int32), start, size)
+    fresh = pos >= i * size  # the last chunk's columns seen before are not counted again
+    return jnp.where(fresh, s, -jnp.inf), jnp.where(fresh, ids, -1)
 
   if label_scores is None:  # a first pass for the label's own score, so the rank can be counted
     def find(acc, i):

@@ -22,6 +22,7 @@ import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -122,6 +123,65 @@ class HierarchicalSoftmax(nn.Module):
 
   def eval_stats(self, features: jnp.ndarray, labels: jnp.ndarray, *, temperatures=(1.0,),
                  log_prior=None, chunk_size: Optional[int] = None) -> Dict[str, jnp.ndarray]:
-    """Per-example statistics of `log_prob` (keys as `DenseSoftmax.eval_stats`), from its rows."""
-    return _eval.from_log_prob(self, features, labels, temperatures=temperatures,
-                               log_prior=log_prior, chunk_size=chunk_size)
+    """Per-example statistics of the exact `log_prob`, `chunk_size` leaves at a time.
+
+    `features: [..., d]`, `labels: [...] int`; keys as `DenseSoftmax.eval_stats` ('prediction',
+    'label_rank' `[...]` int32, 'label_log_prob', 'confidence' `[..., G]`, 'adjusted_*' with
+    `log_prior: [K]`). The leaves are visited depth first, so a chunk of c consecutive leaves
+    touches at most c - 1 + 2D internal nodes: each chunk is one `[..., U] = x @ v[nodes].T`
+    product (U <= c + 2D) and a loop of D gathers of `[..., c]`, O(N (c + D)) memory (D, the
+    depth, grows as log K: so do U and the host tables, `[K, D]` like the tree's), and the
+    work of one `[N, K-1]` product in all. The label's log-probability is its path's
+    (`ops.hierarchical_loss`). None: chunks of 2048 leaves.
+    """
+    tree, x, labels, vectors, bias = self._prepare(features, labels)
+    size = min(int(chunk_size or _eval.DEFAULT_CHUNK_SIZE), self.num_classes)
+    _checks.integer_at_least(type(self).__name__, 'chunk_size', size, 1, 'leaves per chunk')
+    counts = self.class_counts
+    counts = counts if counts is None or isinstance(counts, tuple) else tuple(np.asarray(counts).tolist())
+    order, nodes, index = _chunk_plan(self.num_classes, self.tree, counts, size)
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+
+    def chunk(start, size):
+      i = (start + size - 1) // size  # the chunk's number (the last one starts at K - size)
+      node = jnp.asarray(nodes)[i]
+      z = jnp.einsum('...d,ud->...u', x, jnp.take(vectors, node, axis=0),
+                     preferred_element_type=acc)
+      if bias is not None:
+        z = z + jnp.take(bias, node).astype(acc)
+      zero = jnp.zeros(z.shape[:-1] + (1,), acc)
+      table = jnp.concatenate([jax.nn.log_sigmoid(-z), jax.nn.log_sigmoid(z), zero], axis=-1)
+      where = jnp.asarray(index)[i]  # [size, D] columns of `table`
+      # One level at a time (a loop, so one [..., size] block lives, whatever the depth D).
+      return jax.lax.fori_loop(0, index.shape[-1], lambda j, out: out + jnp.take(
+          table, where[:, j], axis=-1), jnp.zeros(z.shape[:-1] + (size,), acc))
+
+    label = -hs.hierarchical_loss(x, labels, vectors, tree, node_bias=bias)
+    return _eval.chunked_eval_stats(chunk, labels, num_classes=self.num_classes, chunk_size=size,
+                                    label_scores=label, class_ids=order,
+                                    temperatures=temperatures, log_prior=log_prior)
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_plan(num_classes: int, tree: str, class_counts, size: int):
+  """Host tables of `eval_stats` (cached): leaves depth first `order [K]`; per chunk of `size`
+  leaves (the last one starting at K - size) its internal nodes `nodes [n, U]` (padded with
+  node 0) and, per leaf and level, the column of its branch in the chunk's table
+  `[log_sigmoid(-z_nodes), log_sigmoid(z_nodes), 0]`: `index [n, size, D]` (2U at padding)."""
+  t = build_tree(num_classes, tree, class_counts)
+  k = num_classes
+  # No path is a prefix of another, so sorting the codes (-1 before +1) lists leaves depth first.
+  order = np.lexsort(np.asarray(t.codes).T[::-1]).astype(np.int32)
+  starts = [min(i * size, k - size) for i in range(-(-k // size))]
+  per_chunk = [np.unique(t.paths[order[a:a + size]][t.mask[order[a:a + size]]]) for a in starts]
+  u = max(len(n) for n in per_chunk)
+  nodes = np.zeros((len(starts), u), np.int32)
+  index = np.full((len(starts), size, t.paths.shape[1]), 2 * u, np.int32)
+  for c, (a, chunk_nodes) in enumerate(zip(starts, per_chunk)):
+    nodes[c, :len(chunk_nodes)] = chunk_nodes
+    leaves = order[a:a + size]
+    local = np.searchsorted(chunk_nodes, t.paths[leaves]) + u * (t.codes[leaves] > 0)
+    index[c] = np.where(t.mask[leaves], local, 2 * u)
+  for a in (order, nodes, index):
+    a.setflags(write=False)
+  return order, nodes, index
