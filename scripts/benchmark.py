@@ -20,6 +20,12 @@ Suites (`--suite`):
   python scripts/benchmark.py --suite=heads --preset=cpu          # K in {10k, 50k, 200k}, N=2048, d=512
   python scripts/benchmark.py --suite=heads --preset=cpu_target   # K=200k only
 
+  ce     `ops.cross_entropy` of given logits [N, K] against optax's (and the formulation before
+         issue 15): value_and_grad w.r.t. the logits, float32 (`--dtype` to change)
+         (scripts/bench_ce.py).
+
+  taskset -c 1 python scripts/benchmark.py --suite=ce --preset=cpu  # K in {10k, 50k, 200k}, N=2048
+
 Writes OUT.json and OUT.png (`--out`, default bench_out/SUITE_PRESET) and prints markdown tables.
 Timings wait (up to `--wait_s`) for the 1-minute load to fall below `--max_load`.
 """
@@ -43,11 +49,12 @@ import optax
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+import bench_ce  # pylint: disable=g-import-not-at-top
 import bench_heads  # pylint: disable=g-import-not-at-top
 import bench_utils  # pylint: disable=g-import-not-at-top
 from softmax_jax import ops  # pylint: disable=g-import-not-at-top
 
-flags.DEFINE_enum('suite', 'fused', ['fused', 'heads'], 'Which suite (see the docstring).')
+flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'ce'], 'Which suite (see the docstring).')
 flags.DEFINE_list('heads', None, 'heads suite: only these heads (default: all), e.g. dense,adaptive.')
 flags.DEFINE_enum('preset', 'cpu_target', ['cpu', 'cpu_small', 'cpu_target', 'gpu'], 'Grid.')
 flags.DEFINE_list('dtype', None, 'Override the preset dtypes, e.g. float32,bfloat16.')
@@ -309,7 +316,19 @@ def heads_suite(preset_name, out):
   return dict(rows=rows, markdown=table, labels='log-uniform (Zipf)', doc=bench_heads.__doc__)
 
 
-SUITES = {'fused': fused_suite, 'heads': heads_suite}
+def ce_suite(preset_name, out):
+  rows = bench_ce.ce_suite(
+      preset_name, dtype=(FLAGS.dtype or ['float32'])[0],
+      timed=True if FLAGS.time is None else FLAGS.time, repeats=FLAGS.repeats,
+      max_load=FLAGS.max_load, wait_s=FLAGS.wait_s,
+      max_run_gib=FLAGS.max_run_gib or PRESETS[preset_name]['max_run_gib'])
+  table = bench_ce.table(rows)
+  print(table)
+  bench_ce.plot(rows, out + '.png')
+  return dict(rows=rows, markdown=table, doc=bench_ce.__doc__)
+
+
+SUITES = {'fused': fused_suite, 'heads': heads_suite, 'ce': ce_suite}
 
 
 def main(argv):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softmax_jax.ops import _ce
 from softmax_jax.ops import _checks
 
 
@@ -200,6 +201,9 @@ def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weig
   An example whose label is `ignore_index` gets loss 0 and gradient 0 (PyTorch's
   `ignore_index`; its logits are not read, see the package docstring). Concrete out-of-range
   labels raise; traced ones (under jit/vmap) give a NaN loss, never a clipped index.
+  The derivative is written by hand (a `jax.custom_jvp` over the row statistics, ops/_ce.py):
+  `value_and_grad` keeps no `[..., K]` buffer beside the logits and the gradient, like optax's
+  `softmax_cross_entropy_with_integer_labels`; forward mode and higher orders work.
   Reference: Szegedy et al., "Rethinking the Inception architecture", 2016 (§7).
 
   Args:
@@ -233,16 +237,21 @@ def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weig
     class_weights = jnp.asarray(class_weights)
     _checks.shape(class_weights, (num_classes,), 'class_weights', '[num_classes]')
     _checks.finite_nonnegative('class_weights', class_weights)
-  if ignored is not None:
-    x = jnp.where(ignored[..., None], 0, x)  # Not read: no NaN reaches the loss or gradient.
-  _, log_p, _ = _normalize(x, where)
+  smoothing = not (isinstance(label_smoothing, (int, float)) and label_smoothing == 0)
+  # Ignored rows are not read: their statistics are discarded below and their tangent is 0.
+  stats = _ce.row_stats(x, where, None if ignored is None else ~ignored, smoothing)
+  log_s, m = stats[0], stats[1]
   in_range = (labels >= 0) & (labels < num_classes)
   safe = jnp.where(in_range, labels, 0)[..., None]
-  loss = -jnp.take_along_axis(log_p, safe, axis=-1)[..., 0]
-  if not (isinstance(label_smoothing, (int, float)) and label_smoothing == 0):
-    valid = log_p != -jnp.inf  # Kept by `where` and a finite logit.
-    k_valid = jnp.sum(valid, axis=-1).astype(x.dtype)
-    mean_nll = -jnp.sum(jnp.where(valid, log_p, 0), axis=-1) / jnp.maximum(k_valid, 1)
+  x_y = jnp.take_along_axis(x, safe, axis=-1)[..., 0]
+  kept = x_y != -jnp.inf  # A label on a -inf or masked class: +inf loss, zero gradient.
+  if where is not None:
+    kept = kept & jnp.take_along_axis(jnp.broadcast_to(where, x.shape), safe, axis=-1)[..., 0]
+  # -log_softmax(x)_y; ignored rows are 0 before any option multiplies them (no 0 * inf in a
+  # derivative w.r.t. label_smoothing or class_weights).
+  loss = _ignore(ignored, log_s - (jnp.where(kept, x_y, -jnp.inf) - m))
+  if smoothing:
+    mean_nll = _ignore(ignored, log_s - (stats[2] / jnp.maximum(stats[3], 1) - m))
     loss = (1 - label_smoothing) * loss + label_smoothing * mean_nll
   if class_weights is not None:
     loss = loss * jnp.take(class_weights.astype(x.dtype), safe[..., 0])
