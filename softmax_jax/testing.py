@@ -31,6 +31,14 @@ and bfloat16 features, under `jax.jit` and without it (or one chex variant, `var
   into a finite number (a zero norm guard, `nan_to_num`, a `where` that drops it) would let a
   diverged run train on; one that spreads it over the batch would stop runs for one bad example.
 
+- `eval_stats` agrees with `log_prob` (heads that have an `eval_stats` method; a user's head
+  without one skips this property): for each dtype, with temperatures (1, 2) and a log prior,
+  'prediction' is an argmax of `log_prob` (near-ties within the tolerance count), 'label_rank'
+  lies between the number of classes above the label's log-prob by more than the tolerance and
+  the number above it by more than minus the tolerance, and 'label_log_prob' and 'confidence'
+  equal `log_softmax(log_prob / t)[label]` and `max softmax(log_prob / t)`; likewise the
+  'adjusted_' ones for `log_prob - log_prior`.
+
 A broken property raises `HeadContractError` (an `AssertionError`) whose message starts with the
 head, the property (one of `PROPERTIES`) and where it broke, e.g.
 `MyHead breaks "predict == argmax(log_prob)" (float32 features, jit): ...`.
@@ -49,7 +57,10 @@ Variant = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 PROPERTIES = ('runs', 'shapes and dtypes', 'log_prob normalized', 'predict == argmax(log_prob)',
               'eval loss == -log_prob[label]', 'finite losses', 'vmap == batched call',
-              'finite gradients at extreme inputs', 'NaN propagates')
+              'finite gradients at extreme inputs', 'NaN propagates',
+              'eval_stats agrees with log_prob')
+
+_TEMPERATURES = (1.0, 2.0)  # of the eval_stats check
 
 
 class HeadContractError(AssertionError):
@@ -139,9 +150,16 @@ def assert_head_contract(
   def poisoned(p, nan_xs, y):  # first dtype, one NaN: outputs, and gradients at extreme inputs
     return outputs(p, nan_xs[:1], y)[0], gradients(p, nan_xs[1:], y)[0]
 
+  has_stats = callable(getattr(head, 'eval_stats', None))
+  log_prior = jnp.log(jnp.linspace(1.0, 3.0, k) / jnp.sum(jnp.linspace(1.0, 3.0, k)))
+
+  def stats(p, xs, y):  # per dtype: eval_stats with two temperatures and a log prior
+    return [apply(p, x, y, temperatures=_TEMPERATURES, log_prior=log_prior, method='eval_stats')
+            for x in xs] if has_stats else None
+
   def everything(p, xs, big, nan_xs, y):  # one function, so that a transform compiles once
     return (outputs(p, xs, y), per_example(p, xs, y) if lead else None, gradients(p, big, y),
-            poisoned(p, nan_xs, y))
+            poisoned(p, nan_xs, y), stats(p, xs, y))
 
   transforms = {'variant': variant} if variant else {'jit': jax.jit, 'no jit': lambda f: f}
   names = '/'.join(jnp.dtype(d).name for d in dtypes)
@@ -152,12 +170,13 @@ def assert_head_contract(
   nan_xs = [x.at[nan_at].set(jnp.nan) for x in (xs[0], big[0])]
   for t_name, t in transforms.items():
     try:
-      out, v_out, grads, nan_out = t(everything)(params, xs, big, nan_xs, labels)
+      out, v_out, grads, nan_out, s_out = t(everything)(params, xs, big, nan_xs, labels)
     except Exception as e:  # pylint: disable=broad-except
       where = f'{names} features, {t_name}'
       for prop, part, x in (('runs', outputs, xs), ('vmap == batched call', per_example, xs),
                             ('finite gradients at extreme inputs', gradients, big),
-                            ('NaN propagates', poisoned, nan_xs)):
+                            ('NaN propagates', poisoned, nan_xs),
+                            ('eval_stats agrees with log_prob', stats, xs)):
         with _property(head, prop, where):  # the first part that fails alone names the property
           t(part)(params, x, labels)
       with _property(head, 'runs', where):
@@ -181,6 +200,9 @@ def assert_head_contract(
           chex.assert_trees_all_close(eval_loss, -_picked(lp, labels), atol=tol, rtol=tol)
       with _property(head, 'finite losses', where):
         chex.assert_tree_all_finite((eval_loss, train_loss))
+      if s_out is not None:
+        with _property(head, 'eval_stats agrees with log_prob', where):
+          _assert_stats_agree(s_out[dtypes.index(dtype)], lp, labels, log_prior, tol)
       if v is not None:
         with _property(head, 'vmap == batched call', where + ', vmap over axis 0'):
           chex.assert_trees_all_close((v[0], v[2], v[3]), (lp, eval_loss, train_loss), atol=tol,
@@ -232,3 +254,34 @@ def _assert_nan_propagates(clean, clean_feature_grad, poisoned, k: int, tol: flo
     chex.assert_trees_all_close(_picked(others, rest(pred)), jnp.max(others, -1), atol=tol, rtol=0)
   except AssertionError as e:
     raise AssertionError(f'one NaN example changed the predictions of the others: {e}') from e
+
+
+def _assert_stats_agree(stats, log_prob, labels, log_prior, tol: float) -> None:
+  """`stats` (a head's eval_stats) are the statistics of `log_prob` (and of `log_prob -
+  log_prior` for 'adjusted_'), within `tol` (near-ties count either way); AssertionError if not."""
+  for prefix, lp in (('', log_prob), ('adjusted_', log_prob - log_prior)):
+    missing = {prefix + key for key in ('prediction', 'label_rank', 'label_log_prob',
+                                        'confidence')} - set(stats)
+    if missing:
+      raise AssertionError(f'eval_stats lacks {sorted(missing)}; it returned {sorted(stats)}.')
+    pred, rank = stats[prefix + 'prediction'], stats[prefix + 'label_rank']
+    chex.assert_type((pred, rank), (int, int))
+    chex.assert_shape((pred, rank), labels.shape)
+    chex.assert_trees_all_close(_picked(lp, pred), jnp.max(lp, -1), atol=tol, rtol=0,
+                                custom_message=f'{prefix}prediction is not an argmax')
+    label = _picked(lp, labels)[..., None]
+    low, high = jnp.sum(lp > label + tol, -1), jnp.sum(lp > label - tol, -1) - 1  # - the label
+    if not bool(jnp.all((low <= rank) & (rank <= high))):
+      raise AssertionError(f'{prefix}label_rank {np.asarray(rank)} is not the number of classes '
+                           f'above the label (between {np.asarray(low)} and {np.asarray(high)}).')
+    want_lp, want_conf = [], []
+    for t in _TEMPERATURES:
+      scaled = jax.nn.log_softmax(lp / t, axis=-1)
+      want_lp.append(_picked(scaled, labels))
+      want_conf.append(jnp.exp(jnp.max(scaled, -1)))
+    for key, want in (('label_log_prob', want_lp), ('confidence', want_conf)):
+      got = stats[prefix + key]
+      chex.assert_shape(got, (*labels.shape, len(_TEMPERATURES)))
+      chex.assert_type(got, jnp.float32)
+      chex.assert_trees_all_close(got, jnp.stack(want, -1), atol=tol, rtol=tol,
+                                  custom_message=f'{prefix}{key} at temperatures {_TEMPERATURES}')

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from softmax_jax import heads
 from softmax_jax import ops
 from softmax_jax import testing
 
@@ -51,6 +52,19 @@ class ToyHead(nn.Module):
     log_prob = jax.nn.log_softmax(self.logits(features))
     return log_prob + 0.5 if self.broken == 'shifted_log_prob' else log_prob
 
+  def eval_stats(self, features, labels, **options):
+    stats = heads.log_prob_eval_stats(self.log_prob(features), labels, **options)
+    if self.broken == 'untempered_eval_stats':  # every column at temperature 1
+      stats['label_log_prob'] = jnp.broadcast_to(stats['label_log_prob'][..., :1],
+                                                 stats['label_log_prob'].shape)
+    if self.broken == 'argmin_eval_stats':
+      stats['prediction'] = jnp.argmin(self.log_prob(features), -1).astype(jnp.int32)
+    if self.broken == 'rank_from_one':
+      stats['label_rank'] = stats['label_rank'] + 1
+    if self.broken == 'unadjusted_eval_stats':  # the log prior ignored
+      stats |= {k: stats[k[len('adjusted_'):]] for k in stats if k.startswith('adjusted_')}
+    return stats
+
   def predict(self, features):
     if self.broken == 'argmin_predict':
       return jnp.argmin(self.log_prob(features), -1)
@@ -88,6 +102,10 @@ class PassesTest(chex.TestCase):
     ('nan_to_zero', 'NaN propagates'),
     ('nan_spreads', 'NaN propagates'),
     ('nan_gradient_dropped', 'NaN propagates'),
+    ('untempered_eval_stats', 'eval_stats agrees with log_prob'),
+    ('argmin_eval_stats', 'eval_stats agrees with log_prob'),
+    ('rank_from_one', 'eval_stats agrees with log_prob'),
+    ('unadjusted_eval_stats', 'eval_stats agrees with log_prob'),
 ])
 def test_broken_head_fails_naming_the_property(broken, prop):
   assert re.sub(r'\\', '', prop) in testing.PROPERTIES
@@ -105,3 +123,21 @@ def test_readme_example_runs():
   section = readme.split('## Testing your own head', 1)[1].split('\n## ', 1)[0]
   code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
   exec(compile(code, 'README.md', 'exec'), {})  # pylint: disable=exec-used
+
+
+def test_a_head_without_eval_stats_skips_that_property():
+  class NoStats(nn.Module):  # a user's head with the three contract methods only
+    num_classes: int = K
+
+    @nn.compact
+    def __call__(self, features, labels, *, train=False):
+      return ops.cross_entropy(nn.Dense(K, name='out')(features), labels)
+
+    @nn.compact
+    def log_prob(self, features):
+      return jax.nn.log_softmax(nn.Dense(K, name='out')(features))
+
+    def predict(self, features):
+      return jnp.argmax(self.log_prob(features), -1)
+
+  testing.assert_head_contract(NoStats(), *_data(), dtypes=(jnp.float32,), variant=jax.jit)
