@@ -11,7 +11,7 @@ weight matrix, `class_weights`, `log_prior`) reaches every example that reads it
 sampled id out of range gives every loss of the batch NaN (the sample is shared). Integer outputs
 (`adaptive_predict`, `hierarchical_predict`) cannot be NaN: for a NaN row the id is unspecified.
 
-**Two masks, two names** (DESIGN rule 13): `where=` is always a mask of CLASSES (`[..., K]`,
+**Two masks, two names** (docs/architecture.md): `where=` is always a mask of CLASSES (`[..., K]`,
 broadcastable); examples are ignored by `ignore_index: int | None` (PyTorch's semantics), taken
 by every loss with integer labels (`cross_entropy`, `linear_cross_entropy`, `focal_loss`,
 `logit_adjusted_cross_entropy`, `ldam_loss`, the sampled losses and samplers,

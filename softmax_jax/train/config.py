@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
       imbalance_profile='exponential',              # exponential | step (Cao 2019)
       imbalance_seed=0,                             # which train examples the long-tailed cut keeps
       sampling='instance',                          # instance | class | sqrt | progressive | over | under
-      # Language modelling, name ptb | tinyshakespeare | lm1b (data/text.py, train/lm.py):
+      # Language modelling, name ptb | tinyshakespeare | lm1b (data/text.py, train/language_model.py):
       vocab_size=0,                                 # 0: every word of train; else the most frequent (data/text.py)
       lowercase=ml_collections.FieldReference(None, field_type=bool),  # None: tinyshakespeare only
       max_train_tokens=0,                           # 0: all of train; else its first N tokens (lm1b)

@@ -1,14 +1,16 @@
-"""Two data-parallel drivers over one step function: jit over a Mesh (default) and pmap.
+"""Two data-parallel drivers over the one step function: jit over a Mesh (default) and pmap.
 
-Both take host batches `[B, ...]` with B divisible by the number of devices, hold the
-state replicated, and return host-readable metrics, so the loop does not know which runs.
-`augment` ({'crop_padding', 'flip'}, i.e. `config.augment`) reaches the step as `model`, `tx` and
-`schedule` do. Under pmap the augmentation (as dropout) draws from per-device keys, so with it a
-pmap run is not the same as a jit run; jit runs agree across device counts.
+Both serve every task. They take host batches (pytrees of `[B, ...]` arrays, B divisible by the
+number of devices), hold the state replicated except the task's per-row entries
+(`task.row_state_keys`, e.g. an LM's recurrent carry), which are split on the data axis like the
+batch, and return the step's metrics on device: the loop fetches them once per log interval.
+Under pmap, randomness (dropout, augmentation) draws from per-device keys, so a pmap run with
+it is not the same as a jit run; jit runs agree across device counts. Evaluation runs on the jit
+path for both drivers.
 """
 
 import functools
-from typing import Mapping, Optional
+from typing import Callable, Iterable, List
 
 import jax
 import numpy as np
@@ -17,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from softmax_jax.train.step import train_step
 
 
-def _devices(num_devices: int):
+def local_devices(num_devices: int):
+  """The first `num_devices` local devices (0: all), or a ValueError naming config.num_devices."""
   devices = jax.local_devices()
   if num_devices > len(devices):
     raise ValueError(f'config.num_devices={num_devices} but only {len(devices)} local devices exist.')
@@ -29,72 +32,112 @@ def check_divisible(batch_size: int, n: int, key: str) -> None:
     raise ValueError(f'config.{key}={batch_size} must be divisible by the number of devices ({n}).')
 
 
-def log_prob_step(variables, images, *, model):
-  """`[B, K]` log-probabilities of `images: [B, ...]` (the evaluation step of both drivers)."""
-  return model.apply(variables, images, method='log_prob')
-
-
 class JitDriver:
-  """`jax.jit` over a 1-D Mesh: the batch is split on axis 'data', the state is replicated."""
+  """`jax.jit` over a 1-D Mesh: batch and per-row state split on axis 'data', the rest replicated."""
 
-  def __init__(self, model, tx, schedule, num_devices: int = 0, *,
-               augment: Optional[Mapping[str, object]] = None):
-    self.devices = _devices(num_devices)
-    self.augment = dict(augment or {})
+  def __init__(self, task, tx, schedule, num_devices: int = 0):
+    self.devices = local_devices(num_devices)
+    self.row_keys = tuple(task.row_state_keys)
     mesh = Mesh(np.array(self.devices), ('data',))
     self.replicated = NamedSharding(mesh, P())
     self.sharded = NamedSharding(mesh, P('data'))
-    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, **self.augment)
-    self._step = jax.jit(step, in_shardings=(self.replicated, self.sharded),
-                         out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-    self._log_prob = jax.jit(functools.partial(log_prob_step, model=model),
-                             in_shardings=(self.replicated, self.sharded), out_shardings=self.sharded)
+    self._train_step = functools.partial(train_step, task=task, tx=tx, schedule=schedule)
+    self._step = None  # jitted on the first put_state, when the state's keys are known
+    self._eval_fns = {}
+
+  def placement(self, state):
+    return {k: self.sharded if k in self.row_keys else self.replicated for k in state}
 
   def put_state(self, state):
-    return jax.device_put(state, self.replicated)
+    placement = self.placement(state)
+    if self._step is None:
+      self._step = jax.jit(self._train_step, in_shardings=(placement, self.sharded),
+                           out_shardings=(placement, self.replicated), donate_argnums=(0,))
+    return {k: jax.device_put(v, placement[k]) for k, v in state.items()}
 
   def get_state(self, state):
     return jax.tree.map(np.asarray, jax.device_get(state))
 
-  def step(self, state, batch):
-    return self._step(state, jax.device_put(batch, self.sharded))
+  def put_batch(self, batch):
+    """The batch on the devices (asynchronously), as the step takes it."""
+    return jax.device_put(batch, self.sharded)
 
-  def log_prob(self, state, images):
-    variables = {'params': state['params'], **state['model_state']}
-    return self._log_prob(variables, jax.device_put(images, self.sharded))
+  def step(self, state, batch):
+    """`(state, metrics)`; `batch` from `put_batch` (or a host batch); metrics stay on device."""
+    return self._step(state, batch)
+
+  def host_metrics(self, metrics):
+    """Fetched step metrics as the runner reads them (pmap: device 0's copy)."""
+    return metrics
+
+  def variables(self, state):
+    """`{'params', **model_state}` of `state`, replicated on the mesh (for evaluation)."""
+    return {'params': state['params'], **state['model_state']}
+
+  def evaluate(self, fn: Callable, state, batches: Iterable, carry=None) -> List:
+    """Host copies of `fn(variables, carry, batch) -> (out, carry)` over `batches`, in order.
+
+    `out` is split on the data axis like the batch (per-example statistics, never `[N, K]`);
+    `carry` (None, or per-row state threaded through the pass) likewise. The pass dispatches
+    every batch before reading anything back: one `jax.device_get` at the end.
+    """
+    if fn not in self._eval_fns:
+      self._eval_fns[fn] = jax.jit(fn, in_shardings=(self.replicated, self.sharded, self.sharded),
+                                   out_shardings=(self.sharded, self.sharded))
+    jitted, variables = self._eval_fns[fn], self.variables(state)
+    if carry is not None:
+      carry = jax.device_put(carry, self.sharded)
+    outs = []
+    for batch in batches:
+      out, carry = jitted(variables, carry, jax.device_put(batch, self.sharded))
+      outs.append(out)
+    return jax.device_get(outs)
 
 
 class PmapDriver(JitDriver):
-  """`jax.pmap` with `lax.pmean` over axis 'batch': state stacked per device, batch reshaped."""
+  """`jax.pmap` with `lax.pmean` over axis 'batch': state stacked per device, batch reshaped.
 
-  def __init__(self, model, tx, schedule, num_devices: int = 0, *,
-               augment: Optional[Mapping[str, object]] = None):
-    super().__init__(model, tx, schedule, num_devices, augment=augment)  # evaluation reuses the jit path
-    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, axis_name='batch',
-                             **self.augment)
+  Per-row state (`task.row_state_keys`) is split over the devices as the batch rows are.
+  """
+
+  def __init__(self, task, tx, schedule, num_devices: int = 0):
+    super().__init__(task, tx, schedule, num_devices)  # evaluation reuses the jit path
+    step = functools.partial(train_step, task=task, tx=tx, schedule=schedule, axis_name='batch')
     self._pstep = jax.pmap(step, axis_name='batch', devices=self.devices, donate_argnums=(0,))
+    self._stacked = NamedSharding(Mesh(np.array(self.devices), ('batch',)), P('batch'))
+
+  def _shard(self, x):
+    x = np.asarray(x)
+    return x.reshape(len(self.devices), x.shape[0] // len(self.devices), *x.shape[1:])
 
   def put_state(self, state):
     # Stacked over devices and placed as the step's pmap places its outputs (an identity pmap over
     # the same axis and devices), so that the first step sees the input sharding of every later
     # one: host arrays, or another axis name, would make the step trace and compile twice.
     n = len(self.devices)
-    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
+    stack = lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x)))
+    stacked = {k: jax.tree.map(self._shard if k in self.row_keys else stack, v) for k, v in state.items()}
     return jax.pmap(lambda s: s, axis_name='batch', devices=self.devices)(stacked)
 
   def get_state(self, state):
-    return jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(state))
+    host = jax.device_get(state)
+    merge = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:])
+    return {k: jax.tree.map(merge if k in self.row_keys else lambda x: np.asarray(x[0]), v)
+            for k, v in host.items()}
 
-  def _shard(self, x):
-    return x.reshape(len(self.devices), x.shape[0] // len(self.devices), *x.shape[1:])
+  def put_batch(self, batch):
+    # As pmap places its own inputs: split on a leading device axis named like the pmap axis.
+    return jax.device_put(jax.tree.map(self._shard, batch), self._stacked)
 
   def step(self, state, batch):
-    state, metrics = self._pstep(state, jax.tree.map(self._shard, batch))
-    return state, jax.tree.map(lambda m: m[0], metrics)
+    """`(state, metrics)`; metrics are stacked per device (equal after the pmean)."""
+    return self._pstep(state, batch)
 
-  def log_prob(self, state, images):
-    variables = jax.tree.map(lambda x: x[0], {'params': state['params'], **state['model_state']})
-    return self._log_prob(variables, jax.device_put(images, self.sharded))
+  def host_metrics(self, metrics):
+    return jax.tree.map(lambda m: np.asarray(m)[0], metrics)
+
+  def variables(self, state):
+    return jax.tree.map(lambda x: x[0], super().variables(state))
 
 
 DRIVERS = {'jit': JitDriver, 'pmap': PmapDriver}

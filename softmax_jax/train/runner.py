@@ -1,21 +1,24 @@
-"""`run_steps`: the step loop that both training drivers share (train/loop.py, train/lm.py).
+"""`run_steps`: the step loop of every task and both drivers (train/loop.py).
 
-Every step is dispatched without waiting for the previous one: a step's loss and gradient norm
-are read back (and checked for NaN or inf) after the next step has been dispatched, except at the
-steps that log, evaluate or checkpoint, which wait for their own and also check that the whole
-train state is finite (`chex.assert_tree_all_finite` on a per-leaf probe), so no checkpoint holds
-NaN. A failure names the first step whose loss or gradient norm is not finite (or, if only the
-state check saw it, the range of steps since the state was last seen finite) and the newest
-checkpoint, which is verified finite, and says how to resume from it with a lower learning rate.
-A SIGINT or SIGTERM (see train/interrupt.py) stops the loop after the step in flight, which is
-checkpointed. Rates (`train/examples_per_second`, `train/tokens_per_second`) count neither the
-first step of an invocation, which compiles, nor the time spent in evaluation and checkpoints.
+The hot path never talks to the host: every step is dispatched without waiting for the previous
+one, its metrics stay on device, and the next batch is put on the devices while a step runs
+(`prefetch_to_device`). Only the steps that log, evaluate or checkpoint (or are interrupted) sync:
+one `jax.device_get` reads the metrics of every step since the last sync, checks each step's loss
+and gradient norm for NaN or inf, and the whole train state is checked finite
+(`chex.assert_tree_all_finite` on a per-leaf probe), so no checkpoint holds NaN. A failure names
+the first step whose loss or gradient norm is not finite (or, if only the state check saw it, the
+range of steps since the state was last seen finite) and the newest checkpoint, which is verified
+finite, and says how to resume from it with a lower learning rate. A SIGINT or SIGTERM (see
+train/interrupt.py) stops the loop after the step in flight, which is checkpointed. Rates
+(`train/examples_per_second`, `train/tokens_per_second`) count neither the first step of an
+invocation, which compiles, nor the time spent in evaluation and checkpoints.
 """
 
+import collections
 import contextlib
 import math
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import chex
 import jax
@@ -26,6 +29,22 @@ from tqdm.auto import tqdm
 
 from softmax_jax.train.interrupt import Interrupts, TrainingInterrupted
 from softmax_jax.train.workdir import check_steps, record_config
+
+
+# The device-to-host transfer guard of the hot path (`jax.transfer_guard_device_to_host`): 'allow'.
+# Tests set 'disallow_explicit', so that any read between the sync points fails.
+TRANSFER_GUARD = 'allow'
+
+
+def prefetch_to_device(batches: Iterator, put: Callable, size: int = 2) -> Iterator:
+  """`put(batch)` for each of `batches`, `size - 1` ahead: the next batch travels while a step runs."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(put(batch))
+    if len(queue) == size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 @jax.jit
@@ -105,8 +124,9 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
       optimizer.learning_rate and optimizer.clip_global_norm (for advice) and, for the error
       message, data.name, model.name and head.name.
     driver: `step(state, batch) -> (state, metrics)` with a scalar metrics['loss'] (and
-      optionally metrics['grad_norm'], also checked finite at every step);
-      `get_state(state)` -> the host state to checkpoint.
+      optionally metrics['grad_norm']; both checked finite for every step, at the next sync);
+      `get_state(state)` -> the host state to checkpoint; optionally `put_batch(batch)` (the
+      batch on the devices, used to prefetch) and `host_metrics(fetched)` (pmap: one device's).
     state: the device state after `start_step` steps (finite: a restored checkpoint is checked).
     batches: an iterator of training batches, starting with step `start_step + 1`'s.
     start_step: steps already done (0, or the checkpoint resumed from).
@@ -138,18 +158,20 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
   def where() -> str:
     return f'(config: {config.data.name}, {config.model.name}, {config.head.name})'
 
-  def check_finite(step: int, metrics) -> None:
-    for key in ('loss', 'grad_norm'):
-      if key not in metrics:
-        continue
-      value = float(metrics[key])
-      if not math.isfinite(value):
-        writer.write(step, {f'nonfinite_{key}': value})
-        name = 'training loss' if key == 'loss' else 'gradient norm'
-        raise Diverged(
-            f'Training diverged at step {step}: the {name} is {value} {where()}; every earlier '
-            f'step\'s loss and gradient norm were finite. {_resume_advice(config, ckpt, last_good)}',
-            _lower_lr_flags(config))
+  def check_finite(fetched) -> None:
+    """Raises at the first step of `fetched` [(step, host metrics)] whose loss or norm is not finite."""
+    for step, metrics in fetched:
+      for key in ('loss', 'grad_norm'):
+        if key not in metrics:
+          continue
+        value = float(metrics[key])
+        if not math.isfinite(value):
+          writer.write(step, {f'nonfinite_{key}': value})
+          name = 'training loss' if key == 'loss' else 'gradient norm'
+          raise Diverged(
+              f'Training diverged at step {step}: the {name} is {value} {where()}; every earlier '
+              f'step\'s loss and gradient norm were finite. {_resume_advice(config, ckpt, last_good)}',
+              _lower_lr_flags(config))
 
   def check_state_finite(step: int, state) -> None:
     probe = jax.device_get(_finite_probe(state))
@@ -172,31 +194,36 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
   def interrupted() -> bool:
     return interrupts is not None and interrupts.signum is not None
 
+  host_metrics = getattr(driver, 'host_metrics', lambda m: m)
+  put = getattr(driver, 'put_batch', None)
+  batches = prefetch_to_device(batches, put) if put is not None else batches
   bar = tqdm(total=config.num_steps, initial=start_step, desc='train', disable=not config.progress,
              dynamic_ncols=True)
   t_begin = time.perf_counter()
   t_steady, steady_from, t_paused = None, start_step + 1, 0.0  # t_paused: evaluation, checkpoints
-  window, untimed, t0, pending = [], 0, t_begin, None
+  pending, window, untimed, t0 = [], [], 0, t_begin  # pending: (step, metrics on device)
   guard = interrupts.deferred() if interrupts is not None else contextlib.nullcontext()
   with guard:
     for step in range(start_step + 1, config.num_steps + 1):  # `step` counts steps done after this one
-      state, step_metrics = driver.step(state, next(batches))
-      if t_steady is None:  # the first step compiles: rates count from its end
-        check_finite(step, step_metrics)
-        t_steady = t0 = time.perf_counter()
-        steady_from, untimed = step, 1
-      if pending is not None:  # check the previous step while this one runs
-        check_finite(*pending)
-      pending = None
-      window.append(step_metrics)
+      with jax.transfer_guard_device_to_host(TRANSFER_GUARD):  # the hot path: no reads
+        state, step_metrics = driver.step(state, next(batches))
+        if t_steady is None:  # the first step compiles: rates count from its end
+          jax.block_until_ready(step_metrics)
+          t_steady = t0 = time.perf_counter()
+          steady_from, untimed = step, 1
+      pending.append((step, step_metrics))
       bar.update(1)
       last = step == config.num_steps
       do_log, do_eval = due(step, config.log_every) or last, due(step, config.eval_every) and not last
       do_ckpt = due(step, config.checkpoint_every) or last
       if not (do_log or do_eval or do_ckpt or interrupted()):
-        pending = (step, step_metrics)  # read after the next step is dispatched
         continue
-      check_finite(step, step_metrics)
+      # A sync point: one read of every step's metrics since the last one, then the state probe.
+      fetched = jax.device_get([m for _, m in pending])
+      fetched = [(s, host_metrics(m)) for (s, _), m in zip(pending, fetched)]
+      pending = []
+      check_finite(fetched)
+      window += [m for _, m in fetched]
       check_state_finite(step, state)  # parameters and optimizer state: never log or save NaN ones
       verified = step
       if do_log:
@@ -224,8 +251,6 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
             'and config to resume from it.', interrupts.signum)
       paused = time.perf_counter() - t_pause
       t0, t_paused = t0 + paused, t_paused + paused
-    if pending is not None:
-      check_finite(*pending)
   jax.block_until_ready(state)
   t_end = time.perf_counter()
   bar.close()

@@ -1,28 +1,12 @@
-"""The one train step, shared by both data-parallel drivers."""
+"""The one train step, shared by every task and both data-parallel drivers."""
 
 from typing import Optional
 
 import chex
 import jax
-import jax.numpy as jnp
 import optax
 
-from softmax_jax.data.augment import random_crop_flip
 from softmax_jax.train.state import TrainState, layer_grad_norms
-
-# Folded into the per-step key for augmentation, so the dropout and sample keys (a split of the
-# per-step key) are those of runs without augmentation.
-_AUGMENT_STREAM = 1 << 20
-
-
-def check_classifier_batch(batch) -> None:
-  """Static chex checks (shapes, ranks, dtypes; also under jit) of `{'image': [B, ...], 'label': [B] int}`."""
-  chex.assert_rank(batch['label'], 1, custom_message="batch['label'] must be [B] class ids")
-  chex.assert_type(batch['label'], int, custom_message="batch['label'] must be integer class ids")
-  chex.assert_type(batch['image'], float, custom_message="batch['image'] must be float [B, ...]")
-  chex.assert_equal_shape_prefix(
-      (batch['image'], batch['label']), 1,
-      custom_message="batch['image'] [B, ...] and batch['label'] [B] must have the same B")
 
 
 def check_updated_state(state, params, model_state) -> None:
@@ -34,13 +18,13 @@ def check_updated_state(state, params, model_state) -> None:
       'structure (mutable collections must be the ones model.init returned)')
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, axis_name: Optional[str] = None,
-               crop_padding: int = 0, flip: bool = False):
-  """One optimizer step on the mean per-example loss of `batch` ({'image', 'label'}).
+def train_step(state: TrainState, batch, *, task, tx, schedule, axis_name: Optional[str] = None):
+  """One optimizer step on `task.loss`, the mean per-example (or per-token) loss of `batch`.
 
-  With `axis_name` (pmap), the batch is this device's shard and gradients and metrics are
-  averaged with `lax.pmean`; under jit over a mesh the batch is global and XLA inserts the
-  reduction. Per-step randomness is `fold_in(rng, step)` (and the device index under pmap).
+  With `axis_name` (pmap), the batch is this device's shard and the loss, gradients and model
+  state are averaged with `lax.pmean` (per-row state such as an LM's carry stays per device);
+  under jit over a mesh the batch is global and XLA inserts the reduction. Per-step randomness
+  is `fold_in(rng, step)` (and the device index under pmap), which the task splits.
 
   Mutable model collections (`state['model_state']`, e.g. BatchNorm's 'batch_stats') are updated
   by the forward pass. Under jit over a mesh BatchNorm normalizes with the statistics of the
@@ -49,46 +33,31 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, axis_name: Opti
   are `pmean`ed (the mean of per-device variances, not the global variance).
 
   Args:
-    state: the train state (see `state.TrainState`).
-    batch: `{'image': [B, H, W, C] float, 'label': [B] int}` (this device's shard under pmap).
-    model: the `Classifier`.
+    state: the train state (see `state.TrainState`; a task may add keys, e.g. 'carry').
+    batch: the task's batch (this device's shard under pmap).
+    task: a task of `train.task.TASKS`: `task.loss(params, state, batch, rng) -> (loss, updates)`,
+      `updates` the new values of state keys other than params (at least 'model_state').
     tx: the optax transformation.
     schedule: the learning-rate schedule (logged only).
     axis_name: the pmap axis, or None under jit.
-    crop_padding: > 0: random crop of the zero-padded images (`data.augment.random_crop_flip`).
-    flip: random horizontal flips.
 
   Returns:
-    `(new_state, metrics)`, metrics {'loss', 'learning_rate', 'grad_norm', 'grad_norm/<layer>'}.
+    `(new_state, metrics)`, metrics {'loss', 'learning_rate', 'grad_norm', 'grad_norm/<layer>'}
+    (the gradient norms before clipping), all on device.
   """
-  check_classifier_batch(batch)
+  task.check_batch(batch)
   rng = jax.random.fold_in(state['rng'], state['step'])
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  dropout_rng, sample_rng = jax.random.split(rng)
-  images = batch['image']
-  if crop_padding or flip:
-    images = random_crop_flip(jax.random.fold_in(rng, _AUGMENT_STREAM), images, padding=crop_padding,
-                              flip=flip)
-  model_state = state['model_state']
-
-  def loss_fn(params):
-    kwargs = dict(train=True, step=state['step'], rngs={'dropout': dropout_rng, 'sample': sample_rng})
-    variables = {'params': params, **model_state}
-    if model_state:
-      losses, new_model_state = model.apply(variables, images, batch['label'], mutable=list(model_state),
-                                            **kwargs)
-    else:
-      losses, new_model_state = model.apply(variables, images, batch['label'], **kwargs), model_state
-    return jnp.mean(losses.astype(jnp.float32)), dict(new_model_state)
-
-  (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  loss_fn = lambda params: task.loss(params, state, batch, rng)
+  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  model_state = updates['model_state']
   if axis_name is not None:
     loss, grads, model_state = jax.lax.pmean((loss, grads, model_state), axis_name)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
+  opt_updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], opt_updates)
   check_updated_state(state, params, model_state)
   metrics = dict(loss=loss, learning_rate=schedule(state['step']), **layer_grad_norms(grads))
-  new_state = dict(step=state['step'] + 1, params=params, model_state=model_state, opt_state=opt_state,
-                   rng=state['rng'])
+  new_state = {**state, **updates, 'step': state['step'] + 1, 'params': params,
+               'model_state': model_state, 'opt_state': opt_state}
   return new_state, metrics

@@ -1,6 +1,7 @@
 """The CIFAR ResNet: parameter count from the architecture, shapes, BatchNorm in train and eval."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from softmax_jax.models import ResNet
 from softmax_jax.models.classifier import build_classifier
 from softmax_jax.models.resnet import shortcut_a
 from softmax_jax.train.state import init_state
+from softmax_jax.train.classification import check_classifier_batch, classifier_loss
 from softmax_jax.train.step import train_step
 
 
@@ -99,7 +101,9 @@ def test_a_train_step_updates_batch_stats():
   assert set(state['model_state']) == {'batch_stats'}
   batch = {'image': np.asarray(jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8, 3))),
            'label': np.array([0, 1, 2, 0], np.int32)}
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=lambda s: 0.1))
+  task = types.SimpleNamespace(loss=functools.partial(classifier_loss, model),
+                               check_batch=check_classifier_batch)
+  step = jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=lambda s: 0.1))
   new_state, metrics = step(state, batch)
   assert np.isfinite(metrics['loss'])
   _, expected = model.apply({'params': state['params'], **state['model_state']}, batch['image'],

@@ -1,4 +1,4 @@
-"""Language-model training (train/lm.py) on a tiny synthetic corpus, plus one real-PTB smoke run.
+"""Language-model training (train/language_model.py through the one trainer) on a tiny synthetic corpus, plus one real-PTB smoke run.
 
 Runs on 8 fake CPU devices (tests/conftest.py). The synthetic corpus is a first-order Markov
 chain (next token = a fixed permutation of the current one with probability 0.9), so a model that
@@ -16,7 +16,7 @@ import pytest
 
 from softmax_jax.data.text import TextDataset
 from softmax_jax.train import base_config, train_and_evaluate
-from softmax_jax.train import lm as lm_train
+from softmax_jax.train import language_model
 from softmax_jax.train.checkpoint import Checkpointer
 from softmax_jax.train.state import make_optimizer
 from softmax_jax.train.writer import read_metrics
@@ -69,7 +69,7 @@ def reference(tmp_path_factory):
   """`(workdir, final metrics)` of REF run through `train_and_evaluate` (the loop.py dispatch)."""
   data, workdir = markov_dataset(), str(tmp_path_factory.mktemp('ref'))
   with pytest.MonkeyPatch.context() as m:
-    m.setattr(lm_train, 'load_text_dataset', lambda cfg: data)
+    m.setattr(language_model, 'load_text_dataset', lambda cfg: data)
     return workdir, train_and_evaluate(small_config(**REF), workdir)
 
 
@@ -88,6 +88,7 @@ def test_trains_and_writes_its_workdir(reference):
   train_rows = [r for r in rows if 'train/loss' in r]
   assert [r['step'] for r in train_rows] == [5, 10, 15, 20, 25, 30]
   assert {'train/perplexity', 'train/learning_rate', 'train/grad_norm', 'train/tokens_per_second'} <= set(train_rows[1])
+  assert any(k.startswith('train/grad_norm/') for k in train_rows[1])  # per-layer norms, as classifiers
   assert train_rows[-1]['train/loss'] < 0.8 * train_rows[0]['train/loss']  # it trains (later tests compare)
   assert [r['step'] for r in rows if 'validation/perplexity' in r] == [12, 24, 30]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '30']
@@ -108,19 +109,19 @@ def _final_state(workdir):
 def test_resume_after_interruption_matches_an_uninterrupted_run(reference, tmp_path, monkeypatch):
   # The interruption at step 20 falls mid-epoch: the resumed run needs the checkpointed carry.
   data, config, killed = markov_dataset(), small_config(**REF), str(tmp_path / 'killed')
-  save = lm_train.Checkpointer.save
+  save = Checkpointer.save
 
   def save_then_die(self, step, state):
     save(self, step, state)
     if step == 20:
       raise Interrupt
 
-  monkeypatch.setattr(lm_train.Checkpointer, 'save', save_then_die)
+  monkeypatch.setattr(Checkpointer, 'save', save_then_die)
   with pytest.raises(Interrupt):
-    lm_train.train_and_evaluate_lm(config, killed, dataset=data)
-  monkeypatch.setattr(lm_train.Checkpointer, 'save', save)
+    train_and_evaluate(config, killed, dataset=data)
+  monkeypatch.setattr(Checkpointer, 'save', save)
   assert float(np.abs(_final_state(killed)[1]['carry'][0][1]).max()) > 0.01  # a live carry was saved
-  resumed = lm_train.train_and_evaluate_lm(config, killed, dataset=data)
+  resumed = train_and_evaluate(config, killed, dataset=data)
   (step_a, a), (step_b, b) = _final_state(reference[0]), _final_state(killed)
   assert step_a == step_b == 30
   jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -132,7 +133,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(reference, tmp_p
 
 def test_mesh_of_8_devices_matches_one_device(reference, tmp_path):
   assert jax.local_device_count() == 8
-  final = lm_train.train_and_evaluate_lm(small_config(num_devices=8, **REF), str(tmp_path), dataset=markov_dataset())
+  final = train_and_evaluate(small_config(num_devices=8, **REF), str(tmp_path), dataset=markov_dataset())
   losses = {w: np.array([r['train/loss'] for r in read_metrics(w) if 'train/loss' in r])
             for w in (reference[0], str(tmp_path))}
   np.testing.assert_allclose(losses[str(tmp_path)], losses[reference[0]], rtol=2e-5)
@@ -140,13 +141,27 @@ def test_mesh_of_8_devices_matches_one_device(reference, tmp_path):
     np.testing.assert_allclose(final[key], reference[1][key], rtol=2e-5)
 
 
+def test_pmap_matches_jit_for_20_steps_on_8_devices(tmp_path):
+  # Dropout off: under pmap the per-step keys are per device. The carry is split over the devices.
+  runs = {}
+  for parallel in ('jit', 'pmap'):
+    config = small_config(num_steps=20, num_devices=8, parallel=parallel, log_every=1, eval_every=10)
+    runs[parallel] = train_and_evaluate(config, str(tmp_path / parallel), dataset=markov_dataset())
+  losses = {p: np.array([r['train/loss'] for r in read_metrics(str(tmp_path / p)) if 'train/loss' in r])
+            for p in runs}
+  assert len(losses['jit']) == 20 and losses['jit'][-1] < 0.9 * losses['jit'][0]
+  np.testing.assert_allclose(losses['pmap'], losses['jit'], rtol=1e-5)
+  for key in ('validation/nll', 'test/nll', 'test/accuracy'):
+    np.testing.assert_allclose(runs['pmap'][key], runs['jit'][key], rtol=1e-5)
+
+
 def test_transformer_backbone_trains_and_resumes_from_its_checkpoint(tmp_path):
   data = markov_dataset()
   config = small_config(num_steps=20, checkpoint_every=20, **{'model': dict(
       name='transformer', d_model=16, num_layers=1, num_heads=2, mlp_dim=32, dropout=0.0, max_len=8)})
   config.optimizer.learning_rate = 3e-3
-  first = lm_train.train_and_evaluate_lm(config, str(tmp_path), dataset=data)
-  again = lm_train.train_and_evaluate_lm(config, str(tmp_path), dataset=data)  # restores step 20 (carry None)
+  first = train_and_evaluate(config, str(tmp_path), dataset=data)
+  again = train_and_evaluate(config, str(tmp_path), dataset=data)  # restores step 20 (carry None)
   assert first['test/perplexity'] < 0.5 * V
   assert again['test/perplexity'] == first['test/perplexity'] and again['train/tokens_per_second'] == 0.0
 
@@ -156,13 +171,12 @@ def test_nonfinite_loss_stops_naming_the_step_and_checkpoint(tmp_path):
   config.optimizer.name = 'sgd'
   config.optimizer.learning_rate = 1e30
   with pytest.raises(FloatingPointError, match=r'Training diverged (at step|in steps?) \d+.*(The newest checkpoint, .*, is verified finite|No checkpoint was written)'):
-    lm_train.train_and_evaluate_lm(config, str(tmp_path), dataset=markov_dataset())
+    train_and_evaluate(config, str(tmp_path), dataset=markov_dataset())
 
 
 @pytest.mark.parametrize('key, value, match', [
     ('data.seqlen', 3, r"Unknown config key config.data.seqlen.*Did you mean 'seq_len'"),
     ('model.hiden', 3, r"Unknown config key config.model.hiden for LSTMLM.*Did you mean 'hidden'"),
-    ('parallel', 'pmap', r"config.parallel must be 'jit' for language models"),
     ('data.seq_len', 0, r'config.data.seq_len must be an integer >= 1, got 0'),
     ('batch_size', 100, r'too short for one window of config.batch_size x config.data.seq_len = 100 x 8'),
     ('num_devices', 8, r'config.batch_size=8 must be divisible|config.eval_batch_size=12 must be divisible'),
@@ -172,7 +186,7 @@ def test_bad_config_is_named(tmp_path, key, value, match):
   if key == 'num_devices':
     config.batch_size, config.eval_batch_size = 8, 12
   with pytest.raises(ValueError, match=match):
-    lm_train.train_and_evaluate_lm(config, str(tmp_path), dataset=markov_dataset())
+    train_and_evaluate(config, str(tmp_path), dataset=markov_dataset())
 
 
 def _ptb_config(arg):
@@ -211,7 +225,7 @@ def test_real_ptb_small_run(tmp_path, monkeypatch):
   config.num_steps, config.progress, config.num_devices = 20, False, 1
   config.eval_every = config.checkpoint_every = 1000
   config.model.hidden = config.model.embed_dim = 32
-  load = lm_train.load_text_dataset
+  load = language_model.load_text_dataset
 
   def load_with_short_eval_splits(cfg):  # evaluating all 156k tokens would take most of a minute here
     ptb = load(cfg)
@@ -219,7 +233,7 @@ def test_real_ptb_small_run(tmp_path, monkeypatch):
     splits = {k: v if k == 'train' else v[:4000] for k, v in ptb.splits.items()}
     return dataclasses.replace(ptb, splits=splits)
 
-  monkeypatch.setattr(lm_train, 'load_text_dataset', load_with_short_eval_splits)
+  monkeypatch.setattr(language_model, 'load_text_dataset', load_with_short_eval_splits)
   final = train_and_evaluate(config, str(tmp_path / 'w'))
   assert final['num_params'] > 10_000 * 32  # the 10k PTB vocabulary reached the head
   assert 100 < final['test/perplexity'] < 2000  # well below uniform (10k) after 20 steps
@@ -241,3 +255,18 @@ def test_ptb_head_configs_build_and_trace(head):
   rngs = {'dropout': jax.random.PRNGKey(1), 'sample': jax.random.PRNGKey(2)}
   loss, _ = jax.eval_shape(lambda v, t: model.apply(v, t, t, carry=carry, train=True, rngs=rngs), variables, x)
   assert loss.shape == (2, 20)
+
+
+
+@pytest.mark.parametrize('parallel', ['jit', 'pmap'])
+def test_runs_under_the_hot_path_transfer_guard(tmp_path, monkeypatch, parallel):
+  # On an accelerator, 'disallow_explicit' fails any read between sync points; the CPU backend
+  # never reports host transfers (its arrays live in host memory), so there this only checks that
+  # every read of the loop happens outside the guarded region. tests/train/runner_test.py checks
+  # with recording metrics that the loop reads only at log, evaluation and checkpoint steps.
+  from softmax_jax.train import runner  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runner, 'TRANSFER_GUARD', 'disallow_explicit')
+  config = small_config(num_steps=12, log_every=5, eval_every=6, checkpoint_every=10,
+                        num_devices=8, parallel=parallel)
+  final = train_and_evaluate(config, str(tmp_path), dataset=markov_dataset())
+  assert final['test/perplexity'] < V

@@ -87,7 +87,10 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(data_dir, tmp_path):
   with open(killed / 'final_metrics.json') as f:
     resumed = json.load(f)
   assert ref['test/accuracy'] > 0.9
-  assert resumed == ref
+  timing = {'train_wall_s', 'train/examples_per_second'}  # this invocation's own clock
+  assert timing <= set(ref) and set(resumed) == set(ref)
+  assert {k: v for k, v in resumed.items() if k not in timing} == {
+      k: v for k, v in ref.items() if k not in timing}
   steps = [r['step'] for r in read_metrics(str(killed)) if 'train/loss' in r]
   assert steps == sorted(set(steps)) and steps[-1] == num_steps  # no duplicated or lost log lines
 

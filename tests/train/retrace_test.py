@@ -1,7 +1,9 @@
 """No retracing: a run with logging, evaluation and checkpoints traces each step function once.
 
-`chex.assert_max_traces(n=1)` wraps the train and evaluation steps that the drivers jit (or pmap),
-so a second trace raises inside the run. Each case changes the config in a way that must not
+`chex.assert_max_traces` wraps the one train step and each task's evaluation step that the
+drivers jit (or pmap), so an extra trace raises inside the run: the train step traces once; an
+LM's evaluation once; a classifier's evaluation once per kind of pass (validation during training,
+the final validation over the temperature grid, the test split at the fitted temperature). Each case changes the config in a way that must not
 retrace (the log, evaluation and checkpoint intervals, devices, the driver, a sampling head, a
 resumed run). The counter is keyed by where the wrapper was made, so it is cleared per run.
 """
@@ -9,7 +11,8 @@ resumed run). The counter is keyed by where the wrapper was made, so it is clear
 import chex
 import pytest
 
-from softmax_jax.train import lm as lm_train
+from softmax_jax.train import classification
+from softmax_jax.train import language_model
 from softmax_jax.train import parallel
 from softmax_jax.train import train_and_evaluate
 from softmax_jax.train.writer import read_metrics
@@ -26,10 +29,11 @@ def loop_data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
-def _count_traces(monkeypatch, module, *names):
+def _count_traces(monkeypatch, task_module, eval_traces):
   chex.clear_trace_counter()
-  for name in names:
-    monkeypatch.setattr(module, name, chex.assert_max_traces(getattr(module, name), n=1))
+  monkeypatch.setattr(parallel, 'train_step', chex.assert_max_traces(parallel.train_step, n=1))
+  monkeypatch.setattr(task_module, 'eval_step',
+                      chex.assert_max_traces(task_module.eval_step, n=eval_traces))
 
 
 def _done_steps(workdir, key):
@@ -43,7 +47,7 @@ def _done_steps(workdir, key):
 ], ids=['jit8', 'pmap8_log_every_step', 'sampled_head'])
 def test_classifier_steps_trace_once(overrides, loop_data_dir, tmp_path, monkeypatch):
   config = loop_test.small_config(loop_data_dir, **{**INTERVALS, **overrides})
-  _count_traces(monkeypatch, parallel, 'train_step', 'log_prob_step')
+  _count_traces(monkeypatch, classification, 3)
   train_and_evaluate(config, str(tmp_path))
   assert _done_steps(str(tmp_path), 'validation/accuracy') == [15, 30, 45, 50]  # evaluation ran
   # A resumed run (a new process in practice) traces once more, and only once.
@@ -52,10 +56,11 @@ def test_classifier_steps_trace_once(overrides, loop_data_dir, tmp_path, monkeyp
   train_and_evaluate(config, str(tmp_path))
 
 
-def test_language_model_steps_trace_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize('parallel_', ['jit', 'pmap'])
+def test_language_model_steps_trace_once(parallel_, tmp_path, monkeypatch):
   data = lm_test.markov_dataset()
-  monkeypatch.setattr(lm_train, 'load_text_dataset', lambda cfg: data)
-  _count_traces(monkeypatch, lm_train, 'lm_train_step', '_eval_step')
-  config = lm_test.small_config(num_devices=8, **INTERVALS)
+  monkeypatch.setattr(language_model, 'load_text_dataset', lambda cfg: data)
+  _count_traces(monkeypatch, language_model, 1)
+  config = lm_test.small_config(num_devices=8, parallel=parallel_, **INTERVALS)
   train_and_evaluate(config, str(tmp_path))
   assert _done_steps(str(tmp_path), 'validation/perplexity') == [15, 30, 45, 50]

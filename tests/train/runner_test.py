@@ -3,6 +3,7 @@
 import math
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from softmax_jax.train import base_config
@@ -155,3 +156,69 @@ def test_nonfinite_state_with_a_finite_loss_stops_before_a_checkpoint_or_log(mon
                      match=r"diverged in steps 7-8: the train state after step 8 holds NaN or inf in 1 "
                            r"arrays, e.g. \['w'\].*finite after step 6.*checkpoint, ckpt/5"):
     run(monkeypatch, driver=NaNParamsDriver)
+
+
+class Recorded:
+  """A metric whose every read on the host is recorded with the step last dispatched."""
+
+  def __init__(self, value, driver):
+    self.value, self.driver = value, driver
+
+  def __float__(self):
+    self.driver.reads.append(self.driver.dispatched)
+    return float(self.value)
+
+  def __array__(self, dtype=None, copy=None):
+    self.driver.reads.append(self.driver.dispatched)
+    return np.asarray(self.value, dtype)
+
+
+class RecordingDriver(Driver):
+  """Metrics that record when they are read; `fetches` counts the loop's jax.device_get calls."""
+
+  def __init__(self, clock, losses=None):
+    super().__init__(clock, losses)
+    self.reads, self.dispatched = [], 0
+
+  def step(self, state, batch):
+    state, metrics = super().step(state, batch)
+    self.dispatched = int(state)
+    return state, {k: Recorded(v, self) for k, v in metrics.items()}
+
+
+def test_metrics_are_read_only_at_log_evaluation_and_checkpoint_steps(monkeypatch):
+  # log_every=4, eval_every=6, checkpoint_every=5 over 12 steps: the sync steps are these.
+  syncs = {4, 5, 6, 8, 10, 12}
+  fetches = []
+  real_get = runner.jax.device_get
+  monkeypatch.setattr(runner.jax, 'device_get', lambda x: fetches.append(1) or real_get(x))
+  driver = {}
+
+  def make(clock, losses):
+    driver['d'] = RecordingDriver(clock, losses)
+    return driver['d']
+
+  run(monkeypatch, driver=make)
+  reads = driver['d'].reads
+  assert reads and set(reads) <= syncs, f'metrics read after steps {sorted(set(reads) - syncs)}'
+  # Every step's loss was read (checked finite) by the end; one fetch per sync point for the
+  # metrics (+ one for the state probe).
+  assert len(fetches) == 2 * len(syncs)
+
+
+def test_a_stray_read_on_the_hot_path_is_caught_by_the_recording_test(monkeypatch):
+  # The recording check can fail: a loop that reads every step's loss (as the old one did).
+  class EagerDriver(RecordingDriver):
+    def step(self, state, batch):
+      state, metrics = super().step(state, batch)
+      float(metrics['loss'])
+      return state, metrics
+
+  driver = {}
+
+  def make(clock, losses):
+    driver['d'] = EagerDriver(clock, losses)
+    return driver['d']
+
+  run(monkeypatch, driver=make)
+  assert set(driver['d'].reads) - {4, 5, 6, 8, 10, 12}

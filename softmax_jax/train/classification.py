@@ -1,0 +1,163 @@
+"""The classification task: images -> backbone -> head, with calibration and long-tail views.
+
+Evaluation runs on device: the head reduces each batch to per-example statistics
+(`Classifier.eval_stats`: prediction, label rank, label log-prob and confidence at each
+temperature, and the same after post-hoc logit adjustment), so nothing of shape `[N, K]` reaches
+the host whatever K; metrics, the temperature fit and the reliability diagrams work from them.
+"""
+
+import functools
+import os
+from typing import Dict
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softmax_jax import calibration
+from softmax_jax import data
+from softmax_jax import metrics as metrics_lib
+from softmax_jax import ops
+from softmax_jax.data.augment import random_crop_flip
+from softmax_jax.models.classifier import build_classifier
+from softmax_jax.train.parallel import check_divisible
+from softmax_jax.train.state import init_state
+
+# Folded into the per-step key for augmentation, so the dropout and sample keys (a split of the
+# per-step key) are those of runs without augmentation.
+_AUGMENT_STREAM = 1 << 20
+
+
+def check_classifier_batch(batch) -> None:
+  """Static chex checks (shapes, ranks, dtypes; also under jit) of `{'image': [B, ...], 'label': [B] int}`."""
+  chex.assert_rank(batch['label'], 1, custom_message="batch['label'] must be [B] class ids")
+  chex.assert_type(batch['label'], int, custom_message="batch['label'] must be integer class ids")
+  chex.assert_type(batch['image'], float, custom_message="batch['image'] must be float [B, ...]")
+  chex.assert_equal_shape_prefix(
+      (batch['image'], batch['label']), 1,
+      custom_message="batch['image'] [B, ...] and batch['label'] [B] must have the same B")
+
+
+def classifier_loss(model, params, state, batch, rng, *, crop_padding: int = 0, flip: bool = False):
+  """`(mean loss, {'model_state': ...})` of a `Classifier` on `batch` {'image', 'label'} (traced).
+
+  `rng` is split into the 'dropout' and 'sample' streams; with `crop_padding` > 0 or `flip`, the
+  images are augmented on device first (`data.augment.random_crop_flip`) with a key folded from it.
+  """
+  dropout_rng, sample_rng = jax.random.split(rng)
+  images = batch['image']
+  if crop_padding or flip:
+    images = random_crop_flip(jax.random.fold_in(rng, _AUGMENT_STREAM), images, padding=crop_padding,
+                              flip=flip)
+  model_state = state['model_state']
+  kwargs = dict(train=True, step=state['step'], rngs={'dropout': dropout_rng, 'sample': sample_rng})
+  variables = {'params': params, **model_state}
+  if model_state:
+    losses, new_model_state = model.apply(variables, images, batch['label'],
+                                          mutable=list(model_state), **kwargs)
+  else:
+    losses, new_model_state = model.apply(variables, images, batch['label'], **kwargs), model_state
+  return jnp.mean(losses.astype(jnp.float32)), {'model_state': dict(new_model_state)}
+
+
+def _columns(stats, column: int, adjusted: bool = False):
+  """One temperature column of the statistics, as `metrics.summary_from_stats` reads them."""
+  p = 'adjusted_' if adjusted else ''
+  return {'prediction': stats[p + 'prediction'], 'label_rank': stats[p + 'label_rank'],
+          'label_log_prob': stats[p + 'label_log_prob'][:, column],
+          'confidence': stats[p + 'confidence'][:, column]}
+
+
+def eval_step(variables, carry, batch, *, model, temperatures, log_prior=None):
+  """`({statistics, 'label', 'mask'}, carry)` of one evaluation batch: per-example arrays only."""
+  stats = model.apply(variables, batch['image'], batch['label'], method='eval_stats',
+                      temperatures=temperatures, log_prior=log_prior)
+  return dict(stats, label=batch['label'], mask=batch['mask']), carry
+
+
+class ClassificationTask:
+  """Image classification on a `data.Dataset` with a `Classifier` (see `train.task`)."""
+  rate = 'examples_per_second'
+  row_state_keys = ()
+  log_perplexity = False
+
+  def __init__(self, config, dataset=None):
+    self.config = config
+    self.dataset = data.load_dataset(config.data) if dataset is None else dataset
+    self.model = build_classifier(config.model, config.head, self.dataset.num_classes,
+                                  self.dataset.class_counts)
+    # Many/medium/few-shot accuracy and post-hoc adjustment only for long-tailed runs.
+    self.class_counts = self.dataset.class_counts if config.data.imbalance_ratio > 1 else None
+    self.items_per_step = config.batch_size
+    self.augment = dict(config.augment)
+    self._eval_fns = {}
+
+  def check_devices(self, num_devices: int) -> None:
+    check_divisible(self.config.batch_size, num_devices, 'batch_size')
+    check_divisible(self.config.eval_batch_size, num_devices, 'eval_batch_size')
+
+  def init_state(self, tx):
+    return init_state(self.model, tx, self.dataset.input_shape, self.config.seed)
+
+  check_batch = staticmethod(check_classifier_batch)
+
+  def loss(self, params, state, batch, rng):
+    return classifier_loss(self.model, params, state, batch, rng,
+                           crop_padding=self.augment.get('crop_padding', 0),
+                           flip=self.augment.get('flip', False))
+
+  def train_batches(self, start_step: int):
+    c = self.config
+    return data.train_batches(self.dataset, c.batch_size, seed=c.seed, start_step=start_step,
+                              sampling=c.data.sampling, num_steps=c.num_steps)
+
+  def _stats_fn(self, temperatures, adjust: bool):
+    """`eval_step` for `driver.evaluate`, one function (and so one compilation) per kind of pass."""
+    key = (temperatures, adjust)
+    if key not in self._eval_fns:
+      log_prior = ops.log_prior(self.class_counts) if adjust else None
+      self._eval_fns[key] = functools.partial(eval_step, model=self.model, temperatures=temperatures,
+                                              log_prior=log_prior)
+    return self._eval_fns[key]
+
+  def statistics(self, driver, state, split: str, temperatures=(1.0,), adjust: bool = False):
+    """Per-example statistics of `split` on the host: `[N]` and `[N, len(temperatures)]` arrays."""
+    batches = data.eval_batches(self.dataset, split, self.config.eval_batch_size)
+    outs = driver.evaluate(self._stats_fn(tuple(float(t) for t in temperatures), adjust), state, batches)
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+  def summary(self, stats, prefix: str, column: int = 0, adjusted: bool = False) -> Dict[str, float]:
+    return metrics_lib.summary_from_stats(
+        _columns(stats, column, adjusted), stats['label'], num_classes=self.dataset.num_classes,
+        where=stats['mask'], prefix=prefix, class_counts=self.class_counts)
+
+  def evaluate(self, driver, state, split: str = 'validation') -> Dict[str, float]:
+    """Classification metrics of `split`, keys prefixed with f'{split}/'."""
+    return self.summary(self.statistics(driver, state, split), f'{split}/')
+
+  def final_evaluation(self, driver, state, workdir: str) -> Dict[str, float]:
+    """Validation and test metrics, plus the post-training views of the test split.
+
+    - 'temperature' fitted on validation (Guo et al. 2017) and f'test_ts/...' metrics with it;
+      `workdir/reliability.png` draws test reliability before and after;
+    - with class counts (a long-tailed run): many/medium/few-shot accuracy, and
+      f'test_posthoc/...', post-hoc logit adjustment `log_probs - log prior` (tau = 1, Menon 2021).
+    """
+    grid = tuple(float(t) for t in calibration.TEMPERATURE_GRID)
+    val = self.statistics(driver, state, 'validation', temperatures=(1.0, *grid))
+    out = self.summary(val, 'validation/')
+    t = calibration.fit_temperature_from_stats(val['label_log_prob'][:, 1:], grid, where=val['mask'])
+    adjust = self.class_counts is not None
+    test = self.statistics(driver, state, 'test', temperatures=(1.0, t), adjust=adjust)
+    out.update(self.summary(test, 'test/'))
+    out['temperature'] = t
+    out.update(self.summary(test, 'test_ts/', column=1))
+    correct = test['prediction'] == test['label']
+    calibration.save_reliability_figure_from_stats(
+        os.path.join(workdir, 'reliability.png'),
+        {'test': (test['confidence'][:, 0], correct),
+         f'test, temperature {t:.2f}': (test['confidence'][:, 1], correct)}, where=test['mask'])
+    if adjust:
+      out.update(self.summary(test, 'test_posthoc/', adjusted=True))
+    return out
