@@ -26,6 +26,12 @@ Suites (`--suite`):
 
   taskset -c 1 python scripts/benchmark.py --suite=ce --preset=cpu  # K in {10k, 50k, 200k}, N=2048
 
+  loop   steps/s of our trainer (`train_and_evaluate`, log_every large and 1) against a minimal
+         hand-written Flax + optax loop: digits MLP, Fashion-MNIST CNN, PTB small LSTM
+         (scripts/bench_loop.py).
+
+  taskset -c 1 python scripts/benchmark.py --suite=loop --preset=cpu  # ~10 min on one quiet core
+
 Writes OUT.json and OUT.png (`--out`, default bench_out/SUITE_PRESET) and prints markdown tables.
 Timings wait (up to `--wait_s`) for the 1-minute load to fall below `--max_load`.
 """
@@ -51,10 +57,11 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 import bench_ce  # pylint: disable=g-import-not-at-top
 import bench_heads  # pylint: disable=g-import-not-at-top
+import bench_loop  # pylint: disable=g-import-not-at-top
 import bench_utils  # pylint: disable=g-import-not-at-top
 from softmax_jax import ops  # pylint: disable=g-import-not-at-top
 
-flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'ce'], 'Which suite (see the docstring).')
+flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'ce', 'loop'], 'Which suite (see the docstring).')
 flags.DEFINE_list('heads', None, 'heads suite: only these heads (default: all), e.g. dense,adaptive.')
 flags.DEFINE_enum('preset', 'cpu_target', ['cpu', 'cpu_small', 'cpu_target', 'gpu'], 'Grid.')
 flags.DEFINE_list('dtype', None, 'Override the preset dtypes, e.g. float32,bfloat16.')
@@ -328,7 +335,16 @@ def ce_suite(preset_name, out):
   return dict(rows=rows, markdown=table, doc=bench_ce.__doc__)
 
 
-SUITES = {'fused': fused_suite, 'heads': heads_suite, 'ce': ce_suite}
+def loop_suite(preset_name, out):
+  del out  # no plot
+  rows = bench_loop.loop_suite(preset_name, repeats=FLAGS.repeats, max_load=FLAGS.max_load,
+                               wait_s=FLAGS.wait_s)
+  table = bench_loop.table(rows)
+  print(table)
+  return dict(rows=rows, markdown=table, doc=bench_loop.__doc__)
+
+
+SUITES = {'fused': fused_suite, 'heads': heads_suite, 'ce': ce_suite, 'loop': loop_suite}
 
 
 def main(argv):
