@@ -15,10 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_jax.ops import _checks
-from softmax_jax.ops.softmax import _ignore
-from softmax_jax.ops.softmax import _normalize
-from softmax_jax.ops.softmax import _out_dtype
-from softmax_jax.ops.softmax import _prepare
+from softmax_jax.ops import _normalize as _norm
 from softmax_jax.ops.softmax import cross_entropy
 
 
@@ -135,7 +132,7 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None, ignore_inde
       finite and >= 0 or `alpha` is not finite and >= 0. Traced labels are not range-checked:
       an out-of-range one gives a NaN loss.
   """
-  x, mask = _prepare(logits, where, 'logits')
+  x, mask = _norm.prepare(logits, where, 'logits')
   num_classes = x.shape[-1]
   _check_at_least('gamma', gamma, 0)
   if alpha is not None:
@@ -147,7 +144,7 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None, ignore_inde
   labels, ignored = _checks.labels_or_ignored(labels, num_classes, x.shape[:-1], ignore_index)
   if ignored is not None:
     x = jnp.where(ignored[..., None], 0, x)  # Not read (see cross_entropy).
-  _, log_p, _ = _normalize(x, mask)
+  _, log_p, _ = _norm.normalize(x, mask)
   in_range = (labels >= 0) & (labels < num_classes)
   safe = jnp.where(in_range, labels, 0)
   log_py = jnp.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
@@ -161,7 +158,7 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None, ignore_inde
   loss = -jnp.where(finite, factor, 1) * log_py
   if alpha is not None:
     loss = loss * jnp.take(alpha, safe)
-  return _ignore(ignored, jnp.where(in_range, loss, jnp.nan))
+  return _norm.ignore(ignored, jnp.where(in_range, loss, jnp.nan))
 
 
 def ldam_margins(class_counts, max_margin=0.5):
@@ -223,7 +220,7 @@ def ldam_loss(logits, labels, *, class_counts, max_margin=0.5, scale=30.0, class
       > 0, or a class weight is not finite and >= 0. Traced labels are not range-checked: an
       out-of-range one gives a NaN loss.
   """
-  x, _ = _prepare(logits, None, 'logits')
+  x, _ = _norm.prepare(logits, None, 'logits')
   num_classes = x.shape[-1]
   margins = ldam_margins(_counts(class_counts, num_classes), max_margin).astype(x.dtype)
   _check_at_least('scale', scale, 0, strict=True)
@@ -308,7 +305,7 @@ def logit_adjusted_cross_entropy(logits, labels, *, log_prior, tau=1.0, where=No
       finite or `tau` is not finite and >= 0. Traced labels are not range-checked: an
       out-of-range one gives a NaN loss.
   """
-  x, _ = _prepare(logits, where, 'logits')
+  x, _ = _norm.prepare(logits, where, 'logits')
   lp = _check_class_vector('log_prior', log_prior, x.shape[-1], x.dtype)
   _check_at_least('tau', tau, 0)
   if _is_static_zero(tau):
@@ -336,7 +333,7 @@ def posthoc_logit_adjustment(logits, *, log_prior, tau=1.0):
       `[..., C]` with C >= 1, `log_prior` is not `[C]` or `tau` is not a scalar; for concrete
       values only, if `log_prior` is not finite or `tau` < 0.
   """
-  x, _ = _prepare(logits, None, 'logits')
+  x, _ = _norm.prepare(logits, None, 'logits')
   lp = _check_class_vector('log_prior', log_prior, x.shape[-1], x.dtype)
   _check_at_least('tau', tau, 0)
-  return (x - jnp.asarray(tau, x.dtype) * lp).astype(_out_dtype(logits, x))
+  return (x - jnp.asarray(tau, x.dtype) * lp).astype(_norm.out_dtype(logits, x))

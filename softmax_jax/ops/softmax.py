@@ -16,17 +16,7 @@ import numpy as np
 
 from softmax_jax.ops import _ce
 from softmax_jax.ops import _checks
-
-
-def _prepare(x, where, name):
-  """Checks `x` ([..., K], K >= 1) and `where`; returns x in the compute dtype and `where`.
-
-  The compute dtype is float32 for 16-bit floats and integers; float64 stays float64.
-  """
-  x = jnp.asarray(x)
-  _checks.last_dim_at_least(x, 1, name, '[..., num_classes]')
-  where = _checks.where_mask(where, x, target=name)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32)), where
+from softmax_jax.ops import _normalize as _norm
 
 
 def _check_temperature(temperature, x, name):
@@ -51,7 +41,7 @@ def _scale(x, temperature):
   """`(x / T, cold)`; `cold` ([..., 1]-broadcastable bool or None) marks rows where T = 0.
 
   For T constant along the classes (a scalar or `[..., 1]`) a zero T is the limit T -> 0+ that
-  `_normalize` takes on the `cold` rows, whose `x` is left unscaled; a per-class T is divided.
+  `_norm.normalize` takes on the `cold` rows, whose `x` is left unscaled; a per-class T is divided.
   """
   if isinstance(temperature, (int, float)) and temperature == 1:
     return x, None
@@ -65,41 +55,7 @@ def _scale(x, temperature):
 
 def _tempered(x, where, temperature):
   z, cold = _scale(x, temperature)
-  return _normalize(z, where, cold)
-
-
-def _out_dtype(x, xc):
-  x = jnp.asarray(x)
-  return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else xc.dtype
-
-
-def _normalize(x, where, cold=None):
-  """Returns `(probs, log_probs, lse)` of compute-dtype logits `x`; lse is `[..., 1]`.
-
-  A NaN (kept by `where`) makes its row NaN: the max and the sum are NaN and neither guard
-  (fully masked row, empty sum) catches a NaN. Rows where `cold` is True take the limit
-  T -> 0+ of `x / T`: `(x - max) / T` is 0 at the maxima and -inf elsewhere, so the
-  probabilities are a one-hot of the argmax with ties split evenly; `lse` is `m / T + log(ties)`
-  (+-inf, or `log(ties)` when the max is 0). No gradient flows through the limit.
-  """
-  keep = x != -jnp.inf  # A -inf logit is a mask too (and NaN still propagates).
-  if where is not None:
-    keep = keep & where
-  x = jnp.where(keep, x, -jnp.inf)  # Gradient to masked entries is exactly 0.
-  m = jnp.max(x, axis=-1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isinf(m), 0, m))  # Fully masked row: shift by 0.
-  shifted, top = x - m, m
-  if cold is not None:
-    limit = jax.lax.stop_gradient(jnp.where(shifted == 0, 0, shifted * jnp.inf))  # NaN stays
-    shifted = jnp.where(cold, limit, shifted)
-    top = jnp.where(cold, jnp.where(m == 0, 0, m * jnp.inf), m)
-  e = jnp.exp(shifted)  # exp(-inf) = 0 with zero gradient.
-  s = jnp.sum(e, axis=-1, keepdims=True)
-  empty = s == 0  # A NaN sum is not empty: it propagates.
-  s_safe = jnp.where(empty, 1, s)  # Keeps log(0) and 1/0 out of the gradient.
-  log_s = jnp.log(s_safe)
-  lse = jnp.where(empty, -jnp.inf, log_s + top)
-  return e / s_safe, shifted - log_s, lse
+  return _norm.normalize(z, where, cold)
 
 
 def logsumexp(x, *, where=None, temperature=1.0):
@@ -127,9 +83,9 @@ def logsumexp(x, *, where=None, temperature=1.0):
       not finite and >= 0 (> 0 per class). A traced one is not checked: a traced per-class 0
       gives NaN, a traced negative T divides as written.
   """
-  xc, where = _prepare(x, where, 'x')
+  xc, where = _norm.prepare(x, where, 'x')
   _check_temperature(temperature, xc, 'x')
-  return _tempered(xc, where, temperature)[2][..., 0].astype(_out_dtype(x, xc))
+  return _tempered(xc, where, temperature)[2][..., 0].astype(_norm.out_dtype(x, xc))
 
 
 def softmax(x, *, where=None, temperature=1.0):
@@ -156,9 +112,9 @@ def softmax(x, *, where=None, temperature=1.0):
       not finite and >= 0 (> 0 per class). A traced one is not checked: a traced per-class 0
       gives NaN, a traced negative T divides as written.
   """
-  xc, where = _prepare(x, where, 'x')
+  xc, where = _norm.prepare(x, where, 'x')
   _check_temperature(temperature, xc, 'x')
-  return _tempered(xc, where, temperature)[0].astype(_out_dtype(x, xc))
+  return _tempered(xc, where, temperature)[0].astype(_norm.out_dtype(x, xc))
 
 
 def log_softmax(x, *, where=None, temperature=1.0):
@@ -184,9 +140,9 @@ def log_softmax(x, *, where=None, temperature=1.0):
       not finite and >= 0 (> 0 per class). A traced one is not checked: a traced per-class 0
       gives NaN, a traced negative T divides as written.
   """
-  xc, where = _prepare(x, where, 'x')
+  xc, where = _norm.prepare(x, where, 'x')
   _check_temperature(temperature, xc, 'x')
-  return _tempered(xc, where, temperature)[1].astype(_out_dtype(x, xc))
+  return _tempered(xc, where, temperature)[1].astype(_norm.out_dtype(x, xc))
 
 
 def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weights=None,
@@ -227,7 +183,7 @@ def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weig
       >= 0. Traced values are not checked: an out-of-range label gives a NaN loss, a NaN class
       weight a NaN loss for the examples of that class, a negative one a negative loss.
   """
-  x, where = _prepare(logits, where, 'logits')
+  x, where = _norm.prepare(logits, where, 'logits')
   num_classes = x.shape[-1]
   labels, ignored = _checks.labels_or_ignored(labels, num_classes, x.shape[:-1], ignore_index)
   _checks.rank(label_smoothing, 0, 'label_smoothing', '[]')
@@ -249,18 +205,13 @@ def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weig
     kept = kept & jnp.take_along_axis(jnp.broadcast_to(where, x.shape), safe, axis=-1)[..., 0]
   # -log_softmax(x)_y; ignored rows are 0 before any option multiplies them (no 0 * inf in a
   # derivative w.r.t. label_smoothing or class_weights).
-  loss = _ignore(ignored, log_s - (jnp.where(kept, x_y, -jnp.inf) - m))
+  loss = _norm.ignore(ignored, log_s - (jnp.where(kept, x_y, -jnp.inf) - m))
   if smoothing:
-    mean_nll = _ignore(ignored, log_s - (stats[2] / jnp.maximum(stats[3], 1) - m))
+    mean_nll = _norm.ignore(ignored, log_s - (stats[2] / jnp.maximum(stats[3], 1) - m))
     loss = (1 - label_smoothing) * loss + label_smoothing * mean_nll
   if class_weights is not None:
     loss = loss * jnp.take(class_weights.astype(x.dtype), safe[..., 0])
-  return _ignore(ignored, jnp.where(in_range, loss, jnp.nan))
-
-
-def _ignore(ignored, loss):
-  """`loss` with 0 where `ignored` (None: no example is ignored)."""
-  return loss if ignored is None else jnp.where(ignored, jnp.zeros_like(loss), loss)
+  return _norm.ignore(ignored, jnp.where(in_range, loss, jnp.nan))
 
 
 def soft_cross_entropy(logits, targets, *, where=None):
@@ -284,11 +235,11 @@ def soft_cross_entropy(logits, targets, *, where=None):
       is not `[..., K]` with K >= 1, `targets` does not have the shape of `logits`, or `where`
       is not a bool mask that broadcasts to `logits`. The values of `targets` are not checked.
   """
-  x, where = _prepare(logits, where, 'logits')
+  x, where = _norm.prepare(logits, where, 'logits')
   targets = jnp.asarray(targets)
   _checks.chex_check(chex.assert_shape, targets, x.shape, name='targets',
                      need=f'have the shape of `logits` {x.shape}', got=f'shape {targets.shape}')
   targets = targets.astype(x.dtype)
-  _, log_p, lse = _normalize(x, where)
+  _, log_p, lse = _norm.normalize(x, where)
   loss = -jnp.sum(targets * jnp.where(targets != 0, log_p, 0), axis=-1)
   return jnp.where(jnp.isnan(lse[..., 0]), lse[..., 0], loss)  # A NaN row is NaN, even at t = 0.

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_jax.ops import _checks
-from softmax_jax.ops.softmax import _out_dtype
+from softmax_jax.ops import _normalize as _norm
 
 
 def _float(x):
@@ -66,7 +66,7 @@ def spherical_softmax(x, *, eps=0.0, where=None):
   if not _checks.is_traced(eps) and not float(eps) >= 0:
     raise ValueError(f'`eps` must be >= 0; got {eps}.')
   xf = _float(x)
-  return _normalize_rows(_masked(xf * xf + eps, where), where, _out_dtype(x, xf))
+  return _normalize_rows(_masked(xf * xf + eps, where), where, _norm.out_dtype(x, xf))
 
 
 def taylor_softmax(x, *, order=2, where=None):
@@ -98,4 +98,4 @@ def taylor_softmax(x, *, order=2, where=None):
   for i in range(1, int(order) + 1):
     term = term * xf / i
     f = f + term
-  return _normalize_rows(_masked(f, where), where, _out_dtype(x, xf))
+  return _normalize_rows(_masked(f, where), where, _norm.out_dtype(x, xf))
