@@ -1,4 +1,4 @@
-"""A chex-based check that a head (ours or a user's) keeps the head contract of DESIGN.md.
+"""A chex-based check that a head (ours or a user's) keeps the head contract of docs/architecture.md.
 
 ```python
 from softmax_jax import testing

@@ -12,7 +12,7 @@ Three kinds, as in the ops:
   `integer_at_least`): Python attributes of a head, checked on every call of the head (they are
   always concrete, so under `jit` too).
 
-The ops' private `_checks` module is not imported (DESIGN.md rule 13): these are the heads' own.
+The ops' private `_checks` module is not imported (docs/architecture.md: no private module across packages): these are the heads' own.
 """
 
 import math

@@ -1,6 +1,6 @@
 """DenseSoftmax: the full softmax over `features @ kernel + bias`, the reference head.
 
-Every head in `softmax_jax.heads` shares this contract (see DESIGN.md):
+Every head in `softmax_jax.heads` shares this contract (see docs/architecture.md):
 
 - `__call__(features [..., d], labels [...] int, *, train) -> loss [...]` per example;
 - `log_prob(features [..., d]) -> [..., num_classes]`, exact and normalized;

@@ -2,7 +2,7 @@
 
 Token windows `[B, T]` -> backbone features `[B, T, d]` (plus the state carried to the next
 window, for recurrent backbones) -> any head of `softmax_jax.heads`, which scores the next token
-`labels [B, T]` at every position. The training loop (`softmax_jax.train.lm`) only knows the
+`labels [B, T]` at every position. The training loop (`softmax_jax.train.language_model`) only knows the
 methods here, so the LSTM and the Transformer train with the dense, adaptive, sampled or
 hierarchical head by changing one config field.
 """
