@@ -3,8 +3,9 @@
 For each K: value_and_grad of the mean loss w.r.t. the logits `[N, K]` (float32 by default),
 uniform random labels. Reports the compiled temporary memory
 (`memory_analysis().temp_size_in_bytes`: buffers beside the logits, labels, loss and gradient),
-the median wall time after one warm-up, both as ratios to optax, and the largest error of the
-loss and gradient against optax's (`rel err`, max |diff| / max |optax|). Methods:
+the median wall time (one warm-up, then rounds that run each method in turn), both as ratios
+to optax, and the largest error of the loss and gradient against optax's (`rel err`,
+max |diff| / max |optax|). Methods:
 
   optax        `optax.softmax_cross_entropy_with_integer_labels`, the baseline
   ops          `ops.cross_entropy` (a custom_jvp over its row statistics, see ops/_ce.py)
@@ -14,6 +15,9 @@ loss and gradient against optax's (`rel err`, max |diff| / max |optax|). Methods
                `ops.log_softmax` (take the label's entry; a smoothing term would be a mean over
                the row)
 """
+
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -62,14 +66,18 @@ def _rel_err(got, want):
 
 def ce_suite(preset_name: str, *, dtype='float32', timed: bool, repeats: int, max_load: float,
              wait_s: int, max_run_gib: float, only=None):
-  """Rows {K, N, dtype, method, temp_mib, mem_ratio, time_s, time_ratio, rel_err, load}."""
+  """Rows {K, N, dtype, method, temp_mib, mem_ratio, time_s, time_ratio, rel_err, load}.
+
+  Timing: one warm-up per method, then `repeats` rounds that run every method once in turn (so
+  a load change on a shared machine hits all methods alike); the median per method.
+  """
   p = PRESETS[preset_name]
   n, dtype = p['N'], jnp.dtype(dtype)
   rows = []
   for k in p['K']:
     x = (jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 3).astype(dtype)
     labels = jax.random.randint(jax.random.key(1), (n,), 0, k)
-    ref = None
+    run, ref, block = {}, None, []
     for name, loss in methods(k).items():
       if only and name not in only and name != 'optax':
         continue
@@ -77,17 +85,29 @@ def ce_suite(preset_name: str, *, dtype='float32', timed: bool, repeats: int, ma
       compiled, temp, io = bench_utils.compile_fn(fn, x, labels)
       row = dict(K=k, N=n, dtype=dtype.name, method=name, temp_mib=temp / bench_utils.MiB)
       if timed and (temp + io) / 2**30 <= max_run_gib:
-        row['load'] = bench_utils.wait_quiet(max_load, wait_s)
-        row['time_s'], out = bench_utils.time_fn(compiled, (x, labels), repeats)
+        out = jax.block_until_ready(compiled(x, labels))  # warm-up
         if name == 'optax':
           ref = out
         elif ref is not None and name != 'ops options':  # options change the loss
           row['rel_err'] = _rel_err(out, ref)
         del out
-      rows.append(row)
+        run[name] = (compiled, [])
+      block.append(row)
+    del ref
+    if run:
+      load = bench_utils.wait_quiet(max_load, wait_s)
+      for _ in range(repeats):
+        for compiled, times in run.values():
+          start = time.perf_counter()
+          jax.block_until_ready(compiled(x, labels))
+          times.append(time.perf_counter() - start)
+      for row in block:
+        if row['method'] in run:
+          row.update(time_s=statistics.median(run[row['method']][1]), load=load)
+    for row in block:
       print(table([row]).splitlines()[-1], flush=True)
-      del compiled
-    del x, ref
+    rows += block
+    del x, run
   for row in rows:
     base = next(r for r in rows if r['K'] == row['K'] and r['method'] == 'optax')
     row['mem_ratio'] = row['temp_mib'] / max(base['temp_mib'], 1e-9)
