@@ -15,6 +15,7 @@ works as in `cross_entropy`: the NaN rule and `ignore_index` of the package docs
 """
 
 import functools
+import math
 from typing import NamedTuple
 
 import chex
@@ -23,6 +24,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from softmax_jax.ops import _autotune
 from softmax_jax.ops import _checks
 
 SymbolicZero = jax.custom_derivatives.SymbolicZero
@@ -44,8 +46,8 @@ class _Cfg(NamedTuple):
 
 def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, ignore_index=None,
                          label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None,
-                         reduction='none', return_lse=False, chunk_size=4096,
-                         token_chunk_size=256, where=None):
+                         reduction='none', return_lse=False, chunk_size=None,
+                         token_chunk_size=None, where=None):
   """Cross-entropy of the linear logits `x @ w`, streamed over chunks, never [N, K] at once.
 
   `z = x @ w + bias`; `z = c * tanh(z / c)` if `logit_soft_cap=c`; `z += logit_offsets`;
@@ -79,9 +81,17 @@ def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, ignore_
       the number of examples not ignored (0 when there are none). float64 for float64.
     return_lse: also return lse(z) [...] float32, differentiable (0 for ignored examples).
     chunk_size: vocabulary columns per chunk. 'none' holds ~2 [N, chunk_size] float32 blocks.
+      None (default): tuned, see below.
     token_chunk_size: rows per block for 'sum' and 'mean', which hold one [token_chunk_size, K]
       float32 block and a few [token_chunk_size + d, chunk_size] ones, and a float32 [d, K]
-      gradient accumulator if w is not float32.
+      gradient accumulator if w is not float32. None (default): tuned.
+      A None chunk size is chosen by measurement on this machine: on first use for a
+      (backend, device / CPU model and vector extensions, dtype, reduction, N rounded up to a
+      power of two, d, K) a few candidates are timed on a scaled-down problem of those shapes
+      (eagerly, also under `jit`; about two seconds) and the fastest is cached in memory and in
+      `$SOFTMAX_JAX_CACHE_DIR/fused_chunks.json` (default `~/.cache/softmax_jax/`). Problems
+      under 2**32 multiply-adds (N * d * K), and every problem when the environment variable
+      `SOFTMAX_JAX_AUTOTUNE=0`, use 4096 and 256 untimed. Integers are used as given.
     where: removed; passing it raises. It was a per-example mask, which is now `ignore_index`
       (`where=m` is `labels=jnp.where(m, labels, -1), ignore_index=-1`): in `cross_entropy`
       `where` masks classes, and one name has one meaning.
@@ -114,6 +124,11 @@ def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, ignore_
   _check(x, w, bias, logit_offsets, label_smoothing, logit_soft_cap, reduction, chunk_size,
          token_chunk_size)
   lead, (d, k) = x.shape[:-1], w.shape
+  if chunk_size is None or token_chunk_size is None:
+    tuned = _autotune.chunks(reduction, math.prod(lead), d, k, jnp.result_type(x, w),
+                             linear_cross_entropy)
+    chunk_size = tuned[0] if chunk_size is None else chunk_size
+    token_chunk_size = tuned[1] if token_chunk_size is None else token_chunk_size
   labels, ignored = _checks.labels_or_ignored(labels, k, lead, ignore_index, 'x')
   if ignored is not None:
     x = jnp.where(ignored[..., None], jnp.zeros((), x.dtype), x)  # Not read: no NaN leaks.
@@ -155,8 +170,8 @@ def _check(x, w, bias, offsets, eps, cap, reduction, chunk_size, token_chunk_siz
   if reduction not in ('none', 'sum', 'mean'):
     fail('reduction', "be 'none', 'sum' or 'mean'", repr(reduction))
   for name, n in (('chunk_size', chunk_size), ('token_chunk_size', token_chunk_size)):
-    if int(n) != n or n < 1:
-      fail(name, 'be a positive int', n)
+    if n is not None and (int(n) != n or n < 1):
+      fail(name, 'be a positive int', n)  # or None: tuned
 
 
 def _chunks(total, size, body, carry):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from softmax_jax.ops import _autotune
 from softmax_jax.ops import cross_entropy
 from softmax_jax.ops import linear_cross_entropy
 
@@ -273,6 +274,41 @@ def test_bad_arguments():
     args = dict(x=x, w=w, labels=labels) | kw
     with pytest.raises(ValueError, match=match):
       linear_cross_entropy(args.pop('x'), args.pop('w'), args.pop('labels'), **args)
+
+
+def test_default_chunks_are_the_fixed_ones_for_a_small_problem_or_with_tuning_off(monkeypatch,
+                                                                                   tmp_path):
+  """chunk_size=None / token_chunk_size=None: 4096 / 256 untimed below the tuning threshold
+  (this problem) or with SOFTMAX_JAX_AUTOTUNE=0; each None resolves on its own."""
+  x, w, labels, bias, *_ = _data(lead=(3, 50), k=5000)
+  x, labels = jnp.nan_to_num(x), jnp.maximum(labels, 0)
+  f = lambda **kw: jax.value_and_grad(
+      lambda x, w: linear_cross_entropy(x, w, labels, bias=bias, reduction='mean', **kw),
+      (0, 1))(x, w)
+  fixed = f(chunk_size=4096, token_chunk_size=256)
+  for kw in ({}, dict(chunk_size=4096), dict(token_chunk_size=256)):
+    for a, b in zip(jax.tree.leaves(f(**kw)), jax.tree.leaves(fixed)):
+      np.testing.assert_array_equal(a, b)
+  other = f(chunk_size=1000, token_chunk_size=64)  # a different blocking: rounding differs
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(fixed)))
+  big_x = jax.ShapeDtypeStruct((4096, 512), jnp.float32)  # above the threshold: traced only
+  big_w = jax.ShapeDtypeStruct((512, 100_000), jnp.float32)
+  trace = lambda: jax.make_jaxpr(lambda x, w: linear_cross_entropy(
+      x, w, jnp.zeros(4096, jnp.int32), reduction='mean'))(big_x, big_w)
+
+  def no_timing(*args):
+    raise AssertionError(f'timed {args[1:]}')
+  monkeypatch.setattr(_autotune, 'measure', no_timing)
+  monkeypatch.setenv(_autotune.ENV_CACHE_DIR, str(tmp_path))
+  monkeypatch.setenv(_autotune.ENV_AUTOTUNE, '0')
+  _autotune.clear_memory()
+  trace()  # untimed
+  monkeypatch.setenv(_autotune.ENV_AUTOTUNE, '1')
+  try:
+    with pytest.raises(AssertionError, match='timed'):  # the same call tunes when switched on
+      trace()
+  finally:
+    _autotune.clear_memory()
 
 
 def test_vmap_and_rank_one_x():
