@@ -1,5 +1,7 @@
 """Timing and memory helpers shared by the benchmark suites (no flags: the callers pass them)."""
 
+import os
+import platform
 import statistics
 import time
 
@@ -44,3 +46,30 @@ def time_fn(compiled, args, repeats: int):
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times), out
+
+
+def machine() -> dict:
+  """CPU model, vector extensions (AVX2 / AVX-512 / AMX / ...) and cores, for every table."""
+  model, flags = platform.processor() or 'unknown', set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        name, _, value = line.partition(':')
+        if name.strip() == 'model name' and model in ('unknown', platform.processor()):
+          model = value.strip()
+        elif name.strip() == 'flags' and not flags:
+          flags = set(value.split())
+  except OSError:
+    pass
+  ext = [e for e in ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_tile')
+         if e in flags]
+  return dict(cpu_model=model, vector_extensions=ext, cores=os.cpu_count(),
+              load_1min=load())
+
+
+def describe_machine() -> str:
+  """One line for a table's caption: 'CPU: <model>, <extensions>, <cores> cores, load <l>'."""
+  m = machine()
+  ext = ', '.join(m['vector_extensions']) or 'no AVX2'
+  wide = 'AVX-512' if 'avx512f' in m['vector_extensions'] else 'no AVX-512'
+  return f"CPU: {m['cpu_model']} ({ext}; {wide}), {m['cores']} cores, 1-min load {m['load_1min']:.2f}"

@@ -38,7 +38,6 @@ Timings wait (up to `--wait_s`) for the 1-minute load to fall below `--max_load`
 
 import datetime
 import functools
-import inspect
 import json
 import os
 import platform
@@ -60,6 +59,7 @@ import bench_heads  # pylint: disable=g-import-not-at-top
 import bench_loop  # pylint: disable=g-import-not-at-top
 import bench_utils  # pylint: disable=g-import-not-at-top
 from softmax_jax import ops  # pylint: disable=g-import-not-at-top
+from softmax_jax.ops import fused  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'ce', 'loop'], 'Which suite (see the docstring).')
 flags.DEFINE_list('heads', None, 'heads suite: only these heads (default: all), e.g. dense,adaptive.')
@@ -91,7 +91,8 @@ PRESETS = {  # grid; timed by default; memory sweep (K, d); extra chunk settings
     'cpu_small': dict(CPU, K=[32_000], N=[2048], d=[512], dtypes=['float32', 'bfloat16'],
                       sweep=(32_000, 512)),
     'cpu_target': dict(CPU, K=[200_000], N=[2048], d=[512], dtypes=['float32'],
-                       sweep=(200_000, 512)),
+                       sweep=(200_000, 512),
+                       variants=[dict(chunk_size=4096, token_chunk_size=256)]),  # untuned
     'gpu': dict(K=[256_000], N=[8192], d=[2048], dtypes=['bfloat16'], time=True,
                 max_run_gib=60.0, sweep=(256_000, 2048),
                 variants=[dict(chunk_size=c, token_chunk_size=t)
@@ -119,6 +120,31 @@ def _rel_err(got, want):
 
 
 # ---------------------------------------------------------------- suite: fused
+
+
+UNTUNED = dict(chunk_size=4096, token_chunk_size=256)  # the op's chunks when not tuned
+
+
+def _tune(points, chunks):
+  """Tunes the op's chunk sizes for each (dtype, N, d, K) now, so no timed row pays for it.
+
+  Returns rows {dtype, N, d, K, reduction, chunk_size, token_chunk_size, tune_s}; none when
+  both chunk sizes are given or tuning is off (SOFTMAX_JAX_AUTOTUNE=0).
+  """
+  rows = []
+  if len(chunks) == 2 or os.environ.get('SOFTMAX_JAX_AUTOTUNE', '1') == '0':
+    return rows
+  for dtype, n, d, k in points:
+    for reduction in ('mean', 'none'):
+      start = time.perf_counter()
+      c, b = fused.tuned_chunk_sizes(n, d, k, dtype=dtype, reduction=reduction)
+      rows.append(dict(dtype=jnp.dtype(dtype).name, N=n, d=d, K=k, reduction=reduction,
+                       chunk_size=chunks.get('chunk_size', c),
+                       token_chunk_size=chunks.get('token_chunk_size', b),
+                       tune_s=time.perf_counter() - start))
+      print(f"tuned {reduction} {rows[-1]['dtype']} N={n} d={d} K={k}: chunk_size={c}, "
+            f"token_chunk_size={b} ({rows[-1]['tune_s']:.1f} s, cached after)", flush=True)
+  return rows
 
 
 def _fused_methods(chunks, variants):
@@ -202,8 +228,7 @@ def _fused_point(n, d, k, dtype, methods, timed, max_run_gib):
 def _fused_sweep(k, d, dtype, chunks):
   """Compile-only temporary memory vs N and chunk sizes at fixed K, d."""
   lce = ops.linear_cross_entropy
-  defaults = inspect.signature(lce).parameters
-  base = {k: chunks.get(k, defaults[k].default) for k in ('chunk_size', 'token_chunk_size')}
+  base = {k: chunks.get(k, v) for k, v in UNTUNED.items()}  # memory only: never tuned
   points = [dict(base, N=n, naive=True) for n in (1024, 2048, 4096, 8192)]
   points += [dict(base, N=2048, chunk_size=c) for c in (1024, 2048, 8192, 16384)]
   points += [dict(base, N=2048, token_chunk_size=t) for t in (64, 128, 512)]
@@ -252,6 +277,17 @@ def _sweep_table(sweep):
   return '\n'.join(lines)
 
 
+def _tuned_table(tuned):
+  lines = ["Chunk sizes of the rows 'fused mean' / 'fused none' (chunk_size=None: tuned on this "
+           'machine before timing, ops/_autotune.py):', '',
+           '| dtype | N | d | K | reduction | chunk_size | token_chunk_size | tuning s |',
+           '|---|---|---|---|---|---|---|---|']
+  for r in tuned:
+    lines.append(f"| {r['dtype']} | {r['N']} | {r['d']} | {r['K']} | {r['reduction']} | "
+                 f"{r['chunk_size']} | {r['token_chunk_size']} | {r['tune_s']:.1f} |")
+  return '\n'.join(lines)
+
+
 def _fused_plot(rows, sweep, path):
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
   d0, dt0 = rows[0]['d'], rows[0]['dtype']
@@ -291,6 +327,12 @@ def fused_suite(preset_name, out):
   dtypes = FLAGS.dtype or preset['dtypes']
   grid = {key: [int(v) for v in FLAGS[key].value] if FLAGS[key].value else preset[key]
           for key in ('K', 'N', 'd')}
+  if not timed:  # compile-only memory at the untuned chunks (tuning would time candidates)
+    os.environ['SOFTMAX_JAX_AUTOTUNE'] = '0'
+  machine = bench_utils.describe_machine()
+  print(machine, flush=True)
+  tuned = _tune([(dt, n, d, k) for dt in dtypes for d in grid['d'] for n in grid['N']
+                 for k in grid['K']], chunks)
   rows = []
   for dtype in dtypes:
     for d in grid['d']:
@@ -302,13 +344,15 @@ def fused_suite(preset_name, out):
   if FLAGS.K or FLAGS.d:  # a sub-grid: sweep at its largest K and first d
     sweep_k, sweep_d = max(grid['K']), grid['d'][0]
   sweep = _fused_sweep(sweep_k, sweep_d, jnp.dtype(dtypes[0]), chunks)
-  table = _fused_table(rows) + '\n\n' + _sweep_table(sweep)
+  table = machine + '\n\n' + _fused_table(rows) + '\n\n' + _sweep_table(sweep)
+  if tuned:
+    table += '\n\n' + _tuned_table(tuned)
   if jax.default_backend() == 'gpu':
     table += ('\n\nFor comparison, Cut Cross-Entropy paper (Wijmans et al. 2024), A100, '
               'loss + gradient memory: baseline 28 GB -> CCE 1.1 GB.')
   print(table)
   _fused_plot(rows, sweep, out + '.png')
-  return dict(chunks=chunks, baseline='optax.softmax_cross_entropy_with_integer_labels(x @ w + b, labels).mean()',
+  return dict(chunks=chunks, tuned=tuned, cpu=bench_utils.machine(), baseline='optax.softmax_cross_entropy_with_integer_labels(x @ w + b, labels).mean()',
               rows=rows, sweep=sweep, markdown=table)
 
 
@@ -353,6 +397,7 @@ def main(argv):
   os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
   start, load = time.time(), bench_utils.load()
   result = SUITES[FLAGS.suite](FLAGS.preset, out)
+  result.setdefault('cpu', bench_utils.machine())  # CPU model and vector extensions
   result.update(suite=FLAGS.suite, preset=FLAGS.preset, date=str(datetime.date.today()),
                 device=jax.devices()[0].device_kind, cpus=os.cpu_count(),
                 machine=platform.platform(), jax=jax.__version__, load_at_start=load,

@@ -125,8 +125,8 @@ def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, ignore_
          token_chunk_size)
   lead, (d, k) = x.shape[:-1], w.shape
   if chunk_size is None or token_chunk_size is None:
-    tuned = _autotune.chunks(reduction, math.prod(lead), d, k, jnp.result_type(x, w),
-                             linear_cross_entropy)
+    tuned = tuned_chunk_sizes(math.prod(lead), d, k, dtype=jnp.result_type(x, w),
+                              reduction=reduction)
     chunk_size = tuned[0] if chunk_size is None else chunk_size
     token_chunk_size = tuned[1] if token_chunk_size is None else token_chunk_size
   labels, ignored = _checks.labels_or_ignored(labels, k, lead, ignore_index, 'x')
@@ -146,6 +146,15 @@ def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, ignore_
   if ignored is not None:
     lse = jnp.where(ignored, jnp.zeros_like(lse), lse)
   return (loss, lse) if return_lse else loss
+
+
+def tuned_chunk_sizes(n, d, k, *, dtype=jnp.float32, reduction='mean'):
+  """`(chunk_size, token_chunk_size)` that `linear_cross_entropy` uses when both are None.
+
+  For `x: [n, d]`, `w: [d, K]` of `dtype`: the cached answer, else tuned now (see
+  `linear_cross_entropy`); 4096 and 256 for small problems or with `SOFTMAX_JAX_AUTOTUNE=0`.
+  """
+  return _autotune.chunks(reduction, int(n), int(d), int(k), jnp.dtype(dtype), linear_cross_entropy)
 
 
 def _check(x, w, bias, offsets, eps, cap, reduction, chunk_size, token_chunk_size):

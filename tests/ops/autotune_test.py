@@ -51,12 +51,12 @@ def test_candidates_start_with_the_default_and_collapse_past_n_and_k():
   for reduction in ('none', 'sum', 'mean'):
     pairs = _autotune.candidates(reduction, 2048, 200_000)
     assert pairs[0] == _autotune.DEFAULT and len(set(pairs)) == len(pairs) > 2
-  assert {c for c, _ in _autotune.candidates('none', 2048, 200_000)} == set(_autotune.VOCAB_CHUNKS)
+  assert {c for c, _ in _autotune.candidates('none', 2048, 200_000)} == {4096, *_autotune.VOCAB_CHUNKS}
   assert {b for _, b in _autotune.candidates('none', 2048, 200_000)} == {256}
   mean = _autotune.candidates('mean', 2048, 200_000)
-  assert {b for _, b in mean} == set(_autotune.TOKEN_CHUNKS)
-  assert _autotune.candidates('mean', 100, 3000) == [(3000, 100), (1024, 100), (2048, 100),
-                                                     (3000, 64)]
+  assert {b for _, b in mean} == {256, *_autotune.TOKEN_CHUNKS}
+  assert _autotune.candidates('mean', 100, 3000) == [(3000, 100), (3000, 64), (2048, 100),
+                                                     (1024, 100)]
 
 
 def test_the_fastest_candidate_wins_and_every_one_is_timed():
@@ -80,8 +80,8 @@ def test_a_tie_or_a_gain_within_the_margin_keeps_the_default():
 
 def test_the_budget_stops_new_candidates_after_two(monkeypatch):
   monkeypatch.setattr(_autotune, 'BUDGET_S', -1.0)
-  timer = FakeTimer({(1024, 256): 0.1, (16384, 256): 0.01})
-  assert _chunks(timer, 'none') == (1024, 256)
+  timer = FakeTimer({(8192, 256): 0.1, (16384, 256): 0.01})
+  assert _chunks(timer, 'none') == (8192, 256)
   assert len(timer.calls) == 2
 
 
