@@ -99,7 +99,8 @@ def key(reduction, n, d, k, dtype):
   if backend == 'cpu':
     kind = f'{kind} {cpu_description()}'
   mode = 'none' if reduction == 'none' else 'reduced'  # 'sum' and 'mean' run the same code
-  return f'{backend}|{kind}|{np.dtype(dtype).name}|{mode}|N={bucket(n)}|d={d}|K={k}'
+  return (f'{backend}|{kind}|jax {jax.__version__}|{np.dtype(dtype).name}|{mode}|N={bucket(n)}|'
+          f'd={d}|K={k}')
 
 
 def candidates(reduction, n, k):
@@ -176,32 +177,38 @@ def tune(reduction, n, d, k, dtype, timer):
 
 
 def _read(path, warn=True):
+  """{key: entry} of the file; an entry is {'chunk_size', 'token_chunk_size', 'timed'?}."""
   try:
     with open(path) as f:
-      data = json.load(f)
-    entries = data['entries']
+      entries = json.load(f)['entries']
     if not isinstance(entries, dict):
       raise ValueError('"entries" is not an object')
-    return {k: (int(v['chunk_size']), int(v['token_chunk_size'])) for k, v in entries.items()}
+    for entry in entries.values():
+      entry['chunk_size'], entry['token_chunk_size'] = (  # ints >= 1 or it is corrupt
+          _positive(entry['chunk_size']), _positive(entry['token_chunk_size']))
+    return entries
   except FileNotFoundError:
     return {}
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    if not warn:
-      return {}
-    warnings.warn(f'softmax_jax: ignoring the unreadable chunk-size cache {path} ({e!r}); it '
-                  'will be rewritten.', RuntimeWarning)
+    if warn:
+      warnings.warn(f'softmax_jax: ignoring the unreadable chunk-size cache {path} ({e!r}); it '
+                    'will be rewritten.', RuntimeWarning)
     return {}
+
+
+def _positive(v):
+  if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    raise ValueError(f'a chunk size must be an int >= 1; got {v!r}')
+  return v
 
 
 def _write(path, entries):
   """Atomically replaces the file (a temporary file in the same folder, then os.replace)."""
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    data = {'version': 1, 'entries': {k: {'chunk_size': c, 'token_chunk_size': b}
-                                      for k, (c, b) in sorted(entries.items())}}
     fd, tmp = tempfile.mkstemp(prefix='.fused_chunks.', dir=os.path.dirname(path))
     with os.fdopen(fd, 'w') as f:
-      json.dump(data, f, indent=1)
+      json.dump({'version': 1, 'entries': dict(sorted(entries.items()))}, f, indent=1)
     os.replace(tmp, path)
   except OSError as e:
     warnings.warn(f'softmax_jax: could not write the chunk-size cache {path} ({e!r}).',
@@ -221,14 +228,15 @@ def chunks(reduction, n, d, k, dtype, loss_fn, *, timer=None):
     if name in _memory:
       return _memory[name]
     path = cache_path()
-    on_disk = _read(path)
-    if name in on_disk:
-      _memory[name] = on_disk[name]
-      return on_disk[name]
+    entry = _read(path).get(name)
+    if entry is not None:
+      _memory[name] = entry['chunk_size'], entry['token_chunk_size']
+      return _memory[name]
     timer = timer or (lambda *a: measure(loss_fn, *a))
-    best, _ = tune(reduction, n, d, k, dtype, timer)
+    best, seconds = tune(reduction, n, d, k, dtype, timer)
     _memory[name] = best
     on_disk = _read(path, warn=False)  # another process may have added entries meanwhile
-    on_disk[name] = best
+    on_disk[name] = {'chunk_size': best[0], 'token_chunk_size': best[1],  # timed: for audits
+                     'timed': {f'{c}x{b}': t for (c, b), t in seconds.items()}}
     _write(path, on_disk)
     return best
