@@ -125,10 +125,10 @@ def classifier_loop(config, dataset):
   images = jax.device_put(dataset.normalize(train.images[order]).reshape(s, b, *dataset.input_shape))
   labels = jax.device_put(train.labels[order].reshape(s, b))
   init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  model_init = jax.jit(functools.partial(model.init, train=False))
 
   def init():
-    variables = dict(jax.jit(functools.partial(model.init, train=False))(
-        init_rng, images[0, :2], labels[0, :2]))
+    variables = dict(model_init(init_rng, images[0, :2], labels[0, :2]))
     params = variables.pop('params')
     return dict(params=params, model_state=variables, opt_state=tx.init(params),
                 step=jnp.zeros((), jnp.int32))
