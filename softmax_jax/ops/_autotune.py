@@ -5,7 +5,9 @@ by a key (backend, device kind, CPU model and vector extensions on CPU, dtype, r
 N rounded up to a power of two, d, K): first in memory, then in the JSON file
 `$SOFTMAX_JAX_CACHE_DIR/fused_chunks.json` (default `~/.cache/softmax_jax/`); on a miss the
 candidates of `candidates()` are timed on a scaled-down problem (`scaled()`) and the fastest
-is stored in both. Tuning runs eagerly on random data of the (static) shapes with an
+is stored in both. No candidate needs more than `MAX_MEMORY` = 1.25 times the work-block memory
+of the defaults (`block_bytes`), so tuning keeps the memory bounds; the default stays unless
+another candidate is `MARGIN` = 10% faster (timing noise). Tuning runs eagerly on random data of the (static) shapes with an
 ahead-of-time compiled function, so it also works while `jit`, `grad` or `vmap` trace the caller.
 
 Cost: per candidate one compile and `1 + REPEATS` runs of value_and_grad on the scaled problem
@@ -37,7 +39,8 @@ MIN_WORK = 2**32  # N * d * K multiply-adds below which the defaults are used un
 TARGET_FLOPS = 8e9  # flops of one timed run of the scaled problem (~0.05-0.1 s, one CPU core)
 BUDGET_S = 3.0  # no new candidate is started after this many seconds (two always run)
 REPEATS = 1  # timed runs per candidate after one warm-up; the minimum of all counts
-MARGIN = 0.05  # another candidate replaces the default only if this much faster (noise)
+MARGIN = 0.1  # another candidate replaces the default only if this much faster (noise)
+MAX_MEMORY = 1.25  # no candidate with more than this times the default's work blocks
 VOCAB_CHUNKS = (8192, 2048, 16384, 1024)  # after 4096, in the order they are tried
 TOKEN_CHUNKS = (128, 512, 64)  # after 256
 
@@ -103,15 +106,32 @@ def key(reduction, n, d, k, dtype):
           f'd={d}|K={k}')
 
 
-def candidates(reduction, n, k):
-  """(chunk, token chunk) pairs to time, the default first; sizes past N or K collapse."""
+def block_bytes(reduction, n, d, k, chunk, token):
+  """Bytes of the op's float32 work blocks, the bulk of its temporary memory.
+
+  'none': two [N, chunk] blocks; 'sum'/'mean': one [token, K] block and three
+  [token + d, chunk] ones.
+  """
+  chunk, token = min(chunk, k), min(token, n)
+  if reduction == 'none':
+    return 4 * 2 * n * chunk
+  return 4 * (token * k + 3 * (token + d) * chunk)
+
+
+def candidates(reduction, n, d, k):
+  """(chunk, token chunk) pairs to time, the default first; sizes past N or K collapse.
+
+  A pair whose `block_bytes` exceed `MAX_MEMORY` times the default's is left out: tuning
+  trades no memory for time.
+  """
   pairs = [DEFAULT] + [(c, DEFAULT[1]) for c in VOCAB_CHUNKS]
   if reduction != 'none':  # 'none' does not use the token chunk
     pairs[2:2] = [(DEFAULT[0], b) for b in TOKEN_CHUNKS]  # the likelier gains first
+  limit = MAX_MEMORY * block_bytes(reduction, n, d, k, *DEFAULT)
   out = []
   for c, b in pairs:
     c, b = min(c, k), min(b, n)
-    if (c, b) not in out:
+    if (c, b) not in out and block_bytes(reduction, n, d, k, c, b) <= limit:
       out.append((c, b))
   return out
 
@@ -165,7 +185,7 @@ def tune(reduction, n, d, k, dtype, timer):
   The first candidate (the default) stays unless another is `MARGIN` faster.
   """
   start, seconds = time.perf_counter(), {}
-  for pair in candidates(reduction, n, k):
+  for pair in candidates(reduction, n, d, k):
     if len(seconds) >= 2 and time.perf_counter() - start > BUDGET_S:
       break
     seconds[pair] = float(timer(reduction, n, d, k, dtype, *pair))

@@ -88,7 +88,8 @@ def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, ignore_
       A None chunk size is chosen by measurement on this machine: on first use for a
       (backend, device / CPU model and vector extensions, dtype, reduction, N rounded up to a
       power of two, d, K) a few candidates are timed on a scaled-down problem of those shapes
-      (eagerly, also under `jit`; about two seconds) and the fastest is cached in memory and in
+      (eagerly, also under `jit`; a few seconds), among those needing at most 1.25 times the
+      block memory of 4096 / 256, and the fastest is cached in memory and in
       `$SOFTMAX_JAX_CACHE_DIR/fused_chunks.json` (default `~/.cache/softmax_jax/`). Problems
       under 2**32 multiply-adds (N * d * K), and every problem when the environment variable
       `SOFTMAX_JAX_AUTOTUNE=0`, use 4096 and 256 untimed. Integers are used as given.

@@ -47,25 +47,31 @@ def _chunks(timer, reduction='mean', dtype=np.float32, **shape):
                           linear_cross_entropy, timer=timer)
 
 
-def test_candidates_start_with_the_default_and_collapse_past_n_and_k():
+def test_candidates_start_with_the_default_need_no_more_memory_and_collapse_past_n_and_k():
   for reduction in ('none', 'sum', 'mean'):
-    pairs = _autotune.candidates(reduction, 2048, 200_000)
+    pairs = _autotune.candidates(reduction, 2048, 512, 200_000)
     assert pairs[0] == _autotune.DEFAULT and len(set(pairs)) == len(pairs) > 2
-  assert {c for c, _ in _autotune.candidates('none', 2048, 200_000)} == {4096, *_autotune.VOCAB_CHUNKS}
-  assert {b for _, b in _autotune.candidates('none', 2048, 200_000)} == {256}
-  mean = _autotune.candidates('mean', 2048, 200_000)
-  assert {b for _, b in mean} == {256, *_autotune.TOKEN_CHUNKS}
-  assert _autotune.candidates('mean', 100, 3000) == [(3000, 100), (3000, 64), (2048, 100),
-                                                     (1024, 100)]
+    limit = _autotune.MAX_MEMORY * _autotune.block_bytes(reduction, 2048, 512, 200_000, 4096, 256)
+    assert all(_autotune.block_bytes(reduction, 2048, 512, 200_000, *p) <= limit for p in pairs)
+  # 'none': [2048, 8192] blocks would double its memory; 'mean': a [512, K] block likewise
+  assert _autotune.candidates('none', 2048, 512, 200_000) == [(4096, 256), (2048, 256),
+                                                              (1024, 256)]
+  assert _autotune.candidates('mean', 2048, 512, 200_000) == [
+      (4096, 256), (8192, 256), (4096, 128), (4096, 64), (2048, 256), (1024, 256)]
+  assert _autotune.candidates('mean', 100, 16, 3000) == [(3000, 100), (3000, 64), (2048, 100),
+                                                         (1024, 100)]
+  assert _autotune.block_bytes('none', 2048, 512, 200_000, 4096, 256) == 4 * 2 * 2048 * 4096
+  assert _autotune.block_bytes('mean', 2048, 512, 200_000, 4096, 256) == 4 * (
+      256 * 200_000 + 3 * (256 + 512) * 4096)
 
 
 def test_the_fastest_candidate_wins_and_every_one_is_timed():
   timer = FakeTimer({(4096, 128): 0.5, (2048, 256): 0.7})
   assert _chunks(timer, 'mean') == (4096, 128)
-  assert [c[-2:] for c in timer.calls] == _autotune.candidates('mean', 2048, 200_000)
+  assert [c[-2:] for c in timer.calls] == _autotune.candidates('mean', 2048, 512, 200_000)
   assert timer.calls[0] == ('mean', 2048, 512, 200_000, 'float32', 4096, 256)
-  timer = FakeTimer({(16384, 256): 0.2})
-  assert _chunks(timer, 'none') == (16384, 256)
+  timer = FakeTimer({(1024, 256): 0.2})
+  assert _chunks(timer, 'none') == (1024, 256)
 
 
 def test_a_tie_or_a_gain_within_the_margin_keeps_the_default():
@@ -80,8 +86,8 @@ def test_a_tie_or_a_gain_within_the_margin_keeps_the_default():
 
 def test_the_budget_stops_new_candidates_after_two(monkeypatch):
   monkeypatch.setattr(_autotune, 'BUDGET_S', -1.0)
-  timer = FakeTimer({(8192, 256): 0.1, (16384, 256): 0.01})
-  assert _chunks(timer, 'none') == (8192, 256)
+  timer = FakeTimer({(2048, 256): 0.1, (1024, 256): 0.01})
+  assert _chunks(timer, 'none') == (2048, 256)
   assert len(timer.calls) == 2
 
 
@@ -98,7 +104,7 @@ def test_answers_are_cached_in_memory_and_on_disk():
   assert key == _autotune.key('mean', 2048, 512, 200_000, np.float32)
   assert value['chunk_size'] == 4096 and value['token_chunk_size'] == 64
   assert value['timed'] == {f'{c}x{b}': timer.table.get((c, b), 1.0)
-                            for c, b in _autotune.candidates('mean', 2048, 200_000)}
+                            for c, b in _autotune.candidates('mean', 2048, 512, 200_000)}
   # 'sum' shares the answer of 'mean' (same code); another bucket of N, or a dtype, does not
   assert _chunks(timer, 'sum', n=1500) == (4096, 64) and len(timer.calls) == tuned
   assert _chunks(timer, n=4096) == (4096, 64) and len(timer.calls) == 2 * tuned  # tuned again
@@ -162,7 +168,7 @@ def test_small_problems_are_not_tuned():
 
 @pytest.mark.parametrize('reduction', ['none', 'sum', 'mean'])
 def test_the_scaled_problem_is_whole_blocks_of_the_real_shapes(reduction):
-  for c, b in _autotune.candidates(reduction, 2048, 200_000):
+  for c, b in _autotune.candidates(reduction, 2048, 512, 200_000):
     n2, k2 = _autotune.scaled(reduction, 2048, 512, 200_000, c, b)
     assert 0 < n2 <= 2048 and 0 < k2 <= 200_000
     if reduction == 'none':
@@ -199,7 +205,7 @@ def test_linear_cross_entropy_tunes_under_jit_and_stays_exact(monkeypatch, reduc
   labels = rng.integers(0, 3000, 40)
   f = lambda x, w: linear_cross_entropy(x, w, labels, reduction=reduction).mean()
   got = jax.jit(jax.value_and_grad(f, (0, 1)))(jnp.float32(x), jnp.float32(w))
-  assert calls == _autotune.candidates(reduction, 40, 3000) and (1024, 40) in calls
+  assert calls == _autotune.candidates(reduction, 40, 8, 3000) and (1024, 40) in calls
   with open(_autotune.cache_path()) as f:  # token chunks collapse to N = 40
     entries = json.load(f)['entries']
   (entry,) = entries.values()
