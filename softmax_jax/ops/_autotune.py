@@ -1,20 +1,22 @@
 """Chunk sizes of `linear_cross_entropy`, chosen by measurement on the machine that runs it.
 
 `chunks(...)` answers `(chunk_size, token_chunk_size)` for one problem. The answer is looked up
-by a key (backend, device kind, CPU model and vector extensions on CPU, dtype, reduction,
-N rounded up to a power of two, d, K): first in memory, then in the JSON file
+by a key (backend, device kind, CPU model and vector extensions on CPU, jax version, dtype,
+reduction, N rounded up to a power of two, d, K): first in memory, then in the JSON file
 `$SOFTMAX_JAX_CACHE_DIR/fused_chunks.json` (default `~/.cache/softmax_jax/`); on a miss the
-candidates of `candidates()` are timed on a scaled-down problem (`scaled()`) and the fastest
-is stored in both. No candidate needs more than `MAX_MEMORY` = 1.25 times the work-block memory
-of the defaults (`block_bytes`), so tuning keeps the memory bounds; the default stays unless
-another candidate is `MARGIN` = 10% faster (timing noise). Tuning runs eagerly on random data of the (static) shapes with an
-ahead-of-time compiled function, so it also works while `jit`, `grad` or `vmap` trace the caller.
+`candidates()` are timed on a scaled-down problem (`scaled()`) and the fastest is stored in
+both (with every candidate's time, for audits). No candidate needs more than `MAX_MEMORY` =
+1.25 times the work-block memory of the defaults (`block_bytes`): tuning keeps the memory
+bounds. The default stays unless another candidate is `MARGIN` = 10% faster (timing noise).
+Tuning runs eagerly on random data of the (static) shapes with an ahead-of-time compiled
+function, so it also works while `jit`, `grad` or `vmap` trace the caller.
 
 Cost: per candidate one compile and `1 + REPEATS` runs of value_and_grad on the scaled problem
 (~`TARGET_FLOPS` floating-point operations a run, at least one whole chunk); after the first
-two candidates no more are started once `BUDGET_S` seconds have passed: about 3 s in all on
-one quiet CPU core at N=2048, d=512, K=200k (more on a loaded one, where fewer candidates run). Problems under `MIN_WORK`
-multiply-adds (N * d * K) are not tuned (the fixed defaults): tuning would cost more than it saves.
+two candidates no more are started once `BUDGET_S` seconds have passed: 2-4 s in all at
+N=2048, d=512, K=200k on one core of a loaded 2-core box (where only two or three candidates
+run). Problems under `MIN_WORK` multiply-adds (N * d * K) are not tuned (the fixed defaults):
+tuning would cost more than it saves.
 
 Deterministic runs: `SOFTMAX_JAX_AUTOTUNE=0` (or `set_autotune(False)`) gives the fixed
 defaults `DEFAULT` = (4096, 256) without timing or reading the cache.
