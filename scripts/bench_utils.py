@@ -72,4 +72,5 @@ def describe_machine() -> str:
   m = machine()
   ext = ', '.join(m['vector_extensions']) or 'no AVX2'
   wide = 'AVX-512' if 'avx512f' in m['vector_extensions'] else 'no AVX-512'
-  return f"CPU: {m['cpu_model']} ({ext}; {wide}), {m['cores']} cores, 1-min load {m['load_1min']:.2f}"
+  return (f"CPU: {m['cpu_model']} ({ext}; {wide}), {m['cores']} cores, "
+          f"1-min load {m['load_1min']:.2f}")

@@ -158,8 +158,8 @@ def scaled(reduction, n, d, k, chunk, token):
 def measure(loss_fn, reduction, n, d, k, dtype, chunk, token):
   """Seconds per (row, class) of value_and_grad of the loss on the scaled problem (min of runs).
 
-  `loss_fn(x, w, labels, reduction=, chunk_size=, token_chunk_size=)`. Compiled ahead of time and run on
-  concrete arrays, so it runs (not traces) inside a caller's `jit`.
+  `loss_fn(x, w, labels, reduction=, chunk_size=, token_chunk_size=)`. Compiled ahead of time
+  and run on concrete arrays, so it runs (not traces) inside a caller's `jit`.
   """
   n2, k2 = scaled(reduction, n, d, k, chunk, token)
   rng = np.random.default_rng(0)
