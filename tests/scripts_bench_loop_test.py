@@ -80,6 +80,14 @@ def test_fashion_without_idx_files_uses_random_images_of_its_shape(tmp_path):
   assert dataset.splits['train'].images.shape == (54_000, 28, 28, 1)
 
 
+def test_ratios_pair_the_runs_of_a_round():
+  rows = [dict(way='ours', runs=[9.0, 2.0, 4.0]), dict(way='hand-written', runs=[10.0, 2.0, 8.0])]
+  bench_loop.add_ratios(rows)
+  assert rows[0]['ratio'] == pytest.approx(0.9)  # median of 0.9, 1.0, 0.5 (medians: 4 / 8 = 0.5)
+  assert rows[0]['best_ratio'] == pytest.approx(0.9) and rows[0]['steps_per_s'] == 4.0
+  assert rows[1]['ratio'] == rows[1]['best_ratio'] == 1.0 and rows[1]['best'] == 10.0
+
+
 def test_tiny_digits_suite_times_every_way(monkeypatch):
   monkeypatch.setitem(bench_loop.PRESETS, 'tiny', dict(digits=3))
   rows = bench_loop.loop_suite('tiny', repeats=1)
@@ -88,6 +96,7 @@ def test_tiny_digits_suite_times_every_way(monkeypatch):
     assert r['model'] == 'digits' and r['steps'] == 3 and len(r['runs']) == 1, r
     assert np.isfinite(r['steps_per_s']) and r['steps_per_s'] > 0, r
   assert rows[-1]['ratio'] == 1.0 and np.isfinite(rows[-1]['loss'])
-  assert rows[0]['ratio'] == pytest.approx(rows[0]['steps_per_s'] / rows[-1]['steps_per_s'])
+  assert rows[0]['ratio'] == pytest.approx(rows[0]['runs'][0] / rows[-1]['runs'][0])
   table = bench_loop.table(rows)
   assert table.count('\n') == len(rows) + 1 and '| digits | ours log=1 | 3 x 1 |' in table
+  assert rows[0]['best_ratio'] == pytest.approx(rows[0]['best'] / rows[-1]['best'])
