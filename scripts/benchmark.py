@@ -108,10 +108,6 @@ def _compile(fn, *args):
   return bench_utils.compile_fn(fn, *args)
 
 
-def _time(compiled, args):
-  return bench_utils.time_fn(compiled, args, FLAGS.repeats)
-
-
 def _rel_err(got, want):
   """max |got - want| / max |want| over the loss and each gradient."""
   pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want))
@@ -186,27 +182,33 @@ def _fused_point(n, d, k, dtype, methods, timed, max_run_gib):
 
   rel err is against the naive optax loss in float32 on the same input values (for float32
   inputs: the naive optax row itself); where that does not fit in `max_run_gib`, against the
-  first method that ran, named in 'rel_err_vs'.
+  first method that ran, named in 'rel_err_vs'. Timing: one warm-up per method (which gives
+  the error), then `--repeats` rounds that run every method once in turn, so a shared box's
+  changing load falls on all methods alike; the median of the rounds.
   """
-  rows, args, ref, ref_name = [], None, None, None
+  rows, runs = [], {}
   for name, (loss, argnums, transposed) in methods.items():
     spec = [jax.ShapeDtypeStruct(s, dt) for s, dt in (
         ((n, d), dtype), ((k, d) if transposed else (d, k), dtype), ((k,), dtype),
         ((n,), jnp.int32))]
     compiled, temp, io = _compile(jax.value_and_grad(loss, argnums), *spec)
-    row = dict(dtype=jnp.dtype(dtype).name, N=n, d=d, K=k, method=name, temp_mib=temp / MiB)
+    rows.append(dict(dtype=jnp.dtype(dtype).name, N=n, d=d, K=k, method=name,
+                     temp_mib=temp / MiB))
     if timed and (temp + io) / 2**30 <= max_run_gib:
-      if args is None:
-        keys = jax.random.split(jax.random.key(0), 3)
-        args = [jax.random.normal(keys[0], (n, d), dtype),
-                (jax.random.normal(keys[1], (d, k)) / np.sqrt(d)).astype(dtype),
-                jnp.zeros(k, dtype), jax.random.randint(keys[2], (n,), 0, k)]
-        if jnp.dtype(dtype) != jnp.float32:
-          ref = _float32_reference(methods['naive optax'][0], args, max_run_gib)
-          ref_name = None if ref is None else 'naive optax float32'
-      w = args[1].T.copy() if transposed else args[1]
-      row['load'] = _wait_quiet()
-      row['time_s'], (value, grads) = _time(compiled, [args[0], w, *args[2:]])
+      runs[name] = (compiled, transposed, rows[-1])
+  if runs:
+    keys = jax.random.split(jax.random.key(0), 3)
+    args = [jax.random.normal(keys[0], (n, d), dtype),
+            (jax.random.normal(keys[1], (d, k)) / np.sqrt(d)).astype(dtype),
+            jnp.zeros(k, dtype), jax.random.randint(keys[2], (n,), 0, k)]
+    ref, ref_name = None, None
+    if jnp.dtype(dtype) != jnp.float32:
+      ref = _float32_reference(methods['naive optax'][0], args, max_run_gib)
+      ref_name = None if ref is None else 'naive optax float32'
+    call = lambda compiled, transposed: compiled(
+        args[0], args[1].T.copy() if transposed else args[1], *args[2:])
+    for name, (compiled, transposed, row) in runs.items():  # warm-up and error
+      value, grads = jax.block_until_ready(call(compiled, transposed))
       if transposed:  # compare dw in [d, K]; jax-cce has no bias
         grads = (grads[0], grads[1].T)
       if ref is None:
@@ -215,8 +217,16 @@ def _fused_point(n, d, k, dtype, methods, timed, max_run_gib):
         row['rel_err'] = _rel_err((value, grads), (ref[0], ref[1][:len(grads)]))
         if ref_name not in ('naive optax', 'naive optax float32'):
           row['rel_err_vs'] = ref_name
-      del w, value, grads
-    rows.append(row)
+      del value, grads
+    del ref
+    load, times = _wait_quiet(), {name: [] for name in runs}
+    for _ in range(FLAGS.repeats):
+      for name, (compiled, transposed, _) in runs.items():
+        start = time.perf_counter()
+        jax.block_until_ready(call(compiled, transposed))
+        times[name].append(time.perf_counter() - start)
+    for name, (_, _, row) in runs.items():
+      row['time_s'], row['load'] = float(np.median(times[name])), load
   naive = rows[0]
   for row in rows:
     row['mem_ratio'] = row['temp_mib'] / naive['temp_mib']
