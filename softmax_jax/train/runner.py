@@ -3,9 +3,10 @@
 The hot path never talks to the host: every step is dispatched without waiting for the previous
 one, its metrics stay on device, and the next batch is put on the devices while a step runs
 (`prefetch_to_device`). Only the steps that log, evaluate or checkpoint (or are interrupted) sync:
-one `jax.device_get` reads the metrics of every step since the last sync, checks each step's loss
-and gradient norm for NaN or inf, and the whole train state is checked finite
-(`chex.assert_tree_all_finite` on a per-leaf probe), so no checkpoint holds NaN. A failure names
+one `jax.device_get` reads the metrics of every step since the last sync (stacked on device, one
+array per key) and a one-scalar finiteness probe of the whole train state; each step's loss and
+gradient norm are checked for NaN or inf, and a non-finite probe is traced to the arrays that hold
+it (`chex.assert_tree_all_finite` on a per-leaf probe), so no checkpoint holds NaN. A failure names
 the first step whose loss or gradient norm is not finite (or, if only the state check saw it, the
 range of steps since the state was last seen finite) and the newest checkpoint, which is verified
 finite, and says how to resume from it with a lower learning rate. A SIGINT or SIGTERM (see
@@ -58,6 +59,24 @@ def _finite_probe(state):
       return jnp.zeros((), jnp.float32)
     return jnp.sum(x.astype(jnp.float32) * 0)
   return jax.tree.map(probe, state)
+
+
+@jax.jit
+def _state_probe(state):
+  """`sum(x * 0)` over every floating leaf of `state`: one scalar, NaN iff some leaf is not finite."""
+  return sum(jax.tree.leaves(_finite_probe(state)), jnp.zeros((), jnp.float32))
+
+
+@jax.jit
+def _stack_jit(metrics):
+  return jax.tree.map(lambda *x: jnp.stack(x), *metrics)
+
+
+def _stack(metrics):
+  """A list of per-step metric dicts -> one dict of stacked arrays (one transfer per key)."""
+  if all(isinstance(x, jax.Array) for x in jax.tree.leaves(metrics)):
+    return _stack_jit(metrics)
+  return jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *metrics)
 
 
 def restore(config, workdir: str, ckpt, template, *, changes, interrupts: Interrupts):
@@ -173,8 +192,10 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
               f'step\'s loss and gradient norm were finite. {_resume_advice(config, ckpt, last_good)}',
               _lower_lr_flags(config))
 
-  def check_state_finite(step: int, state) -> None:
-    probe = jax.device_get(_finite_probe(state))
+  def check_state_finite(step: int, state, total) -> None:
+    if np.isfinite(total):
+      return
+    probe = jax.device_get(_finite_probe(state))  # per leaf, to name them
     try:
       chex.assert_tree_all_finite(probe)
     except AssertionError:
@@ -219,12 +240,13 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
       if not (do_log or do_eval or do_ckpt or interrupted()):
         continue
       # A sync point: one read of every step's metrics since the last one, then the state probe.
-      fetched = jax.device_get([m for _, m in pending])
-      fetched = [(s, host_metrics(m)) for (s, _), m in zip(pending, fetched)]
+      stacked, total = jax.device_get((_stack([m for _, m in pending]), _state_probe(state)))
+      fetched = [(s, host_metrics({k: v[i] for k, v in stacked.items()}))
+                 for i, (s, _) in enumerate(pending)]
       pending = []
       check_finite(fetched)
       window += [m for _, m in fetched]
-      check_state_finite(step, state)  # parameters and optimizer state: never log or save NaN ones
+      check_state_finite(step, state, total)  # parameters and optimizer state: never log or save NaN
       verified = step
       if do_log:
         scalars = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
