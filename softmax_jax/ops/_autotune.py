@@ -141,9 +141,10 @@ def candidates(reduction, n, d, k):
 def scaled(reduction, n, d, k, chunk, token):
   """`(n', k')` of the timed problem for one candidate: whole blocks of the real shapes.
 
-  'none' keeps N (the [N, chunk] blocks are what the vocabulary chunk trades against caches)
-  and times whole chunks; 'sum'/'mean' keep K (the [token_chunk, K] block) and time whole token
-  chunks; either is cut to about `TARGET_FLOPS` (at least one chunk), never above the real one.
+  'none' times whole vocabulary chunks on N rows cut to about `TARGET_FLOPS` over two chunks
+  (at least 256 rows: at d=512, 256 rows for chunk 4096, so its [rows, chunk] blocks are
+  smaller than the real ones); 'sum'/'mean' keep K up to `TARGET_FLOPS` (at least four chunks)
+  and time whole token blocks. Never above the real sizes.
   """
   per = 8.0 * d  # flops per (row, class): four matrix products of 2 d
   if reduction == 'none':
