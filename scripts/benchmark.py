@@ -6,6 +6,10 @@ Suites (`--suite`):
          installed, the PyPI package `jax-cce` (w as [K, d], no bias); value_and_grad of the
          mean loss w.r.t. x, w, b. `rel err`: max |diff| / max |naive| over loss and gradients,
          against the naive optax loss in float32 on the same input values (bfloat16 included).
+         'fused mean'/'fused none' use the op's own chunks, tuned on this machine before timing
+         (SOFTMAX_JAX_CACHE_DIR, SOFTMAX_JAX_AUTOTUNE=0: see linear_cross_entropy); cpu_target
+         adds the untuned 4096/256 rows. Methods are timed in interleaved rounds; the output
+         starts with the CPU model and vector extensions.
 
   python scripts/benchmark.py --suite=fused --preset=cpu_target   # the must-show point, ~5 min
   python scripts/benchmark.py --suite=fused --preset=cpu_small    # a smoke run, ~2 min
