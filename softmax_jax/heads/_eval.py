@@ -197,3 +197,27 @@ def label_rows(weights: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
   k = weights.shape[axis]
   rows = jnp.take(weights, jnp.clip(labels, 0, k - 1), axis=axis)  # [d, ...] or [..., d]
   return jnp.moveaxis(rows, 0, -1) if axis == 1 else rows
+
+
+def linear_eval_stats(x: jax.Array, weights: jax.Array, bias: Optional[jax.Array], labels: jax.Array, *,
+                      class_axis: int, num_classes: int, chunk_size: Optional[int] = None,
+                      **options) -> Dict[str, jax.Array]:
+  """`chunked_eval_stats` of the linear logits `x @ W + b`, formed `chunk_size` classes at a time.
+
+  `x: [..., d]` (the compute dtype), `weights`: `[d, K]` (`class_axis=1`, a kernel) or `[K, d]`
+  (`class_axis=0`, an embedding), `bias: [K]` or None. The label's score is its own row's product
+  (O(N d)), so no chunk is ever `[N, K]`; `options` are `chunked_eval_stats`'.
+  """
+  spec = '...d,dk->...k' if class_axis == 1 else '...d,kd->...k'
+
+  def chunk(start, size):
+    w = jax.lax.dynamic_slice_in_dim(weights, start, size, axis=class_axis).astype(x.dtype)
+    z = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    return z if bias is None else z + jax.lax.dynamic_slice_in_dim(bias, start, size)
+
+  label = jnp.einsum('...d,...d->...', x, label_rows(weights, labels, class_axis).astype(x.dtype),
+                     preferred_element_type=jnp.float32)
+  if bias is not None:
+    label = label + label_rows(bias, labels, 0)
+  return chunked_eval_stats(chunk, labels, num_classes=num_classes, chunk_size=chunk_size,
+                            label_scores=label, **options)

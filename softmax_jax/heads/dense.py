@@ -31,7 +31,6 @@ checked on every call, in training and in evaluation alike.
 from typing import Any, Dict, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from softmax_jax import ops
@@ -123,18 +122,6 @@ class DenseSoftmax(nn.Module):
     features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
                                                    num_classes=self.num_classes)
     kernel, bias = self._weights(features.shape[-1])
-    dtype = self.dtype or features.dtype
-    x = features.astype(dtype)
-
-    def chunk(start, size):
-      w = jax.lax.dynamic_slice_in_dim(kernel, start, size, axis=1).astype(dtype)
-      z = jnp.matmul(x, w, preferred_element_type=jnp.float32)
-      return z if bias is None else z + jax.lax.dynamic_slice_in_dim(bias, start, size)
-
-    label = jnp.einsum('...d,...d->...', x, _eval.label_rows(kernel, labels, 1).astype(dtype),
-                       preferred_element_type=jnp.float32)
-    if bias is not None:
-      label = label + _eval.label_rows(bias, labels, 0)
-    return _eval.chunked_eval_stats(chunk, labels, num_classes=self.num_classes,
-                                    chunk_size=chunk_size or self.chunk_size,
-                                    label_scores=label, **opts)
+    x = features.astype(self.dtype or features.dtype)
+    return _eval.linear_eval_stats(x, kernel, bias, labels, class_axis=1, num_classes=self.num_classes,
+                                   chunk_size=chunk_size or self.chunk_size, **opts)

@@ -20,7 +20,6 @@ give a NaN loss.
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -156,18 +155,7 @@ class SampledSoftmax(nn.Module):
     features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
                                                    num_classes=self.num_classes)
     embedding, bias = self._weights(features.shape[-1])
-    dtype = self.dtype or features.dtype
-    x = features.astype(dtype)
-
-    def chunk(start, size):
-      e = jax.lax.dynamic_slice_in_dim(embedding, start, size, axis=0).astype(dtype)
-      z = jnp.einsum('...d,kd->...k', x, e, preferred_element_type=jnp.float32)
-      return z if bias is None else z + jax.lax.dynamic_slice_in_dim(bias, start, size)
-
-    label = jnp.einsum('...d,...d->...', x, _eval.label_rows(embedding, labels, 0).astype(dtype),
-                       preferred_element_type=jnp.float32)
-    if bias is not None:
-      label = label + _eval.label_rows(bias, labels, 0)
-    return _eval.chunked_eval_stats(chunk, labels, num_classes=self.num_classes,
-                                    chunk_size=chunk_size, label_scores=label,
-                                    temperatures=temperatures, log_prior=log_prior)
+    x = features.astype(self.dtype or features.dtype)
+    return _eval.linear_eval_stats(x, embedding, bias, labels, class_axis=0,
+                                   num_classes=self.num_classes, chunk_size=chunk_size,
+                                   temperatures=temperatures, log_prior=log_prior)
