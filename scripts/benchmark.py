@@ -36,7 +36,7 @@ Suites (`--suite`):
 
   taskset -c 1 python scripts/benchmark.py --suite=loop --preset=cpu  # ~10 min on one quiet core
 
-Writes OUT.json and OUT.png (`--out`, default bench_out/SUITE_PRESET) and prints markdown tables.
+Writes OUT.json and (but for `loop`) OUT.png (`--out`, default bench_out/SUITE_PRESET) and prints markdown tables.
 Timings wait (up to `--wait_s`) for the 1-minute load to fall below `--max_load`.
 """
 
@@ -418,7 +418,8 @@ def main(argv):
                 load_at_end=bench_utils.load(), wall_s=time.time() - start)
   with open(out + '.json', 'w') as f:
     json.dump(result, f, indent=1)
-  print(f'wrote {out}.json and {out}.png in {time.time() - start:.0f} s')
+  wrote = [f'{out}.json'] + [f'{out}.png'] * os.path.exists(out + '.png')
+  print(f'wrote {" and ".join(wrote)} in {time.time() - start:.0f} s')
 
 
 if __name__ == '__main__':
