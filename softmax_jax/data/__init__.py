@@ -1,8 +1,8 @@
 """Data: local TFDS builders (digits, Fashion-MNIST IDX), stock TFDS datasets, NumPy batches.
 
 `load_dataset(config.data)` returns a `Dataset` held in host memory; `train_batches` yields
-deterministic, resumable shuffled or class-aware batches and `eval_batches` one padded, masked
-pass. `longtail` cuts long-tailed train splits (`config.data.imbalance_ratio`) and holds the
+deterministic, resumable shuffled or class-aware batches (`train_indices`: their example
+indices) and `eval_batches` one padded, masked pass. `longtail` cuts long-tailed train splits (`config.data.imbalance_ratio`) and holds the
 class-sampling weights and over/undersampling behind `train_batches(..., sampling=...)`.
 `augment.random_crop_flip` augments image batches on device, inside the train step.
 `text` holds word-level language-modelling corpora (PTB, Tiny Shakespeare through a local TFDS
@@ -16,7 +16,7 @@ from softmax_jax.data.builders import check_labels
 from softmax_jax.data.longtail import (class_sampling_weights, long_tailed_counts, make_long_tailed,
                                        resampled_indices)
 from softmax_jax.data.pipeline import (KNOWN_DATASETS, SAMPLING, Dataset, Split, eval_batches,
-                                       load_dataset, train_batches)
+                                       load_dataset, train_batches, train_indices)
 from softmax_jax.data.text import (LM_DATASETS, TextDataset, lm_batches, lm_eval_batches,
                                    load_text_dataset)
 from softmax_jax.data.vocab import build_vocab
@@ -25,5 +25,5 @@ __all__ = [
     'LM_DATASETS', 'TextDataset', 'build_vocab', 'lm_batches', 'lm_eval_batches', 'load_text_dataset',
     'text', 'vocab', 'KNOWN_DATASETS', 'SAMPLING', 'Dataset', 'Split', 'augment', 'builders', 'check_labels',
     'class_sampling_weights', 'eval_batches', 'load_dataset', 'long_tailed_counts', 'longtail',
-    'make_long_tailed', 'random_crop_flip', 'resampled_indices', 'train_batches',
+    'make_long_tailed', 'random_crop_flip', 'resampled_indices', 'train_batches', 'train_indices',
 ]

@@ -215,7 +215,20 @@ def load_dataset(config: Any) -> Dataset:
 
 def train_batches(dataset: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
                   sampling: str = 'instance', num_steps: Optional[int] = None) -> Iterator[Dict]:
-  """Infinite training batches; the batch of step `s` depends only on `(seed, s)`.
+  """Infinite training batches: `train_indices`' examples, normalized on the host.
+
+  Yields:
+    `{'image': [B, H, W, C] float32 normalized, 'label': [B] int32}`.
+  """
+  train = dataset.splits['train']
+  for idx in train_indices(dataset, batch_size, seed=seed, start_step=start_step,
+                           sampling=sampling, num_steps=num_steps):
+    yield {'image': dataset.normalize(train.images[idx]), 'label': train.labels[idx]}
+
+
+def train_indices(dataset: Dataset, batch_size: int, *, seed: int, start_step: int = 0,
+                  sampling: str = 'instance', num_steps: Optional[int] = None) -> Iterator[np.ndarray]:
+  """Infinite training batches as example indices; the batch of step `s` depends only on `(seed, s)`.
 
   'instance' (and 'over', 'under' over their resampled index list of length n): step `s` is
   batch `s % steps_per_epoch` of epoch `e = s // steps_per_epoch` under the permutation
@@ -235,7 +248,7 @@ def train_batches(dataset: Dataset, batch_size: int, *, seed: int, start_step: i
     num_steps: T, the length of training; required by 'progressive'.
 
   Yields:
-    `{'image': [B, H, W, C] float32 normalized, 'label': [B] int32}`.
+    `[B]` int indices into the train split, one array per step.
   """
   train = dataset.splits['train']
   if sampling not in SAMPLING:
@@ -267,7 +280,7 @@ def train_batches(dataset: Dataset, batch_size: int, *, seed: int, start_step: i
       if e != epoch:
         epoch, perm = e, pool[np.random.default_rng([seed, e]).permutation(n)]
       idx = perm[i * batch_size:(i + 1) * batch_size]
-    yield {'image': dataset.normalize(train.images[idx]), 'label': train.labels[idx]}
+    yield idx
     step += 1
 
 

@@ -27,6 +27,8 @@ from softmax_jax.train.state import init_state
 # Folded into the per-step key for augmentation, so the dropout and sample keys (a split of the
 # per-step key) are those of runs without augmentation.
 _AUGMENT_STREAM = 1 << 20
+# Train splits up to this size (float32, normalized) stay on the device; batches are gathered there.
+RESIDENT_BYTES = 256 << 20
 
 
 def check_classifier_batch(batch) -> None:
@@ -108,9 +110,22 @@ class ClassificationTask:
                            flip=self.augment.get('flip', False))
 
   def train_batches(self, start_step: int):
+    """Host batches; or, for a train split of at most `RESIDENT_BYTES` normalized, device batches.
+
+    A small train split is normalized once and kept on the device: each step's batch is then a
+    gather on the device by the step's indices (`data.train_indices`, the same examples as
+    `data.train_batches`, bit for bit), so only `[B]` indices travel from the host.
+    """
     c = self.config
-    return data.train_batches(self.dataset, c.batch_size, seed=c.seed, start_step=start_step,
-                              sampling=c.data.sampling, num_steps=c.num_steps)
+    kwargs = dict(seed=c.seed, start_step=start_step, sampling=c.data.sampling, num_steps=c.num_steps)
+    train = self.dataset.splits['train']
+    if train.images.size * 4 > RESIDENT_BYTES:
+      return data.train_batches(self.dataset, c.batch_size, **kwargs)
+    images = jax.device_put(self.dataset.normalize(train.images))
+    labels = jax.device_put(train.labels)
+    gather = jax.jit(lambda x, y, idx: {'image': x[idx], 'label': y[idx]})
+    return (gather(images, labels, idx.astype(np.int32))
+            for idx in data.train_indices(self.dataset, c.batch_size, **kwargs))
 
   def _stats_fn(self, temperatures, adjust: bool):
     """`eval_step` for `driver.evaluate`, one function (and so one compilation) per kind of pass."""

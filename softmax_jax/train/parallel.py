@@ -107,7 +107,7 @@ class PmapDriver(JitDriver):
     self._stacked = NamedSharding(Mesh(np.array(self.devices), ('batch',)), P('batch'))
 
   def _shard(self, x):
-    x = np.asarray(x)
+    x = x if isinstance(x, jax.Array) else np.asarray(x)  # a device batch stays on the device
     return x.reshape(len(self.devices), x.shape[0] // len(self.devices), *x.shape[1:])
 
   def put_state(self, state):
