@@ -282,13 +282,7 @@ def save_reliability_figure(path, panels, *, num_bins=15, where=None):
 
   Returns: path.
   """
-  if not isinstance(panels, dict) or not panels:
-    raise ValueError(f"panels must be a non-empty dict title -> (log_probs, labels), got "
-                     f"{panels!r:.80}.")
-  for title, value in panels.items():
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-      raise ValueError(f"panels[{title!r}] must be a (log_probs, labels) pair, got "
-                       f"{type(value).__name__}.")
+  _check_panels(panels, "log_probs, labels")
   return _figure(path, panels, lambda ax, pair: reliability_diagram(
       ax, *pair, num_bins=num_bins, where=where))
 
@@ -307,15 +301,18 @@ def save_reliability_figure_from_stats(path, panels, *, where=None, num_bins=15)
 
   Returns: path.
   """
-  if not isinstance(panels, dict) or not panels:
-    raise ValueError(f"panels must be a non-empty dict title -> (confidence, correct), got "
-                     f"{panels!r:.80}.")
-  for title, value in panels.items():
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-      raise ValueError(f"panels[{title!r}] must be a (confidence, correct) pair, got "
-                       f"{type(value).__name__}.")
+  _check_panels(panels, "confidence, correct")
   return _figure(path, panels, lambda ax, pair: reliability_diagram_from_stats(
       ax, *pair, num_bins=num_bins, where=where))
+
+
+def _check_panels(panels, pair: str) -> None:  # a non-empty dict of title -> 2-tuple
+  if not isinstance(panels, dict) or not panels:
+    raise ValueError(f"panels must be a non-empty dict title -> ({pair}), got {panels!r:.80}.")
+  for title, value in panels.items():
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+      raise ValueError(f"panels[{title!r}] must be a ({pair}) pair, got "
+                       f"{type(value).__name__}.")
 
 
 def _figure(path, panels, draw):  # one panel per item, side by side; writes path
