@@ -2,6 +2,7 @@
 
 import os
 import platform
+import re
 import statistics
 import time
 
@@ -63,8 +64,9 @@ def machine() -> dict:
     pass
   ext = [e for e in ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_tile')
          if e in flags]
+  isa = re.findall(r'--xla_cpu_max_isa=(\S+)', os.environ.get('XLA_FLAGS', ''))
   return dict(cpu_model=model, vector_extensions=ext, cores=os.cpu_count(),
-              load_1min=load())
+              xla_max_isa=isa[-1].upper() if isa else None, load_1min=load())
 
 
 def describe_machine() -> str:
@@ -72,5 +74,7 @@ def describe_machine() -> str:
   m = machine()
   ext = ', '.join(m['vector_extensions']) or 'no AVX2'
   wide = 'AVX-512' if 'avx512f' in m['vector_extensions'] else 'no AVX-512'
+  if m['xla_max_isa']:
+    wide += f"; XLA code limited to {m['xla_max_isa']} by --xla_cpu_max_isa"
   return (f"CPU: {m['cpu_model']} ({ext}; {wide}), {m['cores']} cores, "
           f"1-min load {m['load_1min']:.2f}")

@@ -25,6 +25,7 @@ defaults `DEFAULT` = (4096, 256) without timing or reading the cache.
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -75,8 +76,17 @@ def cache_path():
   return os.path.join(root, FILE_NAME)
 
 
+def xla_max_isa():
+  """The ISA cap XLA's CPU code generation was given (`--xla_cpu_max_isa=` in XLA_FLAGS), or None."""
+  found = re.findall(r'--xla_cpu_max_isa=(\S+)', os.environ.get('XLA_FLAGS', ''))
+  return found[-1].upper() if found else None
+
+
 def cpu_description():
-  """'<CPU model> [avx512f|avx2|...]' from /proc/cpuinfo ('unknown' where there is none)."""
+  """'<CPU model> [avx512f|avx2|...]' from /proc/cpuinfo ('unknown' where there is none).
+
+  With `--xla_cpu_max_isa=X` in XLA_FLAGS, ' xla<=X' is appended: code limited to AVX2 on an
+  AVX-512 machine is another machine to the tuner."""
   model, flags = 'unknown', set()
   try:
     with open('/proc/cpuinfo') as f:
@@ -90,7 +100,8 @@ def cpu_description():
   except OSError:
     pass
   ext = [e for e in ('avx512f', 'avx512_bf16', 'amx_tile', 'avx2', 'fma') if e in flags]
-  return f"{model} [{' '.join(ext) or 'no avx2'}]"
+  cap = xla_max_isa()
+  return f"{model} [{' '.join(ext) or 'no avx2'}]" + (f' xla<={cap}' if cap else '')
 
 
 def bucket(n):

@@ -125,6 +125,14 @@ def test_the_key_names_the_machine():
   assert [_autotune.bucket(n) for n in (0, 1, 2, 3, 1024, 1025)] == [1, 1, 2, 4, 1024, 2048]
 
 
+def test_an_xla_isa_cap_is_another_machine(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  plain = _autotune.cpu_description()
+  assert 'xla<=' not in plain
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_max_isa=avx2 --xla_force_host_platform_device_count=8')
+  assert _autotune.cpu_description() == plain + ' xla<=AVX2'
+
+
 @pytest.mark.parametrize('content', [
     '{not json', '[]', '{"entries": []}', '{"entries": {"k": {"chunk_size": 1}}}',
     '{"entries": {"k": {"chunk_size": 0, "token_chunk_size": 2}}}',
