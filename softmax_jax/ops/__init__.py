@@ -49,6 +49,11 @@ from softmax_jax.ops.margins import l2_normalize
 from softmax_jax.ops.margins import sphereface_lambda
 from softmax_jax.ops.margins import sphereface_logits
 from softmax_jax.ops.margins import sphereface_psi
+from softmax_jax.ops.mixture import linear_logsumexp
+from softmax_jax.ops.mixture import log_sigsoftmax
+from softmax_jax.ops.mixture import mixture_cross_entropy
+from softmax_jax.ops.mixture import mixture_log_softmax
+from softmax_jax.ops.mixture import sigsoftmax
 from softmax_jax.ops.sampled import SampledValues
 from softmax_jax.ops.sampled import log_uniform_probs
 from softmax_jax.ops.sampled import log_uniform_sampler
@@ -96,6 +101,11 @@ __all__ = [
     "sphereface_logits",
     "sphereface_psi",
     "taylor_softmax",
+    "linear_logsumexp",
+    "log_sigsoftmax",
+    "mixture_cross_entropy",
+    "mixture_log_softmax",
+    "sigsoftmax",
     "class_balanced_weights",
     "cross_entropy",
     "drw_class_weights",
