@@ -73,7 +73,7 @@ def _stack_jit(metrics):
 
 
 def _stack(metrics):
-  """A list of per-step metric dicts -> one dict of stacked arrays (one transfer per key)."""
+  """A list of per-step metrics (dicts, or the drivers' packed vectors) -> one stacked tree."""
   if all(isinstance(x, jax.Array) for x in jax.tree.leaves(metrics)):
     return _stack_jit(metrics)
   return jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *metrics)
@@ -142,10 +142,12 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
     config: reads num_steps, log_every, eval_every, checkpoint_every, progress,
       optimizer.learning_rate and optimizer.clip_global_norm (for advice) and, for the error
       message, data.name, model.name and head.name.
-    driver: `step(state, batch) -> (state, metrics)` with a scalar metrics['loss'] (and
-      optionally metrics['grad_norm']; both checked finite for every step, at the next sync);
-      `get_state(state)` -> the host state to checkpoint; optionally `put_batch(batch)` (the
-      batch on the devices, used to prefetch) and `host_metrics(fetched)` (pmap: one device's).
+    driver: `step(state, batch) -> (state, metrics)`, metrics a pytree of device arrays that
+      `host_metrics(fetched)` (default: the identity) turns into a dict with a scalar 'loss'
+      (and optionally 'grad_norm'; both checked finite for every step, at the next sync): the
+      drivers of train/parallel.py pack them in one vector; `get_state(state)` -> the host
+      state to checkpoint; optionally `put_batch(batch)` (the batch on the devices, used to
+      prefetch).
     state: the device state after `start_step` steps (finite: a restored checkpoint is checked).
     batches: an iterator of training batches, starting with step `start_step + 1`'s.
     start_step: steps already done (0, or the checkpoint resumed from).
@@ -241,7 +243,7 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
         continue
       # A sync point: one read of every step's metrics since the last one, then the state probe.
       stacked, total = jax.device_get((_stack([m for _, m in pending]), _state_probe(state)))
-      fetched = [(s, host_metrics({k: v[i] for k, v in stacked.items()}))
+      fetched = [(s, host_metrics(jax.tree.map(lambda v: v[i], stacked)))
                  for i, (s, _) in enumerate(pending)]
       pending = []
       check_finite(fetched)
