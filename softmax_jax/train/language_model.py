@@ -87,9 +87,16 @@ class LanguageModelTask:
                        f'config.batch_size x config.data.seq_len = {config.batch_size} x {self.seq_len}.')
     self._eval_step = functools.partial(eval_step, model=self.model)
 
+  @property
+  def batch_sizes(self) -> Dict[str, int]:
+    """{config key: global batch size}: the sizes the devices split (`parallel.usable_devices`)."""
+    return {'batch_size': int(self.config.batch_size),
+            'eval_batch_size': int(self.config.eval_batch_size)}
+
   def check_devices(self, num_devices: int) -> None:
-    check_divisible(self.config.batch_size, num_devices, 'batch_size')
-    check_divisible(self.config.eval_batch_size, num_devices, 'eval_batch_size')
+    """Raises ValueError (naming the fixes) unless `num_devices` divides every batch size."""
+    for key, size in self.batch_sizes.items():
+      check_divisible(size, num_devices, key)
 
   def init_state(self, tx):
     """Host state {step, params, model_state, opt_state, rng, carry}; carry = zeros, one row per batch row."""

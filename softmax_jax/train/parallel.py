@@ -11,11 +11,19 @@ than with one (WORKSPACE, issue 15).
 Under pmap, randomness (dropout, augmentation) draws from per-device keys, so a pmap run with
 it is not the same as a jit run; jit runs agree across device counts. Evaluation runs on the jit
 path for both drivers.
+
+Device count (`config.num_devices`, `usable_devices`): the batch sizes are part of the experiment
+and are never changed to fit the hardware. With `num_devices=0` (the default) a run uses the most
+local devices that divide every batch size: all of them when they do, else fewer, with a logged
+warning that names the batch sizes that would use all (e.g. PTB's batch 20 and evaluation batch 10
+run on 5 of 8 devices). An explicit `num_devices` that does not divide a batch size is an error
+naming `--config.num_devices` values that do and the nearest batch sizes that it divides.
 """
 
 import functools
-from typing import Callable, Iterable, List
+from typing import Callable, Iterable, List, Mapping
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,16 +40,68 @@ def local_devices(num_devices: int):
   return devices[:num_devices] if num_devices > 0 else devices
 
 
-def check_divisible(batch_size: int, n: int, key: str) -> None:
-  if batch_size % n:
-    raise ValueError(f'config.{key}={batch_size} must be divisible by the number of devices ({n}).')
+def _divisors(sizes: Iterable[int], at_most: int) -> List[int]:
+  """Device counts in [1, at_most] that divide every one of `sizes`, largest first."""
+  sizes = list(sizes)
+  return [n for n in range(at_most, 0, -1) if all(s % n == 0 for s in sizes)]
+
+
+def check_divisible(batch_size: int, n: int, key: str, *, available: int = 0) -> None:
+  """Raises ValueError unless `n` devices divide `config.<key>` = `batch_size`.
+
+  The message names the nearest batch sizes that `n` divides and the `--config.num_devices`
+  values (up to `available` devices, default `n`) that divide `batch_size`.
+  """
+  if batch_size % n == 0:
+    return
+  lower, upper = batch_size // n * n, (batch_size // n + 1) * n
+  sizes = ' or '.join(f'--config.{key}={b}' for b in (lower, upper) if b > 0)
+  counts = ', '.join(str(d) for d in _divisors([batch_size], max(available, n)))
+  raise ValueError(
+      f'config.{key}={batch_size} must be divisible by the number of devices ({n}): set {sizes} '
+      f'to use {n} devices, or --config.num_devices to one of {counts} to keep the batch '
+      '(--config.num_devices=0, the default, uses the most devices that divide every batch size).')
+
+
+def usable_devices(num_devices: int, batch_sizes: Mapping[str, int]):
+  """The local devices a run uses for `batch_sizes` ({config key: size}, e.g. 'batch_size': 20).
+
+  Args:
+    num_devices: `config.num_devices`; 0: the most local devices that divide every batch size
+      (all when they do; fewer logs a warning naming the batch sizes that would use all);
+      > 0: exactly that many, which must divide every batch size.
+    batch_sizes: config key -> global batch size (rows split over the devices).
+
+  Returns:
+    The first devices of `jax.local_devices()`.
+
+  Raises:
+    ValueError: `num_devices` exceeds the local devices, or it does not divide a batch size
+      (naming `--config.num_devices` values that do and the nearest batch sizes it divides).
+  """
+  devices = local_devices(num_devices)
+  if num_devices > 0:
+    for key, size in batch_sizes.items():
+      check_divisible(int(size), len(devices), key, available=len(jax.local_devices()))
+    return devices
+  n = _divisors([int(s) for s in batch_sizes.values()], len(devices))[0]
+  if n < len(devices):
+    fits = ' '.join(f'--config.{k}={-(-int(s) // len(devices)) * len(devices)}'
+                    for k, s in batch_sizes.items() if int(s) % len(devices))
+    logging.warning(
+        'Using %d of the %d local devices: %s are divisible by %d devices, not by %d (the batch '
+        'is kept: it is part of the experiment). To use all %d, change the batch, e.g. %s; to '
+        'silence this, set --config.num_devices=%d.', n, len(devices),
+        ', '.join(f'config.{k}={s}' for k, s in batch_sizes.items()), n, len(devices),
+        len(devices), fits, n)
+  return devices[:n]
 
 
 class JitDriver:
   """`jax.jit` over a 1-D Mesh: batch and per-row state split on axis 'data', the rest replicated."""
 
   def __init__(self, task, tx, schedule, num_devices: int = 0):
-    self.devices = local_devices(num_devices)
+    self.devices = usable_devices(num_devices, task.batch_sizes)
     self.row_keys = tuple(task.row_state_keys)
     mesh = Mesh(np.array(self.devices), ('data',))
     self.replicated = NamedSharding(mesh, P())
