@@ -36,7 +36,15 @@ Suites (`--suite`):
 
   taskset -c 1 python scripts/benchmark.py --suite=loop --preset=cpu  # ~10 min on one quiet core
 
-Writes OUT.json and (but for `loop`) OUT.png (`--out`, default bench_out/SUITE_PRESET) and prints markdown tables.
+Presets: `--preset=auto` picks `cpu`, `gpu` or `tpu` from `jax.default_backend()` (`resolve_preset`).
+Every suite has the three; `tpu` (sizes for one TPU v5e chip, 16 GiB of HBM: Colab's TPU runtime)
+is `PRESETS['tpu']` for the fused suite and `TPU_PRESETS` for the others, whose modules get it as
+their `PRESETS['tpu']` when they have none (`add_tpu_presets`).
+
+  python scripts/benchmark.py --suite=heads --preset=auto         # on a Colab TPU: the tpu sizes
+
+Writes OUT.json and (but for `loop`) OUT.png (`--out`, default bench_out/SUITE_PRESET, the preset
+resolved) and prints markdown tables.
 Timings wait (up to `--wait_s`) for the 1-minute load to fall below `--max_load`.
 """
 
@@ -67,7 +75,8 @@ from softmax_jax.ops import fused  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'ce', 'loop'], 'Which suite (see the docstring).')
 flags.DEFINE_list('heads', None, 'heads suite: only these heads (default: all), e.g. dense,adaptive.')
-flags.DEFINE_enum('preset', 'cpu_target', ['cpu', 'cpu_small', 'cpu_target', 'gpu'], 'Grid.')
+flags.DEFINE_enum('preset', 'cpu_target', ['auto', 'cpu', 'cpu_small', 'cpu_target', 'gpu', 'tpu'],
+                  'Grid; auto: cpu, gpu or tpu from jax.default_backend().')
 flags.DEFINE_list('dtype', None, 'Override the preset dtypes, e.g. float32,bfloat16.')
 flags.DEFINE_list('K', None, 'fused suite: override the preset vocabulary sizes, e.g. 256000.')
 flags.DEFINE_list('N', None, 'fused suite: override the preset token counts, e.g. 2048,8192.')
@@ -101,7 +110,46 @@ PRESETS = {  # grid; timed by default; memory sweep (K, d); extra chunk settings
                 max_run_gib=60.0, sweep=(256_000, 2048),
                 variants=[dict(chunk_size=c, token_chunk_size=t)
                           for c, t in ((8192, 512), (16384, 1024), (32768, 2048))]),
+    # One TPU v5e chip (16 GiB of HBM; Colab's TPU runtime): bfloat16, rows above 12 GiB compile only.
+    'tpu': dict(K=[32_000, 128_000, 256_000], N=[4096], d=[1024], dtypes=['bfloat16'], time=True,
+                max_run_gib=12.0, sweep=(128_000, 1024),
+                variants=[dict(chunk_size=8192, token_chunk_size=512)]),
 }
+# jax.default_backend() -> preset of --preset=auto.
+BACKEND_PRESETS = {'cpu': 'cpu', 'gpu': 'gpu', 'cuda': 'gpu', 'rocm': 'gpu', 'tpu': 'tpu'}
+# The 'tpu' sizes of the suites whose module has no 'tpu' preset: the gpu grids cut to fit 16 GiB
+# (heads: N 8192 -> 4096, d 1024, K up to 200k: dense's logits and their gradient in
+# float32, about 6 GiB; ce: the same K and N; loop: the gpu preset's steps).
+TPU_PRESETS = {
+    'heads': dict(K=[10_000, 50_000, 200_000], N=4096, d=1024),
+    'ce': dict(K=[10_000, 50_000, 200_000], N=4096),
+    'loop': dict(digits=2000, fashion_mnist=1000, ptb=1000),
+}
+SUITE_MODULES = {'heads': bench_heads, 'ce': bench_ce, 'loop': bench_loop}
+
+
+def add_tpu_presets() -> None:
+  """Gives each suite module whose `PRESETS` lacks 'tpu' the sizes of `TPU_PRESETS`."""
+  for suite, module in SUITE_MODULES.items():
+    module.PRESETS.setdefault('tpu', TPU_PRESETS[suite])
+
+
+add_tpu_presets()
+
+
+def resolve_preset(preset: str, backend=None) -> str:
+  """`preset`, or for 'auto' the preset of `backend` (default `jax.default_backend()`).
+
+  Raises:
+    ValueError: 'auto' on a backend with no preset, naming the presets to pass instead.
+  """
+  if preset != 'auto':
+    return preset
+  backend = backend or jax.default_backend()
+  if backend not in BACKEND_PRESETS:
+    raise ValueError(f'--preset=auto: no preset for the backend {backend!r}; pass one of '
+                     f'{sorted(PRESETS)}.')
+  return BACKEND_PRESETS[backend]
 
 
 def _wait_quiet():
@@ -407,12 +455,16 @@ SUITES = {'fused': fused_suite, 'heads': heads_suite, 'ce': ce_suite, 'loop': lo
 
 def main(argv):
   del argv
-  out = FLAGS.out or os.path.join('bench_out', f'{FLAGS.suite}_{FLAGS.preset}')
+  preset = resolve_preset(FLAGS.preset)
+  if preset != FLAGS.preset:
+    print(f'--preset={FLAGS.preset}: {preset} (backend {jax.default_backend()})', flush=True)
+  out = FLAGS.out or os.path.join('bench_out', f'{FLAGS.suite}_{preset}')
   os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
   start, load = time.time(), bench_utils.load()
-  result = SUITES[FLAGS.suite](FLAGS.preset, out)
+  result = SUITES[FLAGS.suite](preset, out)
   result.setdefault('cpu', bench_utils.machine())  # CPU model and vector extensions
-  result.update(suite=FLAGS.suite, preset=FLAGS.preset, date=str(datetime.date.today()),
+  result.update(suite=FLAGS.suite, preset=preset, preset_flag=FLAGS.preset,
+                backend=jax.default_backend(), date=str(datetime.date.today()),
                 device=jax.devices()[0].device_kind, cpus=os.cpu_count(),
                 machine=platform.platform(), jax=jax.__version__, load_at_start=load,
                 load_at_end=bench_utils.load(), wall_s=time.time() - start)

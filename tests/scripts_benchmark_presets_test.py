@@ -1,0 +1,50 @@
+"""scripts/benchmark.py presets: --preset=auto follows the backend; every suite has cpu, gpu, tpu."""
+
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'scripts'))
+import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.mark.parametrize('backend, preset', [('cpu', 'cpu'), ('gpu', 'gpu'), ('cuda', 'gpu'),
+                                             ('tpu', 'tpu')])
+def test_auto_follows_the_backend(backend, preset):
+  assert benchmark.resolve_preset('auto', backend) == preset
+  assert benchmark.resolve_preset('cpu_small', backend) == 'cpu_small'  # an explicit one stays
+
+
+def test_auto_on_this_machine_and_on_an_unknown_backend():
+  assert benchmark.resolve_preset('auto') == 'cpu'  # conftest.py: JAX_PLATFORMS=cpu
+  with pytest.raises(ValueError, match=r"no preset for the backend 'metal'; pass one of \["):
+    benchmark.resolve_preset('auto', 'metal')
+
+
+@pytest.mark.parametrize('suite', ['fused', 'heads', 'ce', 'loop'])
+def test_every_suite_has_the_presets_auto_can_pick(suite):
+  presets = benchmark.PRESETS if suite == 'fused' else benchmark.SUITE_MODULES[suite].PRESETS
+  assert {'cpu', 'gpu', 'tpu'} <= set(presets)
+  flag = benchmark.FLAGS['preset'].parser.enum_values
+  assert set(benchmark.BACKEND_PRESETS.values()) <= set(flag) and 'auto' in flag
+  assert benchmark.PRESETS['tpu']['max_run_gib'] < 16  # one v5e chip: 16 GiB of HBM
+
+
+def test_main_runs_the_resolved_preset_and_names_it(tmp_path, monkeypatch, capsys):
+  """`main` with --preset=auto on CPU: the suite gets 'cpu'; the output name and JSON say so."""
+  seen = []
+  monkeypatch.setitem(benchmark.SUITES, 'ce', lambda preset, out: seen.append((preset, out)) or {})
+  monkeypatch.chdir(tmp_path)
+  benchmark.FLAGS(['benchmark.py', '--suite=ce', '--preset=auto'])
+  try:
+    benchmark.main([])
+  finally:
+    benchmark.FLAGS.unparse_flags()
+  assert seen == [('cpu', os.path.join('bench_out', 'ce_cpu'))]
+  assert '--preset=auto: cpu (backend cpu)' in capsys.readouterr().out
+  with open(tmp_path / 'bench_out' / 'ce_cpu.json') as f:
+    result = json.load(f)
+  assert (result['preset'], result['preset_flag'], result['backend']) == ('cpu', 'auto', 'cpu')
