@@ -6,6 +6,14 @@ Run:
 
 Not measured on the project's offline machines (no network to download CIFAR); see WORKSPACE.md.
 The ResNet backbone of the long-tail issue will replace this toy CNN for competitive numbers.
+
+Data: the first run downloads and prepares the stock TFDS dataset, which needs a network and
+TensorFlow (`pip install tensorflow`: Colab no longer preinstalls it).
+
+Accelerators: batch 128 and evaluation batch 512 split over 1, 2, 4 or 8 devices as they are (16
+per device on a TPU v5e-8). --config.model.dtype=bfloat16 --config.head.dtype=bfloat16 computes
+in bfloat16 (the TPU matrix units' type; parameters, losses and softmax statistics stay
+float32).
 """
 
 from softmax_jax.train.config import base_config

@@ -34,6 +34,14 @@ error of their Table 2):
   LDAM-DRW                77.0   Cao et al. 2019, Table 2
   logit-adjusted loss     77.7   Menon et al., "Long-tail learning via logit adjustment", ICLR 2021
 Not run here: no GPU was lent.
+
+Data: the first run downloads and prepares the stock TFDS dataset (cifar10), which needs a
+network and TensorFlow (`pip install tensorflow`: Colab no longer preinstalls it).
+
+Accelerators: batch 128 and evaluation batch 512 split over 1, 2, 4 or 8 devices as they are (16
+per device on a TPU v5e-8: Cao's batch; a larger one is another experiment).
+--config.model.dtype=bfloat16 --config.head.dtype=bfloat16 computes in bfloat16 (the TPU matrix
+units' type; parameters, losses and softmax statistics stay float32).
 """
 
 from softmax_jax.train.config import base_config

@@ -17,6 +17,12 @@ the "few" bucket is empty); validation (6000) and test (10000) stay balanced. Ru
 Measured 2026-11-23 on the 2-core dev box, 3 seeds, test balanced accuracy (~85 s per run): CE
 84.10 ± 0.19, focal 84.04, CB 86.73, CB focal 86.50, resampling 86.85, LDAM-DRW 86.88,
 logit-adjusted 87.44 ± 0.28, CE + post-hoc adjustment 87.44 ± 0.33 (WORKSPACE.md).
+
+Accelerators: batch 128 and evaluation batch 512 split over 1, 2, 4 or 8 devices as they are.
+--config.model.dtype=bfloat16 --config.head.dtype=bfloat16 computes in bfloat16 (the TPU matrix
+units' type; parameters, losses and softmax statistics stay float32). Without the Debian package
+(e.g. on Colab), --config.data.name=fashion_mnist reads the stock TFDS dataset (network and
+TensorFlow).
 """
 
 from softmax_jax.train.config import base_config

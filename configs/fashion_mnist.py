@@ -10,6 +10,12 @@ Run:
 
 Measured 2026-11-23 on the 2-core dev box (WORKSPACE.md): test accuracy 0.9285, NLL 0.220,
 ECE 0.023 after 6000 steps in 14 min.
+
+Accelerators: batch 128 and evaluation batch 512 split over 1, 2, 4 or 8 devices as they are.
+--config.model.dtype=bfloat16 --config.head.dtype=bfloat16 computes in bfloat16 (the TPU matrix
+units' type; parameters, losses and softmax statistics stay float32). Stock fashion_mnist: the
+first run needs a network and TensorFlow (`pip install tensorflow`: Colab no longer preinstalls
+it).
 """
 
 from softmax_jax.train.config import base_config

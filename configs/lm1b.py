@@ -21,6 +21,12 @@ tokenization while loading; `--config.data.max_train_tokens=N` keeps the first N
 Run (the first run downloads and prepares lm1b in data_dir: ~10 GB, needs TensorFlow):
   python scripts/train.py --config=configs/lm1b.py --workdir=workdirs/lm1b/transformer_adaptive
   python scripts/train.py --config=configs/lm1b.py:lstm,sampled --workdir=workdirs/lm1b/lstm_sampled
+
+Accelerators: batch 64 and evaluation batch 64 (16 and 16 in the small variant) split over 1, 2,
+4 or 8 devices as they are (8 rows per device on a TPU v5e-8; raise --config.batch_size with the
+learning rate for throughput, another experiment). --config.model.dtype=bfloat16
+--config.head.dtype=bfloat16 computes the Transformer or LSTM and the head in bfloat16 (the TPU
+matrix units' type; parameters, losses and softmax statistics stay float32).
 """
 
 from softmax_jax.train.config import base_config

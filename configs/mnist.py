@@ -4,6 +4,14 @@ Run:
   python scripts/train.py --config=configs/mnist.py --workdir=/tmp/mnist
 
 Not measured on the project's offline machines (no network to download MNIST); see WORKSPACE.md.
+
+Data: the first run downloads and prepares the stock TFDS dataset, which needs a network and
+TensorFlow (`pip install tensorflow`: Colab no longer preinstalls it).
+
+Accelerators: batch 128 and evaluation batch 512 split over 1, 2, 4 or 8 devices as they are (16
+per device on a TPU v5e-8). --config.model.dtype=bfloat16 --config.head.dtype=bfloat16 computes
+in bfloat16 (the TPU matrix units' type; parameters, losses and softmax statistics stay
+float32).
 """
 
 from softmax_jax.train.config import base_config

@@ -24,6 +24,13 @@ Run (from the repo root; PTB raw files in ../shared/data/ptb, prepared into data
   python scripts/train.py --config=configs/ptb_lstm.py:dense --workdir=workdirs/ptb/dense
   python scripts/train.py --config=configs/ptb_lstm.py:adaptive --workdir=workdirs/ptb/adaptive
   python scripts/train.py --config=configs/ptb_lstm.py:dense,small --workdir=/tmp/ptb_small
+
+Accelerators: Zaremba's batch 20 and evaluation batch 10 are kept; with 8 devices (a TPU v5e-8)
+the run uses the 5 that divide both, with a warning (train/parallel.py); --config.batch_size=24
+--config.eval_batch_size=16 uses all 8 (another experiment). Each window is 20 sequential LSTM
+steps of a [rows, 200] matmul: more devices split the rows but do not shorten that chain.
+--config.model.dtype=bfloat16 --config.head.dtype=bfloat16 computes in bfloat16 (the TPU matrix
+units' type; parameters, losses and softmax statistics stay float32).
 """
 
 import os
