@@ -23,6 +23,7 @@ Suites (`--suite`):
 
   python scripts/benchmark.py --suite=heads --preset=cpu          # K in {10k, 50k, 200k}, N=2048, d=512
   python scripts/benchmark.py --suite=heads --preset=cpu_target   # K=200k only
+  python scripts/benchmark.py --suite=heads --preset=cpu --K=4000,16000 --N=256 --d=64  # a sub-grid
 
   ce     `ops.cross_entropy` of given logits [N, K] against optax's (and the formulation before
          issue 15): value_and_grad w.r.t. the logits, float32 (`--dtype` to change)
@@ -78,9 +79,11 @@ flags.DEFINE_list('heads', None, 'heads suite: only these heads (default: all), 
 flags.DEFINE_enum('preset', 'cpu_target', ['auto', 'cpu', 'cpu_small', 'cpu_target', 'gpu', 'tpu'],
                   'Grid; auto: cpu, gpu or tpu from jax.default_backend().')
 flags.DEFINE_list('dtype', None, 'Override the preset dtypes, e.g. float32,bfloat16.')
-flags.DEFINE_list('K', None, 'fused suite: override the preset vocabulary sizes, e.g. 256000.')
-flags.DEFINE_list('N', None, 'fused suite: override the preset token counts, e.g. 2048,8192.')
-flags.DEFINE_list('d', None, 'fused suite: override the preset feature sizes, e.g. 512.')
+flags.DEFINE_list('K', None, 'fused and heads suites: override the preset vocabulary sizes, e.g. 256000.')
+flags.DEFINE_list('N', None, 'fused and heads suites: override the preset token counts, e.g. 2048,8192 '
+                  '(heads: one value).')
+flags.DEFINE_list('d', None, 'fused and heads suites: override the preset feature sizes, e.g. 512 '
+                  '(heads: one value).')
 for _name in ('K', 'N', 'd'):
   flags.register_validator(
       _name, lambda v: v is None or all(s.isdigit() and int(s) > 0 for s in v),
@@ -418,10 +421,27 @@ def fused_suite(preset_name, out):
               rows=rows, sweep=sweep, markdown=table)
 
 
+def _heads_grid(preset_name: str) -> str:
+  """`preset_name`, or with --K/--N/--d a copy of it so changed, registered as 'custom'."""
+  if not (FLAGS.K or FLAGS.N or FLAGS.d):
+    return preset_name
+  grid = dict(bench_heads.PRESETS[preset_name])
+  if FLAGS.K:
+    grid['K'] = [int(k) for k in FLAGS.K]
+  for key in ('N', 'd'):
+    if FLAGS[key].value:
+      if len(FLAGS[key].value) != 1:
+        raise app.UsageError(f'--suite=heads takes one --{key}, got {",".join(FLAGS[key].value)}.')
+      grid[key] = int(FLAGS[key].value[0])
+  bench_heads.PRESETS['custom'] = grid
+  return 'custom'
+
+
 def heads_suite(preset_name, out):
   timed = True if FLAGS.time is None else FLAGS.time
   rows = bench_heads.heads_suite(
-      preset_name, timed=timed, repeats=FLAGS.repeats, max_load=FLAGS.max_load, wait_s=FLAGS.wait_s,
+      _heads_grid(preset_name), timed=timed, repeats=FLAGS.repeats, max_load=FLAGS.max_load,
+      wait_s=FLAGS.wait_s,
       max_run_gib=FLAGS.max_run_gib or PRESETS[preset_name]['max_run_gib'], only=FLAGS.heads)
   table = bench_heads.table(rows)
   print(table)

@@ -48,3 +48,18 @@ def test_main_runs_the_resolved_preset_and_names_it(tmp_path, monkeypatch, capsy
   with open(tmp_path / 'bench_out' / 'ce_cpu.json') as f:
     result = json.load(f)
   assert (result['preset'], result['preset_flag'], result['backend']) == ('cpu', 'auto', 'cpu')
+
+
+def test_heads_sub_grid_overrides_the_preset(monkeypatch):
+  monkeypatch.setitem(benchmark.bench_heads.PRESETS, 'cpu', dict(K=[10_000], N=2048, d=512))
+  benchmark.FLAGS(['benchmark.py', '--suite=heads', '--K=4000,16000', '--d=64'])
+  try:
+    assert benchmark._heads_grid('cpu') == 'custom'  # pylint: disable=protected-access
+    assert benchmark.bench_heads.PRESETS['custom'] == dict(K=[4000, 16000], N=2048, d=64)
+    benchmark.FLAGS.unparse_flags()
+    benchmark.FLAGS(['benchmark.py', '--suite=heads', '--N=128,256'])
+    with pytest.raises(benchmark.app.UsageError, match='--suite=heads takes one --N, got 128,256'):
+      benchmark._heads_grid('cpu')  # pylint: disable=protected-access
+  finally:
+    benchmark.FLAGS.unparse_flags()
+    benchmark.bench_heads.PRESETS.pop('custom', None)
