@@ -7,10 +7,13 @@ from softmax_jax.heads.dense import DenseSoftmax
 from softmax_jax.heads.hierarchical import HierarchicalSoftmax
 from softmax_jax.heads.imbalanced import ImbalancedSoftmax
 from softmax_jax.heads.margin import MarginSoftmax
+from softmax_jax.heads.mixture import MixtureOfSoftmaxes
 from softmax_jax.heads.sampled import SampledSoftmax
 
 HEADS = {'adaptive': AdaptiveSoftmax, 'dense': DenseSoftmax, 'hierarchical': HierarchicalSoftmax,
-         'imbalanced': ImbalancedSoftmax, 'margin': MarginSoftmax, 'sampled': SampledSoftmax}
+         'imbalanced': ImbalancedSoftmax, 'margin': MarginSoftmax, 'mos': MixtureOfSoftmaxes,
+         'sampled': SampledSoftmax}
 
 __all__ = ['AdaptiveSoftmax', 'DenseSoftmax', 'HEADS', 'HierarchicalSoftmax', 'ImbalancedSoftmax',
-           'MarginSoftmax', 'SampledSoftmax', 'chunked_eval_stats', 'log_prob_eval_stats']
+           'MarginSoftmax', 'MixtureOfSoftmaxes', 'SampledSoftmax', 'chunked_eval_stats',
+           'log_prob_eval_stats']

@@ -23,6 +23,11 @@ from softmax_jax.ops import _normalize as _norm
 from softmax_jax.ops import _stream
 
 
+# Eager calls reuse one compiled stream per shape and configuration (a bare `fori_loop` body is
+# retraced and recompiled on every eager call); under an outer `jit` this is inlined.
+_stream_jit = jax.jit(_stream.stream, static_argnums=0)
+
+
 def _sig(x, keep):
   """`x + log_sigmoid(x)` where `keep`, `-inf` elsewhere (entries not kept are never read)."""
   xs = jnp.where(keep, x, 0)
@@ -182,7 +187,7 @@ def linear_logsumexp(x, w, *, bias=None, where=None, sigsoftmax=False, chunk_siz
       sigsoftmax=bool(sigsoftmax))
   rows = x.reshape(-1, x.shape[-1])
   labels = jnp.zeros(rows.shape[0], jnp.int32)
-  return _stream.stream(cfg, rows, w, bias, where, labels)[1].reshape(x.shape[:-1])
+  return _stream_jit(cfg, rows, w, bias, where, labels)[1].reshape(x.shape[:-1])
 
 
 def mixture_cross_entropy(contexts, prior_logits, w, labels, *, bias=None, where=None,
@@ -238,7 +243,7 @@ def mixture_cross_entropy(contexts, prior_logits, w, labels, *, bias=None, where
     prior = jnp.where(ignored[..., None], jnp.zeros((), prior.dtype), prior)
   in_range = (labels >= 0) & (labels < k)
   rows = jnp.broadcast_to(jnp.where(in_range, labels, 0)[..., None], lead + (m,))
-  ce, _ = _stream.stream(cfg, c.reshape(-1, d), w, bias, where, rows.reshape(-1).astype(jnp.int32))
+  ce, _ = _stream_jit(cfg, c.reshape(-1, d), w, bias, where, rows.reshape(-1).astype(jnp.int32))
   ce = ce.reshape(lead + (m,))
   log_pi = _norm.normalize(prior.astype(ce.dtype), None)[1]
   loss = -_norm.normalize(log_pi - ce, None)[2][..., 0]
