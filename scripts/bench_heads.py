@@ -14,7 +14,15 @@ and the compiled temporary memory (`memory_analysis().temp_size_in_bytes`). Head
                 largest block's capacity rung, see ops/adaptive.py)
   sampled       SampledSoftmax, 1024 log-uniform samples without replacement
   hierarchical  HierarchicalSoftmax, Huffman tree of the Zipf class counts
+  mos           MixtureOfSoftmaxes, M = MOS_MIXTURES components, context_dim = d, streamed:
+                `ops.mixture_cross_entropy` over vocabulary chunks (1024 classes), no [N, M, K]
+  mos materialized  the same head with streamed=False: `[N, M, K]` logits, `mixture_log_softmax`
+
+A preset's `mos_timed_max_k` caps the K at which the two MoS rows are timed (the CPU presets:
+50k; a MoS step costs M times a dense one); above it they are compiled for their memory only.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,15 +32,17 @@ import numpy as np
 import bench_utils
 
 PRESETS = {
-    'cpu': dict(K=[10_000, 50_000, 200_000], N=2048, d=512),
-    'cpu_target': dict(K=[200_000], N=2048, d=512),
-    'cpu_small': dict(K=[10_000], N=2048, d=512),
+    'cpu': dict(K=[10_000, 50_000, 200_000], N=2048, d=512, mos_timed_max_k=50_000),
+    'cpu_target': dict(K=[200_000], N=2048, d=512, mos_timed_max_k=50_000),
+    'cpu_small': dict(K=[10_000], N=2048, d=512, mos_timed_max_k=50_000),
     'gpu': dict(K=[10_000, 50_000, 200_000, 1_000_000], N=8192, d=1024),
 }
 CUTOFFS = (2000, 10_000, 50_000)
 NUM_SAMPLED = 1024
 VMAP_GROUPS = 8
 VMAPPED = ('adaptive vmapped',)  # rows whose step vmaps the head over VMAP_GROUPS blocks
+MOS_MIXTURES = 5
+MOS_ROWS = ('mos', 'mos materialized')
 
 
 def zipf_probs(k: int) -> np.ndarray:
@@ -65,6 +75,9 @@ def make_heads(k: int):
                                               sampler='log_uniform'),
       'hierarchical': lambda: heads.HierarchicalSoftmax(num_classes=k, tree='huffman',
                                                         class_counts=counts),
+      'mos': lambda: heads.MixtureOfSoftmaxes(num_classes=k, num_mixtures=MOS_MIXTURES),
+      'mos materialized': lambda: heads.MixtureOfSoftmaxes(
+          num_classes=k, num_mixtures=MOS_MIXTURES, streamed=False),
   }
 
 
@@ -98,12 +111,15 @@ def heads_suite(preset_name: str, *, timed: bool, repeats: int, max_load: float,
       if only and name not in only:
         continue
       head = make()
-      params = head.init({'params': jax.random.key(0), 'sample': key}, x, labels, train=True)['params']
+      # jit: only the parameters are kept, so the loss (MoS materialized: [N, M, K]) is not run
+      params = jax.jit(functools.partial(head.init, train=True))(
+          {'params': jax.random.key(0), 'sample': key}, x, labels)['params']
       fn = _step_fn(head, VMAP_GROUPS if name in VMAPPED else 0)
       compiled, temp, io = bench_utils.compile_fn(fn, params, x, labels, key)
       row = dict(K=k, N=n, d=d, head=name, temp_mib=temp / bench_utils.MiB,
                  params=int(sum(a.size for a in jax.tree.leaves(params))))
-      if timed and (temp + io) / 2**30 <= max_run_gib:
+      run = timed and not (name in MOS_ROWS and k > p.get('mos_timed_max_k', k))
+      if run and (temp + io) / 2**30 <= max_run_gib:
         row['load'] = bench_utils.wait_quiet(max_load, wait_s)
         row['time_s'], (value, _) = bench_utils.time_fn(compiled, (params, x, labels, key), repeats)
         row['loss'] = float(value)
