@@ -90,7 +90,10 @@ def _float(x, name, layout):
   _checks.dtype(x, float, name, f'be a float array {layout}')
 
 
-def mixture_log_softmax(logits, prior_logits, *, where=None, sigsoftmax=False):  # pylint: disable=redefined-outer-name
+# pylint: disable=redefined-outer-name (the option `sigsoftmax` shadows the op of that name)
+
+
+def mixture_log_softmax(logits, prior_logits, *, where=None, sigsoftmax=False):
   """Exact log-probabilities of a mixture of M softmaxes, mixed in log space.
 
   `log p_k = logsumexp_m(log_softmax(prior_logits)_m + log_softmax(logits_m)_k)` (with
@@ -126,7 +129,9 @@ def mixture_log_softmax(logits, prior_logits, *, where=None, sigsoftmax=False): 
   _checks.shape(prior, x.shape[:-1], 'prior_logits', 'logits.shape[:-1]')
   out_shape = x.shape[:-2] + x.shape[-1:]
   if where is not None:
-    where = _checks.where_mask(where, jnp.zeros(out_shape, bool), target='output [..., K]')
+    where = jnp.asarray(where)
+    _checks.dtype(where, bool, 'where', 'be a bool mask')
+    _checks.broadcastable(where, out_shape, 'where', 'output [..., K]')
     where = where[..., None, :] if where.ndim else where
   dtype = jnp.promote_types(jnp.result_type(x, prior), jnp.float32)
   xc, pc = x.astype(dtype), prior.astype(dtype)
@@ -158,7 +163,7 @@ def _check_stream(x, w, bias, where, chunk_size, x_name, x_layout):
   return _stream.Cfg(False, int(chunk_size or _stream.DEFAULT_CHUNK_SIZE))
 
 
-def linear_logsumexp(x, w, *, bias=None, where=None, sigsoftmax=False, chunk_size=None):  # pylint: disable=redefined-outer-name
+def linear_logsumexp(x, w, *, bias=None, where=None, sigsoftmax=False, chunk_size=None):
   """`logsumexp` of the linear scores `x @ w + bias`, streamed over vocabulary chunks.
 
   `lse = logsumexp_k u_k`, `u = z` or (with `sigsoftmax`) `z + log_sigmoid(z)`, `z = x @ w + b`,
@@ -191,7 +196,7 @@ def linear_logsumexp(x, w, *, bias=None, where=None, sigsoftmax=False, chunk_siz
 
 
 def mixture_cross_entropy(contexts, prior_logits, w, labels, *, bias=None, where=None,
-                          sigsoftmax=False, chunk_size=None, ignore_index=None):  # pylint: disable=redefined-outer-name
+                          sigsoftmax=False, chunk_size=None, ignore_index=None):
   """Per-example cross-entropy of a mixture of softmaxes, streamed: never `[N, M, K]`.
 
   `loss = -logsumexp_m(log pi_m + log_softmax(u_m)_y)`, `pi = softmax(prior_logits)`,
