@@ -1,0 +1,86 @@
+"""scripts/diagnose.py on tiny trained runs: a digits MLP (the command line) and a Markov-chain LSTM LM."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from softmax_jax import diagnostics
+from softmax_jax.train import base_config, load_trained, train_and_evaluate
+from softmax_jax.train import language_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'tests', 'train'))
+from lm_test import markov_dataset, small_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _script():
+  spec = importlib.util.spec_from_file_location('diagnose', os.path.join(REPO, 'scripts', 'diagnose.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_digits_run_then_diagnose(tmp_path):
+  c = base_config()
+  c.data.name = 'digits'
+  c.model = dict(name='mlp', hidden=(4,), dropout=0.0)  # features of width 4 < K - 1 = 9
+  c.batch_size, c.num_steps, c.num_devices, c.progress = 64, 30, 1, False
+  c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-2, 0
+  c.log_every = c.eval_every = c.checkpoint_every = 30
+  workdir, out = str(tmp_path / 'run'), str(tmp_path / 'diag')
+  train_and_evaluate(c, workdir)
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'diagnose.py'),
+                           f'--workdir={workdir}', f'--out={out}', '--max_contexts=100',
+                           '--unargmaxable=exact'], capture_output=True, text=True, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith('| run | head | N |') and lines[1].count('---') == 16, result.stdout
+  assert lines[2].startswith('| run | dense | 100 | 10/10 | 4 | 5 | 5 | 9 |'), result.stdout
+  assert 'eps = 1.19e-07 (float32)' in result.stdout
+  assert os.path.getsize(os.path.join(out, 'spectra.png')) > 10000
+  with open(os.path.join(out, 'diagnostics.json')) as f:
+    r = json.load(f)
+  assert not os.path.exists(os.path.join(workdir, 'diagnostics.json'))  # --out was honoured
+
+  # Against a recomputation from the checkpoint: the split has more than 100 images, so the
+  # script drew 100 of them with --seed=0; draw the same ones.
+  config, dataset, model, variables = load_trained(workdir)
+  images = dataset.splits['validation'].images
+  idx = np.sort(np.random.default_rng(0).choice(len(images), 100, replace=False))
+  lp = np.asarray(model.apply(variables, dataset.normalize(images[idx]), method='log_prob'))
+  s = np.linalg.svd(lp.astype(np.float64) - lp.mean(axis=1, keepdims=True), compute_uv=False)
+  np.testing.assert_allclose(r['singular_values'], s, rtol=1e-4, atol=1e-5 * s[0])
+  assert r['rank'] == 5 and s[4] > 1e-3 * s[0] and s[5] < 1e-5 * s[0]
+  kernel = np.asarray(variables['params']['head']['kernel'])
+  bias = np.asarray(variables['params']['head']['bias'])
+  assert r['kernel_rank'] == 4 and r['unargmaxable'] == diagnostics.unargmaxable_classes(
+      kernel, bias, method='exact').tolist()
+  feats = np.asarray(model.apply(variables, dataset.normalize(images[idx]), method='features'))
+  assert r['anisotropy'] == pytest.approx(diagnostics.anisotropy(feats), abs=1e-6)
+  assert config.head.name == 'dense' and r['feature_dim'] == 4
+
+
+def test_lm_run_then_diagnose(tmp_path, monkeypatch):
+  data = markov_dataset()
+  monkeypatch.setattr(language_model, 'load_text_dataset', lambda cfg: data)
+  workdir = str(tmp_path / 'lm')
+  train_and_evaluate(small_config(**{'model.hidden': 6, 'num_steps': 20}), workdir)
+  diagnose = _script()
+  r = diagnose.analyse(workdir, split='validation', max_contexts=150, max_classes=20, batch_size=64,
+                       method='auto')
+  assert (r['task'], r['contexts'], r['num_classes'], r['classes_used'], r['feature_dim']) == (
+      'language_model', 150, 24, 20, 6)
+  assert r['rank'] == 7  # d + 1 of a subset of 20 classes, below min(150, 19)
+  assert 'unargmaxable' in r and set(r['unargmaxable']) <= set(range(24))
+  table = diagnose.table(r)
+  assert '| lm | dense | 150 | 20/24 | 6 | 7 | 7 | 19 |' in table
+  diagnose.draw(r, str(tmp_path / 'spectra.png'))
+  assert os.path.getsize(tmp_path / 'spectra.png') > 10000
+  # The contexts are positions of the validation stream read with the carry: the first 150 of
+  # at most 4 * 150 positions seen, here the whole split of 300 tokens (299 positions).
+  assert r['split'] == 'validation'
