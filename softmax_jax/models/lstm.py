@@ -11,11 +11,13 @@ of the same rows and returns the new one, so a stream cut into consecutive windo
 sequence (the training step stops the gradient between windows).
 """
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from softmax_jax.models import _dtype
 
 # One (c, h) pair of [B, hidden] float32 arrays per layer.
 Carry = Tuple[Tuple[jnp.ndarray, jnp.ndarray], ...]
@@ -42,6 +44,9 @@ class LSTMLM(nn.Module):
     init_scale: > 0: every backbone weight (embedding, kernels, biases) from
       uniform(-init_scale, init_scale), Zaremba's init (0.1 for "small"); 0: Flax's defaults
       (LeCun-normal input kernels, orthogonal recurrent kernels, zero biases).
+    dtype: compute dtype of the embedding lookup and the gate matmuls ('float32' or
+      'bfloat16'); parameters, the cell state and the carry stay float32 (the gates are added to
+      the float32 cell state), and the features are float32 (`models/_dtype.py`).
   """
   vocab_size: int
   embed_dim: int = 200
@@ -49,8 +54,9 @@ class LSTMLM(nn.Module):
   num_layers: int = 2
   dropout: float = 0.0
   init_scale: float = 0.1
+  dtype: Any = jnp.float32
 
-  def _check(self) -> None:
+  def _check(self) -> jnp.dtype:
     for name in ('vocab_size', 'embed_dim', 'hidden', 'num_layers'):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
@@ -59,6 +65,7 @@ class LSTMLM(nn.Module):
       raise ValueError(f'LSTMLM: dropout must be in [0, 1), got {self.dropout!r}.')
     if not self.init_scale >= 0.0:
       raise ValueError(f'LSTMLM: init_scale must be >= 0 (0: Flax defaults), got {self.init_scale!r}.')
+    return _dtype.compute_dtype('LSTMLM', self.dtype)
 
   def initial_carry(self, batch_size: int) -> Carry:
     """Zero state: a `(c, h)` pair of `[batch_size, hidden]` float32 zeros per layer."""
@@ -79,7 +86,7 @@ class LSTMLM(nn.Module):
     Returns:
       `(features [B, T, hidden] float32, carry)`.
     """
-    self._check()
+    dtype = self._check()
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f'LSTMLM: tokens must be [B, T] int, got shape {tokens.shape} dtype {tokens.dtype}.')
     if carry is None:
@@ -93,14 +100,14 @@ class LSTMLM(nn.Module):
       cell_kw = dict(kernel_init=init, recurrent_kernel_init=init, bias_init=init)
     else:
       embed_kw, cell_kw = {}, {}
-    x = nn.Embed(self.vocab_size, self.embed_dim, name='embed', **embed_kw)(tokens)
+    x = nn.Embed(self.vocab_size, self.embed_dim, name='embed', dtype=dtype, **embed_kw)(tokens)
     drop = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)
     x = drop(x)
     new_carry = []
     for i, layer_carry in enumerate(carry):
-      cell = nn.OptimizedLSTMCell(self.hidden, name=f'lstm_{i}', **cell_kw)
+      cell = nn.OptimizedLSTMCell(self.hidden, name=f'lstm_{i}', dtype=dtype, **cell_kw)
       layer_carry, x = nn.RNN(cell, return_carry=True, name=f'rnn_{i}')(
           x, initial_carry=tuple(c.astype(jnp.float32) for c in layer_carry))
-      new_carry.append(layer_carry)
+      new_carry.append(tuple(c.astype(jnp.float32) for c in layer_carry))
       x = drop(x)
-    return x, tuple(new_carry)
+    return x.astype(jnp.float32), tuple(new_carry)
