@@ -221,3 +221,58 @@ def linear_eval_stats(x: jax.Array, weights: jax.Array, bias: Optional[jax.Array
     label = label + label_rows(bias, labels, 0)
   return chunked_eval_stats(chunk, labels, num_classes=num_classes, chunk_size=chunk_size,
                             label_scores=label, **options)
+
+
+def check_recall_target(head: str, recall_target) -> float:
+  """`recall_target` of `jax.lax.approx_max_k` is a number in (0, 1]; returns it as a float."""
+  ok = (isinstance(recall_target, (int, float, np.integer, np.floating))
+        and not isinstance(recall_target, bool) and 0 < float(recall_target) <= 1)
+  if not ok:
+    raise ValueError(f'{head}: `recall_target` (of jax.lax.approx_max_k, the expected fraction of '
+                     f'the exact top-k that the approximate top-k finds) must be a number in '
+                     f'(0, 1]; got {recall_target!r}.')
+  return float(recall_target)
+
+
+def top_k(scores: jax.Array, k: int, *, approx: bool = False,
+          recall_target: float = 0.95) -> tuple:
+  """The `k` largest scores of the last axis and their ids, exactly or by `jax.lax.approx_max_k`.
+
+  `approx=True` is TPU's fast path (Chern et al. 2022): on TPU it finds each of the exact top-k
+  with probability about `recall_target`; on CPU and GPU XLA computes it exactly (recall 1).
+  Measure the recall on the target device with `top_k_recall`.
+
+  Args:
+    scores: [..., K] float (e.g. log-probabilities; -inf entries, such as padded classes, are
+      never returned while k finite entries are left).
+    k: static int in [1, K].
+    approx: use `jax.lax.approx_max_k` instead of `jax.lax.top_k`.
+    recall_target: approx_max_k's expected recall, in (0, 1].
+
+  Returns:
+    `(values [..., k] like scores, ids [..., k] int32)`, values in decreasing order.
+
+  References:
+    Chern et al., "TPU-KNN: K Nearest Neighbor Search at Peak FLOP/s", NeurIPS 2022.
+  """
+  if approx:
+    values, ids = jax.lax.approx_max_k(scores, k, recall_target=recall_target)
+  else:
+    values, ids = jax.lax.top_k(scores, k)
+  return values, ids.astype(jnp.int32)
+
+
+def top_k_recall(approx_ids: jax.typing.ArrayLike, exact_ids: jax.typing.ArrayLike) -> jax.Array:
+  """Recall of an approximate top-k against the exact one: `|approx & exact| / k`, averaged.
+
+  Args:
+    approx_ids: [..., k] int, the ids an approximate search returned (order ignored).
+    exact_ids: [..., k] int, the exact top-k ids (distinct in each row).
+
+  Returns:
+    [] float32, the mean over rows of the fraction of `exact_ids` found in `approx_ids` (1.0 when
+    they are the same sets).
+  """
+  approx_ids, exact_ids = jnp.asarray(approx_ids), jnp.asarray(exact_ids)
+  found = jnp.any(exact_ids[..., :, None] == approx_ids[..., None, :], axis=-1)
+  return jnp.mean(found.astype(jnp.float32))

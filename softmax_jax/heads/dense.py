@@ -28,9 +28,10 @@ checked on every call, in training and in evaluation alike.
 `softmax_jax.testing.assert_head_contract` checks a head against this contract.
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from softmax_jax import ops
@@ -41,15 +42,44 @@ from softmax_jax.heads import _eval
 class DenseSoftmax(nn.Module):
   """Full softmax head: `logits = features @ kernel + bias`, loss = cross-entropy.
 
+  Vocabulary padding (`pad_classes_to=m`, `config.head.pad_classes_to`): the kernel is
+  `[d, K_pad]` and the bias `[K_pad]` with `K_pad = ceil(K / m) * m` (m = 128, TPU's lane width,
+  keeps the `[N, K_pad]` logits and their reductions in whole vector registers). The padded
+  columns get logit `-inf`, so they have probability exactly 0, gradient exactly 0 (their
+  parameters never move, except by weight decay), are never predicted nor returned by `top_k`,
+  and are excluded from every loss, label-smoothing target and `eval_stats` statistic: the padded
+  head equals the unpadded one with the first K columns of its weights. `log_prob` and `logits`
+  return the K real classes (`padded=True`: all K_pad columns, the padded ones `-inf`); training
+  works on the `[..., K_pad]` logits without slicing them.
+
+  Sigsoftmax (`sigsoftmax=True`, Kanai et al. 2018): `log_prob = ops.log_sigsoftmax(z) =
+  log_softmax(z + log_sigmoid(z))`, a distribution that is not a softmax of a rank-d linear map,
+  and the training loss is its cross-entropy, `-log_prob[label]` (with label smoothing over the K
+  classes); the fused path cannot compute it and raises.
+
+  Top-k (`approx_top_k`): `predict` and `top_k` use `jax.lax.approx_max_k` (TPU's fast path,
+  recall about `recall_target`; exact on CPU and GPU) instead of the exact argmax / top-k;
+  `top_k_recall` measures it against the exact top-k. `eval_stats` stays exact either way.
+
   Attributes:
     num_classes: K >= 2, the number of classes.
-    use_bias: whether to add a learned `[K]` bias.
+    use_bias: whether to add a learned `[K]` bias (`[K_pad]` with padding).
     label_smoothing: eps of the smoothed target `(1 - eps) * onehot + eps / K` in training.
     fused: train through `ops.linear_cross_entropy`, which never builds the `[N, K]`
       logits (for large K); `log_prob` stays the exact full softmax either way.
     chunk_size: vocabulary chunk of the fused op (None: the op's default).
-    dtype: computation dtype of the matmul, None or floating (None: the features' dtype).
-      Losses and log-probabilities are accumulated in float32.
+    dtype: computation dtype of the matmul, None or floating, e.g. 'bfloat16' (None: the
+      features' dtype). Parameters stay float32; the matmul accumulates in float32 and the
+      logits, losses and log-probabilities are float32.
+    pad_classes_to: None (no padding) or m >= 1: pad the classes to a multiple of m (see above).
+    approx_top_k: `predict` and `top_k` by `jax.lax.approx_max_k`.
+    recall_target: approx_max_k's expected recall, in (0, 1].
+    sigsoftmax: normalize `z + log_sigmoid(z)` instead of `z` (see above); not with `fused`.
+
+  References:
+    Kanai et al., "Sigsoftmax: Reanalysis of the softmax bottleneck", NeurIPS 2018.
+    Chern et al., "TPU-KNN: K Nearest Neighbor Search at Peak FLOP/s", NeurIPS 2022
+    (`jax.lax.approx_max_k`).
   """
   num_classes: int
   use_bias: bool = True
@@ -57,6 +87,10 @@ class DenseSoftmax(nn.Module):
   fused: bool = False
   chunk_size: Optional[int] = None
   dtype: Any = None
+  pad_classes_to: Optional[int] = None
+  approx_top_k: bool = False
+  recall_target: float = 0.95
+  sigsoftmax: bool = False
 
   def _config(self) -> None:
     """Validates the attributes (on every call, so evaluation-only use is checked too)."""
@@ -67,21 +101,54 @@ class DenseSoftmax(nn.Module):
                      'the smoothed target (1 - eps) onehot + eps / K')
     if self.chunk_size is not None:
       _checks.integer_at_least(name, 'chunk_size', self.chunk_size, 1, 'classes per fused chunk')
+    if self.pad_classes_to is not None:
+      _checks.integer_at_least(name, 'pad_classes_to', self.pad_classes_to, 1,
+                               'config.head.pad_classes_to: the classes are padded to a multiple '
+                               'of it, e.g. 128 (TPU lanes); None: no padding')
+    _eval.check_recall_target(name, self.recall_target)
+    if self.sigsoftmax and self.fused:
+      raise ValueError(f'{name}: sigsoftmax=True needs the [..., K] logits, which fused=True '
+                       '(ops.linear_cross_entropy, the softmax of x @ kernel only) never forms; '
+                       'set fused=False (config.head.fused) or sigsoftmax=False.')
+
+  @property
+  def padded_num_classes(self) -> int:
+    """K_pad: K rounded up to a multiple of `pad_classes_to` (K without padding)."""
+    m = 1 if self.pad_classes_to is None else int(self.pad_classes_to)
+    return -(-self.num_classes // m) * m
+
+  def _class_offsets(self) -> Optional[jnp.ndarray]:
+    """`[K_pad]` float32: 0 for the K classes, -inf for the padding (None without padding)."""
+    kp = self.padded_num_classes
+    if kp == self.num_classes:
+      return None
+    return jnp.where(jnp.arange(kp) < self.num_classes, jnp.float32(0), jnp.float32(-jnp.inf))
 
   @nn.compact
   def _weights(self, d: int):
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (d, self.num_classes))
-    bias = self.param('bias', nn.initializers.zeros, (self.num_classes,)) if self.use_bias else None
+    kp = self.padded_num_classes
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (d, kp), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (kp,), jnp.float32) if self.use_bias else None
     return kernel, bias
 
-  def logits(self, features: jnp.ndarray) -> jnp.ndarray:
-    """Unnormalized logits `[..., K]`."""
+  def logits(self, features: jnp.ndarray, *, padded: bool = False) -> jnp.ndarray:
+    """Unnormalized logits `[..., K]` float32 (`padded=True`: `[..., K_pad]`, -inf padding)."""
     self._config()
     features, _ = _checks.features_and_labels(type(self).__name__, features)
     kernel, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype
     z = jnp.matmul(features.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-    return z if bias is None else z + bias
+    z = z if bias is None else z + bias
+    offsets = self._class_offsets()
+    if offsets is None:
+      return z
+    return jnp.where(offsets == 0, z, -jnp.inf) if padded else z[..., :self.num_classes]
+
+  def _real_labels(self, loss: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """NaN where a (traced) label is a padded class, as for any label outside [0, K)."""
+    if self.padded_num_classes == self.num_classes:
+      return loss
+    return jnp.where(labels < self.num_classes, loss, jnp.nan)
 
   def __call__(self, features: jnp.ndarray, labels: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
     """Per-example cross-entropy `[...]` for `features: [..., d]`, `labels: [...] int`."""
@@ -93,18 +160,58 @@ class DenseSoftmax(nn.Module):
       kernel, bias = self._weights(features.shape[-1])
       dtype = self.dtype or features.dtype
       kwargs = {} if self.chunk_size is None else {'chunk_size': self.chunk_size}
-      return ops.linear_cross_entropy(
+      loss = ops.linear_cross_entropy(
           features.astype(dtype), kernel.astype(dtype), labels, bias=bias,
-          label_smoothing=smoothing, **kwargs)
-    return ops.cross_entropy(self.logits(features), labels, label_smoothing=smoothing)
+          logit_offsets=self._class_offsets(), label_smoothing=smoothing, **kwargs)
+    else:
+      loss = ops.cross_entropy(self._scores(self.logits(features, padded=True)), labels,
+                               label_smoothing=smoothing)
+    return self._real_labels(loss, labels)
 
-  def log_prob(self, features: jnp.ndarray) -> jnp.ndarray:
-    """Exact normalized log-probabilities `[..., K]` (logsumexp over the last axis is 0)."""
-    return ops.log_softmax(self.logits(features))
+  def _scores(self, z: jnp.ndarray) -> jnp.ndarray:
+    """What the softmax normalizes: `z`, or `z + log_sigmoid(z)` with `sigsoftmax` (-inf stays)."""
+    return z + jax.nn.log_sigmoid(z) if self.sigsoftmax else z
+
+  def log_prob(self, features: jnp.ndarray, *, padded: bool = False) -> jnp.ndarray:
+    """Exact normalized log-probabilities `[..., K]` (logsumexp over the last axis is 0).
+
+    `padded=True`: `[..., K_pad]`, exactly -inf (probability 0) at the padded classes.
+    """
+    z = self.logits(features, padded=True)
+    log_p = ops.log_sigsoftmax(z) if self.sigsoftmax else ops.log_softmax(z)
+    return log_p if padded else log_p[..., :self.num_classes]
 
   def predict(self, features: jnp.ndarray) -> jnp.ndarray:
-    """Most probable class `[...] int32`, `argmax(log_prob(features), -1)`."""
-    return jnp.argmax(self.log_prob(features), axis=-1).astype(jnp.int32)
+    """Most probable class `[...] int32`, `argmax(log_prob(features), -1)` (never a padded one;
+    with `approx_top_k`, `jax.lax.approx_max_k` with k = 1)."""
+    if not self.approx_top_k:
+      return jnp.argmax(self.log_prob(features), axis=-1).astype(jnp.int32)
+    _, ids = self.top_k(features, 1)
+    return ids[..., 0]
+
+  def top_k(self, features: jnp.ndarray, k: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    """The k most probable classes: `(log_probs [..., k] float32, ids [..., k] int32)`.
+
+    Exact (`jax.lax.top_k`), or `jax.lax.approx_max_k` with `approx_top_k`, over the
+    `[..., K_pad]` log-probabilities (padded classes, at -inf, are never returned; k <= K).
+    """
+    self._config()
+    k = _checks.integer_at_least(type(self).__name__, 'k', k, 1, 'classes returned by top_k')
+    if k > self.num_classes:
+      raise ValueError(f'{type(self).__name__}: top_k `k` must be <= num_classes = '
+                       f'{self.num_classes}; got {k}.')
+    values, ids = _eval.top_k(self.log_prob(features, padded=True), k, approx=self.approx_top_k,
+                              recall_target=self.recall_target)
+    return values, jnp.minimum(ids, self.num_classes - 1)
+
+  def top_k_recall(self, features: jnp.ndarray, k: int) -> jnp.ndarray:
+    """[] float32: recall of `jax.lax.approx_max_k` against the exact top-k on `features`
+    (the fraction of the exact k most probable classes that the approximate search finds)."""
+    self._config()
+    log_p = self.log_prob(features, padded=True)
+    _, exact = _eval.top_k(log_p, k)
+    _, approx = _eval.top_k(log_p, k, approx=True, recall_target=self.recall_target)
+    return _eval.top_k_recall(approx, exact)
 
   def eval_stats(self, features: jnp.ndarray, labels: jnp.ndarray, *, temperatures=(1.0,),
                  log_prior=None, chunk_size: Optional[int] = None) -> Dict[str, jnp.ndarray]:
@@ -112,8 +219,9 @@ class DenseSoftmax(nn.Module):
 
     Keys 'prediction', 'label_rank' `[...]` int32, 'label_log_prob', 'confidence' `[..., G]`
     float32 for the G `temperatures`, and 'adjusted_*' with `log_prior: [K]` (see
-    `softmax_jax/heads/_eval.py`). With `fused=True` the logits are formed `chunk_size` classes
-    at a time (None: the head's `chunk_size`, else 2048), so memory does not grow with K.
+    `softmax_jax/heads/_eval.py`), over the K real classes (padding excluded). With `fused=True`
+    the logits are formed `chunk_size` classes at a time (None: the head's `chunk_size`, else
+    2048), so memory does not grow with K.
     """
     opts = dict(temperatures=temperatures, log_prior=log_prior)
     if not self.fused:
@@ -123,5 +231,6 @@ class DenseSoftmax(nn.Module):
                                                    num_classes=self.num_classes)
     kernel, bias = self._weights(features.shape[-1])
     x = features.astype(self.dtype or features.dtype)
+    # num_classes=K: the chunks cover columns [0, K) of the [d, K_pad] kernel, never the padding.
     return _eval.linear_eval_stats(x, kernel, bias, labels, class_axis=1, num_classes=self.num_classes,
                                    chunk_size=chunk_size or self.chunk_size, **opts)
