@@ -70,11 +70,11 @@ class AdaptiveSoftmax(nn.Module):
     n, bounds = len(cutoffs), cutoffs + (self.num_classes,)
     hidden = adaptive_ops.tail_hidden_sizes(d, n, self.div_value)
     init = nn.initializers.lecun_normal()
-    head_kernel = self.param('head_kernel', init, (d, cutoffs[0] + n))
-    bias = (self.param('head_bias', nn.initializers.zeros, (cutoffs[0] + n,))
+    head_kernel = self.param('head_kernel', init, (d, cutoffs[0] + n), jnp.float32)
+    bias = (self.param('head_bias', nn.initializers.zeros, (cutoffs[0] + n,), jnp.float32)
             if self.head_bias else None)
-    tails = tuple((self.param(f'tail_proj_{i}', init, (d, h)),
-                   self.param(f'tail_out_{i}', init, (h, bounds[i + 1] - bounds[i])))
+    tails = tuple((self.param(f'tail_proj_{i}', init, (d, h), jnp.float32),
+                   self.param(f'tail_out_{i}', init, (h, bounds[i + 1] - bounds[i]), jnp.float32))
                   for i, h in enumerate(hidden))
     return dict(head_kernel=head_kernel, tail_kernels=tails, cutoffs=cutoffs, head_bias=bias)
 

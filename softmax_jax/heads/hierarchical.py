@@ -89,8 +89,9 @@ class HierarchicalSoftmax(nn.Module):
 
   @nn.compact
   def _weights(self, d: int):
-    vectors = self.param('node_vectors', self.node_init, (self.num_classes - 1, d))
-    bias = (self.param('bias', nn.initializers.zeros, (self.num_classes - 1,))
+    vectors = self.param('node_vectors', self.node_init, (self.num_classes - 1, d),
+                          jnp.float32)
+    bias = (self.param('bias', nn.initializers.zeros, (self.num_classes - 1,), jnp.float32)
             if self.use_bias else None)
     return vectors, bias
 

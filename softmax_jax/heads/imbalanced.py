@@ -28,7 +28,7 @@ evaluation as in training (Python values, so under `jit` too); labels in [0, K) 
 """
 
 import math
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ import numpy as np
 from softmax_jax import ops
 from softmax_jax.heads import _checks
 from softmax_jax.heads import _eval
+from softmax_jax.heads.margin import cosines_in
 
 LOSSES = ('ce', 'cb', 'focal', 'cb_focal', 'ldam', 'logit_adjusted')
 
@@ -56,6 +57,8 @@ class ImbalancedSoftmax(nn.Module):
     drw_start_step: >= 0: deferred re-weighting, class-balanced weights from this step on
       (ce, ldam); -1: none.
     use_bias: a learned bias on the dense logits (not used by the cosine logits of 'ldam').
+    dtype: computation dtype of the matmul, None or floating, e.g. 'bfloat16' (None: the
+      features'); parameters stay float32, the logits, losses and log-probabilities are float32.
   """
   num_classes: int
   loss: str = 'ce'
@@ -67,6 +70,7 @@ class ImbalancedSoftmax(nn.Module):
   scale: float = 30.0
   drw_start_step: int = -1
   use_bias: bool = True
+  dtype: Any = None
 
   uses_step: ClassVar[bool] = True
 
@@ -75,6 +79,7 @@ class ImbalancedSoftmax(nn.Module):
     returns the class counts `[C]` (ones when None)."""
     name = 'ImbalancedSoftmax'
     _checks.num_classes(name, self.num_classes)
+    _checks.compute_dtype(name, self.dtype)
     if self.loss not in LOSSES:
       raise ValueError(f'ImbalancedSoftmax: loss={self.loss!r} is unknown; choose one of {LOSSES}.')
     drw = _checks.integer_at_least(name, 'drw_start_step', self.drw_start_step, -1,
@@ -111,12 +116,14 @@ class ImbalancedSoftmax(nn.Module):
     self._counts()
     features, _ = _checks.features_and_labels('ImbalancedSoftmax', features)
     d = features.shape[-1]
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (d, self.num_classes))
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (d, self.num_classes),
+                        jnp.float32)
     if self.loss == 'ldam':
-      return ops.cosine_logits(features, kernel)  # the cosines; the scale is applied below
-    z = jnp.matmul(features, kernel, preferred_element_type=jnp.float32)
+      return cosines_in(features, kernel, self.dtype)  # the cosines; the scale is applied below
+    dtype = self.dtype or features.dtype
+    z = jnp.matmul(features.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
     if self.use_bias:
-      z = z + self.param('bias', nn.initializers.zeros, (self.num_classes,))
+      z = z + self.param('bias', nn.initializers.zeros, (self.num_classes,), jnp.float32)
     return z
 
   def _eval_logits(self, features):

@@ -19,7 +19,7 @@ concrete (traced out-of-range ones give a NaN loss).
 """
 
 import math
-from typing import ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -39,6 +39,21 @@ KINDS = {
 }
 
 
+def cosines_in(features: jnp.ndarray, kernel: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+  """`ops.cosine_logits(features, kernel)` `[..., C]` float32 with the matmul in `dtype`.
+
+  The unit vectors are formed in float32 (`ops.l2_normalize`), then cast to `dtype` (e.g.
+  bfloat16) for the product, which accumulates in float32; with sub-centers (`kernel: [d, C, k]`)
+  a class's cosine is the largest of its k. `dtype` None: `ops.cosine_logits` itself.
+  """
+  if dtype is None:
+    return ops.cosine_logits(features, kernel)
+  x = ops.l2_normalize(features.astype(jnp.float32)).astype(dtype)
+  w = ops.l2_normalize(kernel.astype(jnp.float32), axis=0).astype(dtype)
+  cos = jnp.tensordot(x, w, axes=1, preferred_element_type=jnp.float32)
+  return jnp.max(cos, axis=-1) if kernel.ndim == 3 else cos
+
+
 class MarginSoftmax(nn.Module):
   """Cosine softmax head with an ArcFace / CosFace / SphereFace / combined margin.
 
@@ -55,6 +70,9 @@ class MarginSoftmax(nn.Module):
     lambda_base, lambda_gamma, lambda_power, lambda_min: SphereFace's annealing
       `lambda = max(lambda_min, base (1 + gamma step)^-power)` (`ops.sphereface_lambda`); without a
       step, `lambda_min`.
+    dtype: computation dtype of the cosine matmul, None or floating, e.g. 'bfloat16' (None:
+      `ops.cosine_logits` in the features' precision). The unit vectors are formed in float32
+      and the cosines, margins, losses and log-probabilities are float32 (`cosines_in`).
   """
   num_classes: int
   kind: str = 'arcface'
@@ -69,12 +87,14 @@ class MarginSoftmax(nn.Module):
   lambda_gamma: float = 0.12
   lambda_power: float = 1.0
   lambda_min: float = 5.0
+  dtype: Any = None
 
   uses_step: ClassVar[bool] = True  # `Classifier` passes the training step (SphereFace's lambda).
 
   def _check(self):
     name = 'MarginSoftmax'
     _checks.num_classes(name, self.num_classes)
+    _checks.compute_dtype(name, self.dtype)
     if self.kind not in KINDS:
       raise ValueError(f'MarginSoftmax: kind={self.kind!r} is unknown; choose one of {sorted(KINDS)}.')
     if self.scale is not None:
@@ -104,8 +124,9 @@ class MarginSoftmax(nn.Module):
     shape = (features.shape[-1], self.num_classes)
     if self.num_subcenters > 1:
       shape += (self.num_subcenters,)
-    kernel = self.param('kernel', nn.initializers.lecun_normal(in_axis=0, out_axis=1), shape)
-    return ops.cosine_logits(features, kernel)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(in_axis=0, out_axis=1), shape,
+                        jnp.float32)
+    return cosines_in(features, kernel, self.dtype)
 
   def _scale(self, features):
     default_scale, _ = KINDS[self.kind]

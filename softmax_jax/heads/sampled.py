@@ -99,8 +99,9 @@ class SampledSoftmax(nn.Module):
   @nn.compact
   def _weights(self, d: int):
     init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)  # fan-in d, as DenseSoftmax.
-    embedding = self.param('embedding', init, (self.num_classes, d))
-    bias = self.param('bias', nn.initializers.zeros, (self.num_classes,)) if self.use_bias else None
+    embedding = self.param('embedding', init, (self.num_classes, d), jnp.float32)
+    bias = (self.param('bias', nn.initializers.zeros, (self.num_classes,), jnp.float32)
+            if self.use_bias else None)
     return embedding, bias
 
   def logits(self, features: jnp.ndarray) -> jnp.ndarray:
