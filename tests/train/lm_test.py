@@ -211,8 +211,13 @@ def test_ptb_config_is_zaremba_small_with_plain_sgd_and_halving():
     updates, _ = tx.update({'w': grads.astype(np.float32)}, tx.init(params), params)
     np.testing.assert_allclose(updates['w'][0], expected, rtol=1e-6)  # plain SGD, clipped at norm 0.25
   assert _ptb_config('adaptive,small,epochs=6')[1].optimizer.decay_at == (4 / 6, 5 / 6)
-  assert set(module.HEADS) == {'dense', 'adaptive', 'sampled', 'hierarchical'}
-  with pytest.raises(ValueError, match=r"takes '<head>\[,small\]\[,epochs=N\]'.*'softmax' not understood"):
+  assert set(module.HEADS) == {'dense', 'adaptive', 'sampled', 'hierarchical', 'mos', 'sigsoftmax'}
+  assert _ptb_config('mos')[1].head.num_mixtures == 5
+  assert _ptb_config('mos,mixtures=15,small')[1].head.to_dict() == dict(name='mos', num_mixtures=15)
+  assert _ptb_config('sigsoftmax')[1].head.to_dict() == dict(name='dense', sigsoftmax=True)
+  with pytest.raises(ValueError, match=r'mixtures=3 is an option of the mos head'):
+    _ptb_config('dense,mixtures=3')
+  with pytest.raises(ValueError, match=r"takes '<head>\[,small\]\[,epochs=N\]\[,mixtures=M\]'.*'softmax' not understood"):
     module.get_config('softmax')
 
 
