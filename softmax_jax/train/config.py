@@ -40,6 +40,18 @@ def base_config() -> ml_collections.ConfigDict:
       max_train_tokens=0,                           # 0: all of train; else its first N tokens (lm1b)
       seq_len=20,                                   # BPTT window / Transformer context, in tokens
   ))
+  # `model` and `head` hold the fields of the module their `name` picks (`override_free_form`);
+  # a field left out takes the module's default. TPU-ready options (issue 16), e.g.
+  # --config.model.dtype=bfloat16 --config.head.dtype=bfloat16 --config.head.pad_classes_to=128:
+  #   model.dtype, head.dtype: every backbone and head; the compute dtype, 'float32' (default)
+  #     or 'bfloat16' (bfloat16 matmuls; parameters stay float32, normalization and softmax
+  #     statistics and the losses accumulate in float32, features reach the head in float32);
+  #   head.pad_classes_to: DenseSoftmax; the classes padded to a multiple (128: TPU lanes), the
+  #     padding at probability 0 and in no loss or metric (None: no padding);
+  #   head.approx_top_k, head.recall_target: DenseSoftmax; predict and top_k by
+  #     jax.lax.approx_max_k (TPU's fast path; exact on CPU).
+  # They are not set here: a key here that a config's own `model`/`head` dict leaves out would
+  # read as a changed config when a workdir is resumed (train/workdir.py).
   c.model = ml_collections.ConfigDict(dict(name='mlp', hidden=(256, 256), dropout=0.1))
   c.head = ml_collections.ConfigDict(dict(name='dense'))
   c.batch_size = 128

@@ -163,3 +163,158 @@ class ContractTest(chex.TestCase):
     features, labels = rng.normal(size=(4, 8)) * 2, rng.integers(0, 8, size=4)
     testing.assert_head_contract(DenseSoftmax(num_classes=8, **kwargs), features, labels,
                                  variant=self.variant)
+
+
+# Vocabulary padding (config.head.pad_classes_to) and the approximate top-k (issue 16 item 3).
+
+def _padded_weights(params, k_pad, rng):
+  """`params` of an unpadded head with `k_pad - K` junk columns appended: large, so that any
+  leak of a padded class would win every argmax and dominate every normalizer."""
+  extra = k_pad - params['kernel'].shape[1]
+  kernel = np.concatenate([params['kernel'], 10 * rng.normal(size=(D, extra))], axis=1)
+  bias = np.concatenate([params['bias'], np.full(extra, 50.0)])
+  return {'kernel': jnp.asarray(kernel, jnp.float32), 'bias': jnp.asarray(bias, jnp.float32)}
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_padded_head_equals_unpadded_on_the_same_weights(fused):
+  """pad_classes_to=16 (K = 7): the same losses and gradients (smoothing over the K real
+  classes), log-probs, predictions, top-k and eval_stats as the unpadded head with the first K
+  columns; the padded classes have probability exactly 0 and gradient exactly 0; a traced label
+  in the padding gives a NaN loss (an out-of-range label), not +inf."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 3, D)) * 2, jnp.float32)
+  y = jnp.asarray(rng.integers(0, K, size=(2, 3)), jnp.int32)
+  opts = dict(num_classes=K, label_smoothing=0.1, fused=fused, chunk_size=3 if fused else None)
+  plain, padded = DenseSoftmax(**opts), DenseSoftmax(**opts, pad_classes_to=16)
+  assert padded.padded_num_classes == 16
+  params = plain.init(jax.random.PRNGKey(0), x, y)['params']
+  params = jax.tree.map(lambda p: p + 0.3 * rng.normal(size=p.shape).astype(np.float32), params)
+  padded_params = _padded_weights(params, 16, rng)
+  log_prior = jnp.log(jnp.linspace(1.0, 2.0, K) / jnp.sum(jnp.linspace(1.0, 2.0, K)))
+
+  @jax.jit
+  def everything(p, pp):
+    out = {}
+    for name, head, w in (('plain', plain, p), ('padded', padded, pp)):
+      apply = lambda method, *a, **kw: head.apply({'params': w}, *a, method=method, **kw)  # pylint: disable=cell-var-from-loop
+      train = lambda w, x: head.apply({'params': w}, x, y, train=True).sum()  # pylint: disable=cell-var-from-loop
+      out[name] = dict(train=jax.value_and_grad(train, argnums=(0, 1))(w, x),
+                       stats=apply('eval_stats', x, y, temperatures=(1.0, 2.0), log_prior=log_prior))
+      if not fused:  # the rest does not depend on `fused`
+        out[name] |= dict(eval=apply(None, x, y, train=False), log_prob=apply('log_prob', x),
+                          predict=apply('predict', x), top_k=apply('top_k', x, 3))
+    # A traced label in the padding [K, 16) is out of range like any label >= K: NaN, not +inf.
+    out['padded']['bad'] = padded.apply({'params': pp}, x, y.at[0, 0].set(K), train=True)
+    if not fused:
+      out['padded']['padded_log_prob'] = padded.apply({'params': pp}, x, method='log_prob', padded=True)
+    return out
+
+  out = everything(params, padded_params)
+  a, b = out['plain'], out['padded']
+  (loss_a, (grad_w_a, grad_x_a)), (loss_b, (grad_w_b, grad_x_b)) = a['train'], b['train']
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
+  np.testing.assert_allclose(grad_x_b, grad_x_a, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad_w_b['kernel'][:, :K], grad_w_a['kernel'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad_w_b['bias'][:K], grad_w_a['bias'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(grad_w_b['kernel'][:, K:], 0.0)  # exactly: the padding never moves
+  np.testing.assert_array_equal(grad_w_b['bias'][K:], 0.0)
+  for key, value in a['stats'].items():
+    np.testing.assert_allclose(b['stats'][key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+  bad = np.asarray(b['bad'])
+  assert np.isnan(bad[0, 0]) and np.all(np.isfinite(bad.reshape(-1)[1:]))
+  if fused:
+    return
+  for key in ('eval', 'log_prob'):
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-5)
+  assert b['log_prob'].shape == (2, 3, K) and b['padded_log_prob'].shape == (2, 3, 16)
+  np.testing.assert_array_equal(b['padded_log_prob'][..., K:], -np.inf)
+  np.testing.assert_array_equal(np.exp(b['padded_log_prob'][..., K:]), 0.0)
+  np.testing.assert_allclose(b['padded_log_prob'][..., :K], a['log_prob'], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(b['predict'], a['predict'])
+  assert np.all(np.asarray(b['predict']) < K) and np.all(np.asarray(b['top_k'][1]) < K)
+  np.testing.assert_array_equal(b['top_k'][1], a['top_k'][1])
+  np.testing.assert_allclose(b['top_k'][0], a['top_k'][0], rtol=1e-5, atol=1e-5)
+  ref = _ref_log_prob(x, params)  # and both against the float64 reference
+  np.testing.assert_allclose(b['log_prob'], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_sigsoftmax_head_keeps_the_head_contract():
+  """Padded, sigsoftmax and the approximate top-k at once (NaN rows, vmap, bfloat16 features,
+  extreme inputs with -inf padding); one jit variant (the plain ones run under all three above;
+  the fused padded path is compared with the unpadded one above)."""
+  rng = np.random.default_rng(7)
+  features, labels = rng.normal(size=(4, 8)) * 2, rng.integers(0, 8, size=4)
+  head = DenseSoftmax(num_classes=8, pad_classes_to=16, approx_top_k=True, label_smoothing=0.1,
+                      sigsoftmax=True)
+  testing.assert_head_contract(head, features, labels, variant=jax.jit)
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('pad_classes_to', 0, r'`pad_classes_to` must be an integer >= 1 \(config.head.pad_classes_to'),
+    ('pad_classes_to', 2.5, r'`pad_classes_to` must be an integer >= 1'),
+    ('recall_target', 0.0, r'`recall_target` \(of jax.lax.approx_max_k.*\(0, 1\]; got 0.0'),
+])
+def test_bad_padding_and_recall_target_are_named(field, value, match):
+  head = DenseSoftmax(num_classes=K, **{field: value})
+  with pytest.raises(ValueError, match=rf'^DenseSoftmax: {match}'):
+    jax.eval_shape(lambda: head.init(jax.random.PRNGKey(0), jnp.ones((2, D)), method='log_prob'))
+
+
+def test_approx_top_k_is_exact_on_cpu_with_recall_one():
+  """`approx_top_k=True` (padded to 128): on CPU XLA's approx_max_k is exact, so predict and
+  top_k give the float64 reference's argmax and order, and the measured recall is 1.0."""
+  rng = np.random.default_rng(5)
+  k = 40
+  x = jnp.asarray(rng.normal(size=(16, D)), jnp.float32)
+  head = DenseSoftmax(num_classes=k, approx_top_k=True, pad_classes_to=128)
+  params = DenseSoftmax(num_classes=k).init(jax.random.PRNGKey(0), x, method='log_prob')['params']
+  params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
+  padded = {'kernel': jnp.pad(params['kernel'], ((0, 0), (0, 128 - k))),
+            'bias': jnp.pad(params['bias'], (0, 128 - k), constant_values=100.0)}
+  f = jax.jit(lambda p: (head.apply({'params': p}, x, 5, method='top_k'),
+                         head.apply({'params': p}, x, method='predict'),
+                         head.apply({'params': p}, x, 5, method='top_k_recall')))
+  (values, ids), predict, recall = f(padded)
+  ref = _ref_log_prob(x, params)
+  np.testing.assert_array_equal(ids, np.argsort(-ref, axis=-1, kind='stable')[:, :5])
+  np.testing.assert_allclose(values, np.sort(ref, axis=-1)[:, ::-1][:, :5], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(predict, np.argmax(ref, axis=-1))
+  assert float(recall) == 1.0
+  with pytest.raises(ValueError, match=r'top_k `k` must be <= num_classes = 40; got 41'):
+    head.apply({'params': padded}, x, 41, method='top_k')
+
+
+def test_top_k_recall_counts_the_exact_ids_found():
+  """Recall of [[0, 1, 2], [3, 4, 5]] against [[2, 1, 9], [5, 3, 4]]: (2/3 + 3/3) / 2."""
+  from softmax_jax.heads import _eval  # pylint: disable=g-import-not-at-top
+  recall = _eval.top_k_recall(jnp.asarray([[0, 1, 2], [3, 4, 5]]), jnp.asarray([[2, 1, 9], [5, 3, 4]]))
+  np.testing.assert_allclose(recall, (2 / 3 + 1) / 2, rtol=1e-6)
+
+
+def test_sigsoftmax_matches_a_float64_reference():
+  """`sigsoftmax=True`: log_prob = log_softmax(z + log_sigmoid(z)) (Kanai et al. 2018), the
+  training loss its smoothed cross-entropy, predict its argmax; with fused=True it is an error."""
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(5, D)) * 2, jnp.float32)
+  y = jnp.asarray(rng.integers(0, K, size=5), jnp.int32)
+  head = DenseSoftmax(num_classes=K, sigsoftmax=True, label_smoothing=0.2)
+  params = head.init(jax.random.PRNGKey(0), x, y)['params']
+  params = jax.tree.map(lambda p: p + 0.3 * rng.normal(size=p.shape).astype(np.float32), params)
+  z = np.asarray(x, np.float64) @ np.asarray(params['kernel'], np.float64) + np.asarray(
+      params['bias'], np.float64)
+  s = z - np.logaddexp(0.0, -z)  # z + log sigmoid(z)
+  ref = s - s.max(-1, keepdims=True)
+  ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+  log_prob, loss, predict = jax.jit(lambda p: (
+      head.apply({'params': p}, x, method='log_prob'), head.apply({'params': p}, x, y, train=True),
+      head.apply({'params': p}, x, method='predict')))(params)
+  np.testing.assert_allclose(log_prob, ref, rtol=1e-5, atol=1e-5)
+  target = 0.8 * np.eye(K)[np.asarray(y)] + 0.2 / K
+  np.testing.assert_allclose(loss, -(target * ref).sum(-1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(predict, np.argmax(ref, -1))
+  assert not np.allclose(ref, _ref_log_prob(x, params), atol=1e-2)  # not the plain softmax
+  fused = DenseSoftmax(num_classes=K, sigsoftmax=True, fused=True)
+  with pytest.raises(ValueError, match=r'^DenseSoftmax: sigsoftmax=True needs the \[..., K\] '
+                     r'logits, which fused=True'):
+    fused.init(jax.random.PRNGKey(0), x, y)
