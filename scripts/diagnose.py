@@ -1,4 +1,4 @@
-r"""Softmax-bottleneck diagnostics of a trained run (softmax_jax.diagnostics); prints a table, draws spectra.
+r"""Softmax-bottleneck diagnostics of a trained run (softmax_jax.diagnostics): a table, the spectra.
 
   python scripts/diagnose.py --workdir=/tmp/digits
   python scripts/diagnose.py --workdir=workdirs/ptb/dense --max_contexts=2000 --out=/tmp/ptb_diag
@@ -9,7 +9,9 @@ order with the state carried, then sampled), computes their final features and t
 log-probabilities on the device in batches of `--batch_size`, and reports, in float64 on the host:
   - the rank of the row-centred log-probability matrix [N, K] with its tolerance (default
     `S.max() * max(N, K) * eps(float32)`; `--rtol` for `S.max() * rtol`), the bound d + 1 of a
-    softmax over d features with a bias, a few normalized singular values and the effective rank;
+    softmax over d features with a bias, a few normalized singular values, the index i of the
+    largest drop s_i / s_{i+1} (d + 1 for a softmax, also where the tolerance rule, a worst-case
+    bound, is too coarse to count every direction) and the effective rank;
   - the output layer's rank and effective rank, for heads with one `[d, K]` class matrix;
   - the anisotropy (mean pairwise cosine) of the features;
   - the classes that can never be the argmax of `h @ W + b` (unbounded features, or the box
@@ -69,7 +71,8 @@ def classifier_contexts(config, dataset, model, variables, split, max_contexts, 
   del config
   images = dataset.splits[split].images
   if len(images) > max_contexts:
-    images = images[np.sort(np.random.default_rng(seed).choice(len(images), max_contexts, replace=False))]
+    pick = np.random.default_rng(seed).choice(len(images), max_contexts, replace=False)
+    images = images[np.sort(pick)]
   fn = jax.jit(lambda v, x: model.apply(v, x, method='features'))
   feats = [np.asarray(fn(variables, dataset.normalize(images[i:i + batch_size])))
            for i in range(0, len(images), batch_size)]
@@ -95,7 +98,8 @@ def lm_contexts(config, dataset, model, variables, split, max_contexts, batch_si
       break
   feats = np.concatenate(feats)
   if len(feats) > max_contexts:
-    feats = feats[np.sort(np.random.default_rng(seed).choice(len(feats), max_contexts, replace=False))]
+    pick = np.random.default_rng(seed).choice(len(feats), max_contexts, replace=False)
+    feats = feats[np.sort(pick)]
   return feats
 
 
@@ -107,7 +111,8 @@ def output_layer(config, params, num_classes: int, d: int):
   """
   head_cfg = config.head.to_dict()
   name = head_cfg['name']
-  p = {k: np.asarray(v, np.float64) for k, v in params.get('head', {}).items() if hasattr(v, 'shape')}
+  p = {k: np.asarray(v, np.float64) for k, v in params.get('head', {}).items()
+       if hasattr(v, 'shape')}
   kernel = p.get('kernel')
   bias = p.get('bias')
   if kernel is None and p.get('embedding') is not None and p['embedding'].shape[0] == num_classes:
@@ -127,7 +132,8 @@ def analyse(workdir: str, *, split: str, max_contexts: int, max_classes: int, ba
   config, dataset, model, variables = load_trained(workdir)
   kind = task_name(config)
   if split not in dataset.splits:
-    raise ValueError(f'split={split!r} is not a split of {config.data.name!r}: {sorted(dataset.splits)}.')
+    raise ValueError(f'split={split!r} is not a split of {config.data.name!r}: '
+                     f'{sorted(dataset.splits)}.')
   contexts = lm_contexts if kind == 'language_model' else classifier_contexts
   feats = contexts(config, dataset, model, variables, split, max_contexts, batch_size, seed)
   n, d = feats.shape
@@ -146,6 +152,7 @@ def analyse(workdir: str, *, split: str, max_contexts: int, max_classes: int, ba
          'contexts': n, 'num_classes': k, 'classes_used': int(lp.shape[1]), 'feature_dim': d,
          'rank': rank['rank'], 'softmax_bound': d + 1, 'tolerance': rank['tolerance'],
          'tolerance_rule': rank['rule'], 'effective_rank': rank['effective_rank'],
+         'gap_index': rank['gap_index'],
          'singular_values': rank['singular_values'].tolist(),
          'anisotropy': diagnostics.anisotropy(feats)}
   kernel, bias, linear = output_layer(config, variables['params'], k, d)
@@ -183,7 +190,8 @@ def draw(result, path: str) -> None:
   else:
     ax.set_title('no [d, K] output layer')
   ax.set_xlabel('index')
-  fig.suptitle(f"{result['workdir']} ({result['head']} head, anisotropy {result['anisotropy']:.3f})",
+  fig.suptitle(f"{result['workdir']} ({result['head']} head, "
+               f"anisotropy {result['anisotropy']:.3f})",
                fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -201,12 +209,15 @@ def table(r) -> str:
            f"{r['classes_used']}/{r['num_classes']}", str(r['feature_dim']), str(r['rank']), str(b),
            str(min(r['contexts'], r['classes_used'] - 1)),
            f"{r['tolerance']:.2e}", f"{r['singular_values'][0]:.3g}", at(b), at(b + 1),
-           f"{r['effective_rank']:.1f}",
-           (f"{r['kernel_rank']} / {r['kernel_effective_rank']:.1f}" if 'kernel_rank' in r else 'n/a'),
+           str(r['gap_index']), f"{r['effective_rank']:.1f}",
+           (f"{r['kernel_rank']} / {r['kernel_effective_rank']:.1f}" if 'kernel_rank' in r
+            else 'n/a'),
            f"{r['anisotropy']:.3f}", un_cell]
-  head = ['run', 'head', 'N', 'K used', 'd', 'rank', 'd+1', 'min(N, K-1)', 'tol', 's_1', 's_{d+1}/s_1',
-          's_{d+2}/s_1', 'eff. rank', 'W rank / eff.', 'anisotropy', 'unargmaxable']
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head), '| ' + ' | '.join(cells) + ' |']
+  head = ['run', 'head', 'N', 'K used', 'd', 'rank', 'd+1', 'min(N, K-1)', 'tol', 's_1',
+          's_{d+1}/s_1',
+          's_{d+2}/s_1', 'largest gap', 'eff. rank', 'W rank / eff.', 'anisotropy', 'unargmaxable']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head),
+           '| ' + ' | '.join(cells) + ' |']
   top = ', '.join(f'{v:.3g}' for v in s[:10])
   lines.append(f"\nrank tolerance: {r['tolerance_rule']}; s_i / s_1 for i = 1..10: {top}")
   return '\n'.join(lines)

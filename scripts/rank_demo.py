@@ -1,4 +1,4 @@
-r"""The softmax bottleneck on a synthetic target: a softmax head of width d against a mixture of softmaxes.
+r"""The softmax bottleneck on a synthetic target: softmax heads of width d against MoS heads.
 
   python scripts/rank_demo.py                 # the default table, a few minutes on one core
   python scripts/rank_demo.py --contexts=512 --steps=6000 --widths=8,16,32,64 --mixtures=1,2,4,8,16
@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from softmax_jax import diagnostics  # pylint: disable=g-import-not-at-top
-from softmax_jax.heads import DenseSoftmax, MixtureOfSoftmaxes  # pylint: disable=g-import-not-at-top
+from softmax_jax.heads import DenseSoftmax  # pylint: disable=g-import-not-at-top
+from softmax_jax.heads import MixtureOfSoftmaxes  # pylint: disable=g-import-not-at-top
 
 _CHUNK = 100  # optimizer steps per device call (one scan), so the host syncs rarely
 
@@ -141,7 +142,8 @@ def table(rows, target) -> str:
            '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in rows:
     lines.append(f"| {r['head']} | {r['width']} | {r['mixtures'] or '-'} | {r['params']:,} | "
-                 f"{r['kl_half']:.4f} | {r['kl']:.4f} | {r['rank']} | {r['bound']} | {r['effective_rank']:.1f} | "
+                 f"{r['kl_half']:.4f} | {r['kl']:.4f} | {r['rank']} | {r['bound']} | "
+                 f"{r['effective_rank']:.1f} | "
                  f"{r['seconds']:.0f} |")
   return '\n'.join(lines)
 

@@ -106,7 +106,11 @@ def matrix_spectrum(matrix, *, center_rows: bool = False, tol: Optional[float] =
   Returns:
     dict with 'rank' (int), 'tolerance' (the absolute threshold used), 'rule' (how it was set,
     in words), 'singular_values' ([min(N, K)] float64, descending), 'normalized_spectrum'
-    (`s / s[0]`; zeros when `s[0] == 0`), 'effective_rank' (`effective_rank(s)`), 'shape'.
+    (`s / s[0]`; zeros when `s[0] == 0`), 'effective_rank' (`effective_rank(s)`), 'gap_index'
+    (the i, 1-based, with the largest `s_i / s_{i+1}`: where the spectrum falls off a cliff, e.g.
+    d + 1 for a softmax when the tolerance rule is too coarse to see it; `s_i > 0 = s_{i+1}` is an
+    infinite ratio; 0 when there are fewer than 2 values or `s[0] == 0`; with `center_rows`
+    among the first min(N, K - 1), as centring makes the K-th value zero), 'shape'.
 
   Raises:
     ValueError: a bad `matrix`, or `tol`/`rtol`/`eps` negative, non-finite or both `tol` and
@@ -134,7 +138,19 @@ def matrix_spectrum(matrix, *, center_rows: bool = False, tol: Optional[float] =
     rule = f'S.max() * max(N, K) * eps, eps = {e:.3g}' + ('' if eps is not None else f' ({dtype})')
   return {'rank': int(np.sum(s > threshold)), 'tolerance': float(threshold), 'rule': rule,
           'singular_values': s, 'normalized_spectrum': s / top if top > 0 else np.zeros_like(s),
-          'effective_rank': effective_rank(s), 'shape': tuple(int(n) for n in a.shape)}
+          'effective_rank': effective_rank(s),
+          'gap_index': _gap_index(s[:min(a.shape[0], a.shape[1] - 1)] if center_rows else s),
+          'shape': tuple(int(n) for n in a.shape)}
+
+
+def _gap_index(s: np.ndarray) -> int:
+  """1-based i maximizing s_i / s_{i+1} over s_i > 0 (0: none)."""
+  if len(s) < 2 or s[0] <= 0:
+    return 0
+  head, tail = s[:-1], s[1:]
+  with np.errstate(divide='ignore', invalid='ignore'):
+    ratio = np.where(head > 0, head / tail, 0.0)  # s_i > 0 = s_{i+1}: inf
+  return int(np.argmax(ratio)) + 1
 
 
 def log_prob_rank(log_probs, *, tol: Optional[float] = None, rtol: Optional[float] = None,
@@ -333,12 +349,14 @@ def unargmaxable_classes(kernel, bias=None, *, method: str = 'auto', bound: Opti
   else:
     b = np.asarray(bias)
     if b.shape != (k,):
-      raise ValueError(f'bias must be [K] = ({k},) to match kernel {w.T.shape}, got shape {b.shape}.')
+      raise ValueError(f'bias must be [K] = ({k},) to match kernel {w.T.shape}, '
+                       f'got shape {b.shape}.')
     if not (np.issubdtype(b.dtype, np.floating) or np.issubdtype(b.dtype, np.integer)):
       raise ValueError(f'bias must be real numbers, got dtype {b.dtype}.')
     b = b.astype(np.float64)
     if not np.isfinite(b).all():
-      raise ValueError(f'bias must be finite, got NaN or inf at class {np.flatnonzero(~np.isfinite(b))[0]}.')
+      bad = np.flatnonzero(~np.isfinite(b))[0]
+      raise ValueError(f'bias must be finite, got NaN or inf at class {bad}.')
   if method not in ('auto', 'exact', 'fast'):
     raise ValueError(f"method must be 'auto', 'exact' or 'fast', got {method!r}.")
   if bound is not None and not (np.isfinite(bound) and bound > 0):

@@ -34,6 +34,7 @@ def test_softmax_log_probs_have_rank_d_plus_bias(d, bias):
   assert out['rank'] == np.linalg.matrix_rank(centred, tol=out['tolerance'])
   np.testing.assert_allclose(out['normalized_spectrum'], s / s[0])
   assert out['shape'] == (120, 90) and 'float32' in out['rule']
+  assert out['gap_index'] == d + bias  # the cliff after the last of the d (+ 1) directions
   # Not centred: the normalizer adds one more direction (the rank Yang et al. discount).
   assert diagnostics.matrix_spectrum(lp)['rank'] == d + bias + 1
   # The same float32 numbers in float64 look full rank under float64's eps: why eps= exists.
@@ -50,20 +51,29 @@ def test_generic_log_probs_are_full_rank_after_centring():
 
 def test_tolerance_options():
   rng = np.random.default_rng(1)
-  a = rng.normal(size=(40, 8)) @ np.diag([1, 1, 1, 1e-3, 1e-6, 1e-9, 1e-12, 1e-15]) @ rng.normal(size=(8, 50))
+  spectrum = np.diag([1, 1, 1, 1e-3, 1e-6, 1e-9, 1e-12, 1e-15])
+  a = rng.normal(size=(40, 8)) @ spectrum @ rng.normal(size=(8, 50))
   s = np.linalg.svd(a, compute_uv=False)
   assert diagnostics.matrix_spectrum(a)['rank'] == np.linalg.matrix_rank(a)  # NumPy's default rule
   assert diagnostics.matrix_spectrum(a, rtol=1e-4)['rank'] == 4
   assert diagnostics.matrix_spectrum(a, rtol=1e-4)['tolerance'] == pytest.approx(1e-4 * s[0])
   assert diagnostics.matrix_spectrum(a, tol=s[5] * 0.5)['rank'] == 6
-  assert diagnostics.matrix_spectrum(a, eps=F32_EPS)['rank'] == np.linalg.matrix_rank(a, tol=s[0] * 50 * F32_EPS)
+  assert (diagnostics.matrix_spectrum(a, eps=F32_EPS)['rank']
+          == np.linalg.matrix_rank(a, tol=s[0] * 50 * F32_EPS))
   assert diagnostics.matrix_spectrum(np.zeros((3, 4)))['rank'] == 0
+  spectrum = np.diag([1, 1, 0.1, 1e-9, 1e-10, 1e-11])
+  cliff = rng.normal(size=(40, 6)) @ spectrum @ rng.normal(size=(6, 50))
+  assert diagnostics.matrix_spectrum(cliff)['gap_index'] == 3  # s_3 / s_4 ~ 1e8; s_6 / s_7 ~ 1e4
+  assert diagnostics.matrix_spectrum(np.diag([4.0, 2.0, 0.0]))['gap_index'] == 2  # 2 / 0 = inf
+  assert diagnostics.matrix_spectrum(np.zeros((3, 4)))['gap_index'] == 0
+  assert diagnostics.matrix_spectrum(np.ones((1, 4)))['gap_index'] == 0
 
 
 def test_spectrum_errors_name_the_argument():
   with pytest.raises(ValueError, match='log_probs must be a matrix'):
     diagnostics.log_prob_rank(np.zeros(5))
-  with pytest.raises(ValueError, match=r'log_probs must be finite, got 1 NaN or inf entries, the first at \(1, 2\)'):
+  with pytest.raises(ValueError, match=r'log_probs must be finite, got 1 NaN or inf entries, '
+                     r'the first at \(1, 2\)'):
     diagnostics.log_prob_rank(np.where(np.arange(12).reshape(3, 4) == 6, -np.inf, 0.0))
   with pytest.raises(ValueError, match='give tol or rtol, not both'):
     diagnostics.log_prob_rank(np.zeros((3, 4)), tol=1.0, rtol=0.1)
@@ -85,7 +95,8 @@ def test_effective_rank_and_output_layer_spectrum():
     diagnostics.effective_rank([1.0, -1.0])
   w = np.random.default_rng(2).normal(size=(6, 30)).astype(np.float32)
   out = diagnostics.output_layer_spectrum(w)
-  np.testing.assert_allclose(out['singular_values'], np.linalg.svd(w.astype(np.float64), compute_uv=False))
+  np.testing.assert_allclose(out['singular_values'],
+                             np.linalg.svd(w.astype(np.float64), compute_uv=False))
   assert out['rank'] == 6 and out['shape'] == (6, 30)
   assert diagnostics.output_layer_spectrum(w[:, :1] * np.ones((1, 30)))['rank'] == 1
 
@@ -119,7 +130,8 @@ def test_planted_unargmaxable_classes_are_found_among_many():
   for c, (i, j) in zip(planted, [(0, 1), (5, 9), (10, 11)]):  # midpoint, bias below the midpoint's
     w[:, c], b[c] = (w[:, i] + w[:, j]) / 2, (b[i] + b[j]) / 2 - 0.05
   np.testing.assert_array_equal(diagnostics.unargmaxable_classes(w, b), planted)
-  np.testing.assert_array_equal(diagnostics.unargmaxable_classes(w[:, :40], b[:40], method='exact'), [3])
+  exact = diagnostics.unargmaxable_classes(w[:, :40], b[:40], method='exact')
+  np.testing.assert_array_equal(exact, [3])
   b[3] += 0.1  # above the midpoint now: it wins near the middle of the segment
   assert 3 not in diagnostics.unargmaxable_classes(w, b)
 

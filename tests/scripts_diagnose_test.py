@@ -1,4 +1,4 @@
-"""scripts/diagnose.py on tiny trained runs: a digits MLP (the command line) and a Markov-chain LSTM LM."""
+"""scripts/diagnose.py on tiny trained runs: a digits MLP (command line) and a Markov-chain LSTM."""
 
 import importlib.util
 import json
@@ -15,11 +15,13 @@ from softmax_jax.train import language_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'tests', 'train'))
-from lm_test import markov_dataset, small_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lm_test import markov_dataset  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lm_test import small_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location('diagnose', os.path.join(REPO, 'scripts', 'diagnose.py'))
+  path = os.path.join(REPO, 'scripts', 'diagnose.py')
+  spec = importlib.util.spec_from_file_location('diagnose', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -39,7 +41,7 @@ def test_digits_run_then_diagnose(tmp_path):
                            '--unargmaxable=exact'], capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
-  assert lines[0].startswith('| run | head | N |') and lines[1].count('---') == 16, result.stdout
+  assert lines[0].startswith('| run | head | N |') and lines[1].count('---') == 17, result.stdout
   assert lines[2].startswith('| run | dense | 100 | 10/10 | 4 | 5 | 5 | 9 |'), result.stdout
   assert 'eps = 1.19e-07 (float32)' in result.stdout
   assert os.path.getsize(os.path.join(out, 'spectra.png')) > 10000
@@ -55,7 +57,7 @@ def test_digits_run_then_diagnose(tmp_path):
   lp = np.asarray(model.apply(variables, dataset.normalize(images[idx]), method='log_prob'))
   s = np.linalg.svd(lp.astype(np.float64) - lp.mean(axis=1, keepdims=True), compute_uv=False)
   np.testing.assert_allclose(r['singular_values'], s, rtol=1e-4, atol=1e-5 * s[0])
-  assert r['rank'] == 5 and s[4] > 1e-3 * s[0] and s[5] < 1e-5 * s[0]
+  assert r['rank'] == 5 and s[4] > 1e-3 * s[0] and s[5] < 1e-5 * s[0] and r['gap_index'] == 5
   kernel = np.asarray(variables['params']['head']['kernel'])
   bias = np.asarray(variables['params']['head']['bias'])
   assert r['kernel_rank'] == 4 and r['unargmaxable'] == diagnostics.unargmaxable_classes(
@@ -75,7 +77,7 @@ def test_lm_run_then_diagnose(tmp_path, monkeypatch):
                        method='auto')
   assert (r['task'], r['contexts'], r['num_classes'], r['classes_used'], r['feature_dim']) == (
       'language_model', 150, 24, 20, 6)
-  assert r['rank'] == 7  # d + 1 of a subset of 20 classes, below min(150, 19)
+  assert r['rank'] == 7 and r['gap_index'] == 7  # d + 1 for 20 of the classes; min(150, 19) = 19
   assert 'unargmaxable' in r and set(r['unargmaxable']) <= set(range(24))
   table = diagnose.table(r)
   assert '| lm | dense | 150 | 20/24 | 6 | 7 | 7 | 19 |' in table

@@ -1,4 +1,4 @@
-"""scripts/rank_demo.py, small: the softmax student is stuck at rank d + 1, the MoS student is not and fits better."""
+"""scripts/rank_demo.py, small: softmax stuck at rank d + 1; MoS above it and closer to P*."""
 
 import importlib.util
 import os
@@ -10,7 +10,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location('rank_demo', os.path.join(REPO, 'scripts', 'rank_demo.py'))
+  path = os.path.join(REPO, 'scripts', 'rank_demo.py')
+  spec = importlib.util.spec_from_file_location('rank_demo', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -45,6 +46,6 @@ def test_softmax_stuck_at_d_plus_one_mos_above_and_closer():
   lines = out.splitlines()
   assert lines[0].startswith('target: N=48, K=200, row-centred rank r=48,')
   assert lines[2].startswith('| head | d | M |') and len(lines) == 7
-  assert lines[4].startswith(f'| softmax | {d} | - |') and f'| 5 | 5 |' in lines[4]
-  assert lines[5].startswith(f'| MoS | {d} | 1 |') and f'| 5 | 5 |' in lines[5]
+  assert lines[4].startswith(f'| softmax | {d} | - |') and '| 5 | 5 |' in lines[4]
+  assert lines[5].startswith(f'| MoS | {d} | 1 |') and '| 5 | 5 |' in lines[5]
   assert lines[6].startswith(f'| MoS | {d} | 4 |') and f"| {mos['rank']} | 5 |" in lines[6]
