@@ -14,9 +14,10 @@ log-probabilities on the device in batches of `--batch_size`, and reports, in fl
     bound, is too coarse to count every direction) and the effective rank;
   - the output layer's rank and effective rank, for heads with one `[d, K]` class matrix;
   - the anisotropy (mean pairwise cosine) of the features;
-  - the classes that can never be the argmax of `h @ W + b` (unbounded features, or the box
-    `--bound`), for heads whose log-probabilities are a softmax of one linear layer of the
-    features (dense, imbalanced, sampled; margin heads with their unit class vectors).
+  - the classes that can never be the argmax of `h @ W + b` (features anywhere, or in the box
+    `--bound`; the observed feature range is printed), for heads whose log-probabilities are a
+    softmax of one linear layer of the features (dense, imbalanced, sampled; margin heads with
+    their unit class vectors).
 Limits: the log-probability matrix is N x K float64 on the host: N * K of a few times 1e7 is fine
 (2000 x 10000: 160 MB, an SVD of ~20 s on one core); above `--max_classes` a random subset of the
 classes is used (a subset of columns keeps the softmax bound d + 1).
@@ -54,8 +55,9 @@ def define_flags() -> None:
   flags.DEFINE_integer('batch_size', 256, 'Contexts per device call.')
   flags.DEFINE_float('rtol', None, 'Relative rank tolerance S.max() * rtol (default: numpy\'s rule '
                      'with float32 eps).')
-  flags.DEFINE_float('bound', None, 'Features in the box |h_i| <= bound for the unargmaxable check '
-                     '(default: unbounded).')
+  flags.DEFINE_list('bound', None, 'Where features can be, for the unargmaxable check: b (the box '
+                    '|h_i| <= b) or low,high with none for an open side (0,none after a ReLU); '
+                    'default all of R^d.')
   flags.DEFINE_enum('unargmaxable', 'auto', ['auto', 'exact', 'fast', 'none'],
                     'Method of diagnostics.unargmaxable_classes, or none to skip.')
   flags.DEFINE_integer('seed', 0, 'Seed of the context and class subsets.')
@@ -163,6 +165,7 @@ def analyse(workdir: str, *, split: str, max_contexts: int, max_classes: int, ba
   if linear and method != 'none':
     ids = diagnostics.unargmaxable_classes(kernel, bias, method=method, bound=bound, features=feats)
     out.update(unargmaxable=ids.tolist(), unargmaxable_method=method, bound=bound)
+  out['feature_range'] = [float(feats.min()), float(feats.max())]
   out['host_seconds'] = time.perf_counter() - t0
   return out
 
@@ -220,7 +223,33 @@ def table(r) -> str:
            '| ' + ' | '.join(cells) + ' |']
   top = ', '.join(f'{v:.3g}' for v in s[:10])
   lines.append(f"\nrank tolerance: {r['tolerance_rule']}; s_i / s_1 for i = 1..10: {top}")
+  lines.append(f"features in [{r['feature_range'][0]:.3g}, {r['feature_range'][1]:.3g}]; "
+               f"unargmaxable over {_box_words(r.get('bound'))}")
   return '\n'.join(lines)
+
+
+def _box_words(bound) -> str:
+  if bound is None:
+    return 'all of R^d'
+  if np.ndim(bound) == 0:
+    return f'|h_i| <= {bound:g}'
+  lo, hi = ('-inf' if bound[0] is None else bound[0]), ('inf' if bound[1] is None else bound[1])
+  return f'{lo} <= h_i <= {hi}'
+
+
+def parse_bound(values):
+  """`--bound` as `diagnostics.unargmaxable_classes` takes it: None, b, or (low, high)."""
+  if not values:
+    return None
+  try:
+    parsed = [None if v.strip().lower() == 'none' else float(v) for v in values]
+  except ValueError:
+    raise app.UsageError(f'--bound takes b or low,high (none for an open side), got {values}.')
+  if len(parsed) == 1 and parsed[0] is not None:
+    return parsed[0]
+  if len(parsed) == 2:
+    return tuple(parsed)
+  raise app.UsageError(f'--bound takes b or low,high (none for an open side), got {values}.')
 
 
 def main(argv):
@@ -230,8 +259,8 @@ def main(argv):
     if getattr(f, key) < 1:
       raise app.UsageError(f'--{key} must be >= 1, got {getattr(f, key)}.')
   result = analyse(f.workdir, split=f.split, max_contexts=f.max_contexts, max_classes=f.max_classes,
-                   batch_size=f.batch_size, rtol=f.rtol, bound=f.bound, method=f.unargmaxable,
-                   seed=f.seed)
+                   batch_size=f.batch_size, rtol=f.rtol, bound=parse_bound(f.bound),
+                   method=f.unargmaxable, seed=f.seed)
   out = f.out or f.workdir
   os.makedirs(out, exist_ok=True)
   draw(result, os.path.join(out, 'spectra.png'))

@@ -30,7 +30,7 @@ References:
   Roy, Vetterli. The effective rank: a measure of effective dimensionality. EUSIPCO 2007.
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 from scipy import optimize
@@ -219,31 +219,33 @@ def anisotropy(features) -> float:
   return float((total @ total - np.sum(u * u)) / (n * (n - 1)))
 
 
-def _lp_margin(w: np.ndarray, b: np.ndarray, c: int, bound: Optional[float]) -> float:
+def _lp_margin(w: np.ndarray, b: np.ndarray, c: int, box) -> float:
   """max_h min_{j != c} (w_c - w_j) . h + b_c - b_j, capped at 1, h in the box (HiGHS)."""
   k, d = w.shape
   others = np.arange(k) != c
   a_ub = np.hstack([w[others] - w[c], np.ones((k - 1, 1))])
   cost = np.zeros(d + 1)
   cost[-1] = -1.0
-  box = (-bound, bound) if bound is not None else (None, None)
-  res = optimize.linprog(cost, A_ub=a_ub, b_ub=b[c] - b[others], bounds=[box] * d + [(None, 1.0)],
+  side = tuple(None if np.isinf(v) else float(v) for v in box)
+  res = optimize.linprog(cost, A_ub=a_ub, b_ub=b[c] - b[others], bounds=[side] * d + [(None, 1.0)],
                          method='highs')
   if res.status != 0:
     raise RuntimeError(f'linprog failed for class {c}: {res.message}')
   return -float(res.fun)
 
 
-def _probe(w: np.ndarray, b: np.ndarray, bound: Optional[float], features, steps: int,
-           tol: float) -> np.ndarray:
+def _probe(w: np.ndarray, b: np.ndarray, box, features, steps: int, tol: float) -> np.ndarray:
   """[K] bool: classes proven argmaxable (margin > tol at some feature vector or direction).
 
   Augmented probes x = (x_h, tau) score class j as x_h . w_j + tau b_j: tau > 0 is the point
   h = x_h / tau; tau = 0 a direction, along which a class with a positive margin wins far enough
-  out (unbounded features only). Each uncertified class starts from the direction w_c - mean(w)
-  and moves by relaxation steps onto its most violated constraint (Agmon-Motzkin).
+  out (features in all of R^d only; in a box, tau = 1). Each uncertified class starts from the
+  direction w_c - mean(w) (in a box: the point along it at the box's scale, clipped) and moves by
+  relaxation steps onto its most violated constraint (Agmon-Motzkin), clipped to the box.
   """
   k, d = w.shape
+  lo, hi = box
+  free = np.isinf(lo) and np.isinf(hi)
   wt = np.hstack([w, b[:, None]])  # [K, d + 1]
   done = np.zeros(k, bool)
 
@@ -256,27 +258,27 @@ def _probe(w: np.ndarray, b: np.ndarray, bound: Optional[float], features, steps
 
   def certify(x, cls, margin):
     tau = x[:, -1]
-    if bound is None:
+    if free:
       ok = margin > np.maximum(tol * tau, 1e-12 * np.linalg.norm(x, axis=1))
-    else:
-      ok = (tau > 0) & (margin > tol * tau)
-      ok &= np.all(np.abs(x[:, :d]) <= bound * tau[:, None] * (1 + 1e-12), axis=1)
+    else:  # tau = 1 and the point clipped into the box
+      ok = margin > tol
     done[cls[ok]] = True
 
   # Given features, and h = 0 (the largest bias), as points.
   pts = [np.zeros((1, d))] + ([] if features is None else [features])
   block = max(1, _PROBE_BLOCK // k)
   for p in pts:
-    if bound is not None:
-      p = p[np.all(np.abs(p) <= bound, axis=1)]
+    p = p[np.all((p >= lo) & (p <= hi), axis=1)]
     for i in range(0, len(p), block):
       s = p[i:i + block] @ w.T + b
       top2 = np.partition(s, -2, axis=1)[:, -2:]  # [:, 1] the largest, [:, 0] the runner-up
       done[np.argmax(s, axis=1)[top2[:, 1] - top2[:, 0] > tol]] = True
   cls = np.flatnonzero(~done)
   x = np.hstack([w[cls] - w.mean(axis=0), np.zeros((len(cls), 1))])
-  if bound is not None:
-    x[:, :d] *= bound / np.maximum(np.abs(x[:, :d]).max(axis=1, keepdims=True), 1e-300)
+  if not free:  # a point at the box's scale (1e3 if it is unbounded on a side), clipped
+    size = max(abs(lo), abs(hi)) if np.isfinite(lo) and np.isfinite(hi) else 1e3
+    x[:, :d] *= size / np.maximum(np.abs(x[:, :d]).max(axis=1, keepdims=True), 1e-300)
+    x[:, :d] = np.clip(x[:, :d], lo, hi)
     x[:, -1] = 1.0
   for _ in range(steps + 1):
     if not len(cls):
@@ -286,34 +288,53 @@ def _probe(w: np.ndarray, b: np.ndarray, bound: Optional[float], features, steps
       margin, j = margins(xs, cs)
       certify(xs, cs, margin)
       a = wt[cs] - wt[j]  # the most violated constraint: a . x > 0 wanted
-      if bound is not None:
+      if not free:
         a[:, -1] = 0.0  # the point's tau stays 1
       target = 10 * tol * np.maximum(xs[:, -1], 1e-3)
       step = np.maximum(target - margin, 0) / np.maximum(np.sum(a * a, axis=1), 1e-300)
       xs += step[:, None] * a
-      if bound is None:
+      if free:
         xs[:, -1] = np.maximum(xs[:, -1], 0.0)
         xs /= np.maximum(np.linalg.norm(xs, axis=1, keepdims=True), 1e-300)
       else:
-        xs[:, :d] = np.clip(xs[:, :d], -bound, bound)
+        xs[:, :d] = np.clip(xs[:, :d], lo, hi)
     keep = ~done[cls]
     cls, x = cls[keep], x[keep]
   return done
 
 
-def unargmaxable_classes(kernel, bias=None, *, method: str = 'auto', bound: Optional[float] = None,
-                         features=None, probe_steps: int = 50, tol: float = 1e-6) -> np.ndarray:
+def _box(bound) -> Tuple[float, float]:
+  """`bound` (None, b > 0, or (low, high) with None for an open side) as floats, inf for open."""
+  if bound is None:
+    return -np.inf, np.inf
+  if np.ndim(bound) == 0:
+    if not (isinstance(bound, (int, float, np.number)) and np.isfinite(bound) and bound > 0):
+      raise ValueError(f'bound must be None, a finite number > 0 or a pair (low, high), '
+                       f'got {bound}.')
+    return -float(bound), float(bound)
+  if len(bound) != 2:
+    raise ValueError(f'bound must be None, a finite number > 0 or a pair (low, high), got {bound}.')
+  lo, hi = (-np.inf if bound[0] is None else bound[0]), (np.inf if bound[1] is None else bound[1])
+  if not (isinstance(lo, (int, float, np.number)) and isinstance(hi, (int, float, np.number))
+          and not np.isnan(lo) and not np.isnan(hi) and lo < hi and lo < np.inf and hi > -np.inf):
+    raise ValueError(f'bound=(low, high) needs numbers or None with low < high, got {bound}.')
+  return float(lo), float(hi)
+
+
+def unargmaxable_classes(kernel, bias=None, *, method: str = 'auto', bound=None, features=None,
+                         probe_steps: int = 50, tol: float = 1e-6) -> np.ndarray:
   """Class ids that are never the argmax of `h @ kernel + bias`, for any features h.
 
-  Class c is argmaxable when some h (in the box `|h_i| <= bound`, or anywhere with
-  `bound=None`) gives it a margin `min_{j != c} (z_c - z_j) > tol * scale` over every other class,
+  Class c is argmaxable when some h (anywhere in R^d, or in the box `bound`) gives it a margin
+  `min_{j != c} (z_c - z_j) > tol * scale` over every other class,
   `scale = max(|kernel|, |bias|)`: ties never count. Bias-free, a class is argmaxable on
   unbounded features exactly when its weight vector is a vertex of the convex hull of all of
   them (Grivas et al. 2022; "stolen probability", Demeter et al. 2020).
 
   Methods:
     'exact': one linear program per class (`scipy.optimize.linprog`, HiGHS):
-      `max t  s.t.  (w_j - w_c) . h + t <= b_c - b_j  for all j != c,  t <= 1`, c argmaxable iff
+      `max t  s.t.  (w_j - w_c) . h + t <= b_c - b_j  for all j != c,  t <= 1` (h in the box
+      `bound`), c argmaxable iff
       t* > tol. K programs of K - 1 constraints: for small K (a few thousand).
     'fast': probes only, a sufficient test of argmaxability for large K: the rows of `features`,
       h = 0, and per class a direction w_c - mean(w) refined by up to `probe_steps` relaxation
@@ -326,7 +347,9 @@ def unargmaxable_classes(kernel, bias=None, *, method: str = 'auto', bound: Opti
     kernel: [d, K] real, finite (Flax's layout; transpose a `[K, d]` embedding).
     bias: [K] real, finite, or None.
     method: 'auto', 'exact' or 'fast'.
-    bound: None (features anywhere in R^d) or > 0: the box `|h_i| <= bound` (e.g. 1 after tanh).
+    bound: where the features can be: None (anywhere in R^d); b > 0, the box `|h_i| <= b` (e.g. 1
+      after tanh); or `(low, high)`, the box `low <= h_i <= high`, None for an open side (e.g.
+      `(0, None)` after a ReLU, `(-0.17, None)` after a GELU).
     features: [n, d] real, optional probe points (e.g. a model's validation features).
     probe_steps: relaxation steps per class of the probes (>= 0).
     tol: the margin, relative to `scale` (>= 0).
@@ -359,8 +382,7 @@ def unargmaxable_classes(kernel, bias=None, *, method: str = 'auto', bound: Opti
       raise ValueError(f'bias must be finite, got NaN or inf at class {bad}.')
   if method not in ('auto', 'exact', 'fast'):
     raise ValueError(f"method must be 'auto', 'exact' or 'fast', got {method!r}.")
-  if bound is not None and not (np.isfinite(bound) and bound > 0):
-    raise ValueError(f'bound must be None or a finite number > 0, got {bound}.')
+  box = _box(bound)
   if not (np.isfinite(tol) and tol >= 0):
     raise ValueError(f'tol must be a finite number >= 0, got {tol}.')
   if int(probe_steps) != probe_steps or probe_steps < 0:
@@ -379,7 +401,7 @@ def unargmaxable_classes(kernel, bias=None, *, method: str = 'auto', bound: Opti
   if method == 'exact':
     doubt = np.arange(k)
   else:
-    doubt = np.flatnonzero(~_probe(w, b, bound, features, int(probe_steps), tol))
+    doubt = np.flatnonzero(~_probe(w, b, box, features, int(probe_steps), tol))
     if method == 'fast':
       return doubt.astype(np.int64)
-  return np.array([c for c in doubt if _lp_margin(w, b, int(c), bound) <= tol], np.int64)
+  return np.array([c for c in doubt if _lp_margin(w, b, int(c), box) <= tol], np.int64)

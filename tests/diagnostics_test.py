@@ -136,14 +136,14 @@ def test_planted_unargmaxable_classes_are_found_among_many():
   assert 3 not in diagnostics.unargmaxable_classes(w, b)
 
 
-@pytest.mark.parametrize('bound', [None, 1.5])
+@pytest.mark.parametrize('bound', [None, 1.5, (0.0, None), (-1.0, 0.5)])
 def test_with_bias_agrees_with_dense_sampling(bound):
   rng = np.random.default_rng(5)
   w, b = rng.normal(size=(2, 25)), rng.normal(size=25)
   exact = diagnostics.unargmaxable_classes(w, b, method='exact', bound=bound)
   np.testing.assert_array_equal(diagnostics.unargmaxable_classes(w, b, bound=bound), exact)
-  r = 1.5 if bound else 30.0
-  g = np.linspace(-r, r, 401)
+  lo, hi = {None: (-30, 30), 1.5: (-1.5, 1.5), (0.0, None): (0, 60)}.get(bound, bound)
+  g = np.linspace(lo, hi, 401)
   h = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
   z = h @ w + b
   top2 = np.sort(z, axis=1)[:, -2:]
@@ -178,8 +178,10 @@ def test_unargmaxable_errors_name_the_argument():
     diagnostics.unargmaxable_classes(w * np.nan)
   with pytest.raises(ValueError, match="method must be 'auto', 'exact' or 'fast'"):
     diagnostics.unargmaxable_classes(w, method='lp')
-  with pytest.raises(ValueError, match='bound must be None or a finite number > 0'):
+  with pytest.raises(ValueError, match='bound must be None, a finite number > 0 or a pair'):
     diagnostics.unargmaxable_classes(w, bound=0.0)
+  with pytest.raises(ValueError, match=r'bound=\(low, high\) needs numbers or None with low < high'):
+    diagnostics.unargmaxable_classes(w, bound=(1.0, 0.0))
   with pytest.raises(ValueError, match=r'features must be \[n, d\] with d = 2'):
     diagnostics.unargmaxable_classes(w, features=np.ones((4, 3)))
   with pytest.raises(ValueError, match='probe_steps must be an integer >= 0'):

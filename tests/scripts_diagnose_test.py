@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from absl import app
 import numpy as np
 import pytest
 
@@ -38,12 +39,14 @@ def test_digits_run_then_diagnose(tmp_path):
   train_and_evaluate(c, workdir)
   result = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'diagnose.py'),
                            f'--workdir={workdir}', f'--out={out}', '--max_contexts=100',
-                           '--unargmaxable=exact'], capture_output=True, text=True, cwd=REPO)
+                           '--unargmaxable=exact', '--bound=-0.2,none'],  # GELU features
+                          capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   assert lines[0].startswith('| run | head | N |') and lines[1].count('---') == 17, result.stdout
   assert lines[2].startswith('| run | dense | 100 | 10/10 | 4 | 5 | 5 | 9 |'), result.stdout
   assert 'eps = 1.19e-07 (float32)' in result.stdout
+  assert 'unargmaxable over -0.2 <= h_i <= inf' in result.stdout
   assert os.path.getsize(os.path.join(out, 'spectra.png')) > 10000
   with open(os.path.join(out, 'diagnostics.json')) as f:
     r = json.load(f)
@@ -61,9 +64,12 @@ def test_digits_run_then_diagnose(tmp_path):
   kernel = np.asarray(variables['params']['head']['kernel'])
   bias = np.asarray(variables['params']['head']['bias'])
   assert r['kernel_rank'] == 4 and r['unargmaxable'] == diagnostics.unargmaxable_classes(
-      kernel, bias, method='exact').tolist()
+      kernel, bias, method='exact', bound=(-0.2, None)).tolist()
+  assert r['bound'] == [-0.2, None]
   feats = np.asarray(model.apply(variables, dataset.normalize(images[idx]), method='features'))
   assert r['anisotropy'] == pytest.approx(diagnostics.anisotropy(feats), abs=1e-6)
+  assert r['feature_range'] == pytest.approx([feats.min(), feats.max()], abs=1e-6)
+  assert feats.min() >= -0.2  # GELU >= -0.17
   assert config.head.name == 'dense' and r['feature_dim'] == 4
 
 
@@ -83,6 +89,8 @@ def test_lm_run_then_diagnose(tmp_path, monkeypatch):
   assert '| lm | dense | 150 | 20/24 | 6 | 7 | 7 | 19 |' in table
   diagnose.draw(r, str(tmp_path / 'spectra.png'))
   assert os.path.getsize(tmp_path / 'spectra.png') > 10000
-  # The contexts are positions of the validation stream read with the carry: the first 150 of
-  # at most 4 * 150 positions seen, here the whole split of 300 tokens (299 positions).
-  assert r['split'] == 'validation'
+  assert r['split'] == 'validation' and 'feature_range' in r
+  assert diagnose.parse_bound(None) is None and diagnose.parse_bound(['1.5']) == 1.5
+  assert diagnose.parse_bound(['0', 'None']) == (0.0, None)
+  with pytest.raises(app.UsageError, match='--bound takes b or low,high'):
+    diagnose.parse_bound(['1', '2', '3'])
