@@ -59,7 +59,10 @@ def define_flags() -> None:
                     '|h_i| <= b) or low,high with none for an open side (0,none after a ReLU); '
                     'default all of R^d.')
   flags.DEFINE_enum('unargmaxable', 'auto', ['auto', 'exact', 'fast', 'none'],
-                    'Method of diagnostics.unargmaxable_classes, or none to skip.')
+                    'Method of diagnostics.unargmaxable_classes, or none to skip; auto settles '
+                    "fast's candidates by linear programs when there are at most --max_lp.")
+  flags.DEFINE_integer('max_lp', 200, 'Most linear programs (one per class, K constraints) that '
+                       'auto runs; past it the fast candidates are reported as an upper bound.')
   flags.DEFINE_integer('seed', 0, 'Seed of the context and class subsets.')
   flags.DEFINE_string('out', None, 'Output folder (default: the workdir).')
 
@@ -129,7 +132,7 @@ def output_layer(config, params, num_classes: int, d: int):
 
 
 def analyse(workdir: str, *, split: str, max_contexts: int, max_classes: int, batch_size: int,
-            rtol=None, bound=None, method: str = 'auto', seed: int = 0):
+            rtol=None, bound=None, method: str = 'auto', max_lp: int = 200, seed: int = 0):
   """Every diagnostic of one workdir as a JSON-able dict (spectra as lists)."""
   config, dataset, model, variables = load_trained(workdir)
   kind = task_name(config)
@@ -163,8 +166,14 @@ def analyse(workdir: str, *, split: str, max_contexts: int, max_classes: int, ba
     out.update(kernel_rank=w['rank'], kernel_effective_rank=w['effective_rank'],
                kernel_singular_values=w['singular_values'].tolist())
   if linear and method != 'none':
-    ids = diagnostics.unargmaxable_classes(kernel, bias, method=method, bound=bound, features=feats)
-    out.update(unargmaxable=ids.tolist(), unargmaxable_method=method, bound=bound)
+    kw = dict(bound=bound, features=feats)
+    first = 'fast' if method == 'auto' else method
+    ids = diagnostics.unargmaxable_classes(kernel, bias, method=first, **kw)
+    exact = method == 'exact' or (method == 'auto' and len(ids) <= max_lp)
+    if method == 'auto' and exact and len(ids):
+      ids = diagnostics.unargmaxable_classes(kernel, bias, method='exact', classes=ids, **kw)
+    # exact: the unargmaxable classes; otherwise candidates, a superset of them.
+    out.update(unargmaxable=ids.tolist(), unargmaxable_exact=exact, bound=bound)
   out['feature_range'] = [float(feats.min()), float(feats.max())]
   out['host_seconds'] = time.perf_counter() - t0
   return out
@@ -207,7 +216,8 @@ def table(r) -> str:
   b = r['softmax_bound']
   at = lambda i: f'{s[i - 1]:.2e}' if i <= len(s) else '-'
   un = r.get('unargmaxable')
-  un_cell = 'n/a' if un is None else (f"{len(un)}" + (f" {un[:10]}" if un else ''))
+  un_cell = 'n/a' if un is None else (('' if r['unargmaxable_exact'] else '<= ') + f"{len(un)}"
+                                      + (f" {un[:10]}" if un else ''))
   cells = [os.path.basename(os.path.normpath(r['workdir'])), r['head'], str(r['contexts']),
            f"{r['classes_used']}/{r['num_classes']}", str(r['feature_dim']), str(r['rank']), str(b),
            str(min(r['contexts'], r['classes_used'] - 1)),
@@ -255,12 +265,12 @@ def parse_bound(values):
 def main(argv):
   del argv
   f = flags.FLAGS
-  for key in ('max_contexts', 'max_classes', 'batch_size'):
-    if getattr(f, key) < 1:
-      raise app.UsageError(f'--{key} must be >= 1, got {getattr(f, key)}.')
+  for key, low in (('max_contexts', 1), ('max_classes', 1), ('batch_size', 1), ('max_lp', 0)):
+    if getattr(f, key) < low:
+      raise app.UsageError(f'--{key} must be >= {low}, got {getattr(f, key)}.')
   result = analyse(f.workdir, split=f.split, max_contexts=f.max_contexts, max_classes=f.max_classes,
                    batch_size=f.batch_size, rtol=f.rtol, bound=parse_bound(f.bound),
-                   method=f.unargmaxable, seed=f.seed)
+                   method=f.unargmaxable, max_lp=f.max_lp, seed=f.seed)
   out = f.out or f.workdir
   os.makedirs(out, exist_ok=True)
   draw(result, os.path.join(out, 'spectra.png'))

@@ -234,7 +234,8 @@ def _lp_margin(w: np.ndarray, b: np.ndarray, c: int, box) -> float:
   return -float(res.fun)
 
 
-def _probe(w: np.ndarray, b: np.ndarray, box, features, steps: int, tol: float) -> np.ndarray:
+def _probe(w: np.ndarray, b: np.ndarray, box, features, steps: int, tol: float,
+           todo: np.ndarray) -> np.ndarray:
   """[K] bool: classes proven argmaxable (margin > tol at some feature vector or direction).
 
   Augmented probes x = (x_h, tau) score class j as x_h . w_j + tau b_j: tau > 0 is the point
@@ -247,7 +248,7 @@ def _probe(w: np.ndarray, b: np.ndarray, box, features, steps: int, tol: float) 
   lo, hi = box
   free = np.isinf(lo) and np.isinf(hi)
   wt = np.hstack([w, b[:, None]])  # [K, d + 1]
-  done = np.zeros(k, bool)
+  done = ~todo  # [K] bool; classes not asked about count as done
 
   def margins(x, cls):  # x [m, d + 1], cls [m] -> margin [m], runner-up [m]
     s = x @ wt.T
@@ -322,7 +323,7 @@ def _box(bound) -> Tuple[float, float]:
 
 
 def unargmaxable_classes(kernel, bias=None, *, method: str = 'auto', bound=None, features=None,
-                         probe_steps: int = 50, tol: float = 1e-6) -> np.ndarray:
+                         probe_steps: int = 50, tol: float = 1e-6, classes=None) -> np.ndarray:
   """Class ids that are never the argmax of `h @ kernel + bias`, for any features h.
 
   Class c is argmaxable when some h (anywhere in R^d, or in the box `bound`) gives it a margin
@@ -353,9 +354,11 @@ def unargmaxable_classes(kernel, bias=None, *, method: str = 'auto', bound=None,
     features: [n, d] real, optional probe points (e.g. a model's validation features).
     probe_steps: relaxation steps per class of the probes (>= 0).
     tol: the margin, relative to `scale` (>= 0).
+    classes: [m] int ids in [0, K) to test (default all), e.g. the answer of 'fast' to settle with
+      'exact' when it is short enough.
 
   Returns:
-    [u] int64, sorted class ids.
+    [u] int64, sorted class ids (among `classes`).
 
   Raises:
     ValueError: bad shapes, dtypes, non-finite values or options, naming the argument.
@@ -392,16 +395,24 @@ def unargmaxable_classes(kernel, bias=None, *, method: str = 'auto', bound=None,
     if features.shape[1] != d:
       raise ValueError(f'features must be [n, d] with d = {d} (kernel {w.T.shape}), '
                        f'got shape {features.shape}.')
+  todo = np.ones(k, bool)
+  if classes is not None:
+    ids = np.asarray(classes)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or (
+        ids.size and (ids.min() < 0 or ids.max() >= k)):
+      raise ValueError(f'classes must be [m] integer ids in [0, K = {k}), got {ids!r}.')
+    todo = np.zeros(k, bool)
+    todo[ids] = True
   if k == 1:
     return np.zeros(0, np.int64)
   scale = max(np.abs(w).max(), np.abs(b).max())
   if scale == 0:
-    return np.arange(k, dtype=np.int64)  # every class ties with every other everywhere
+    return np.flatnonzero(todo).astype(np.int64)  # every class ties with every other everywhere
   w, b = w / scale, b / scale
   if method == 'exact':
-    doubt = np.arange(k)
+    doubt = np.flatnonzero(todo)
   else:
-    doubt = np.flatnonzero(~_probe(w, b, box, features, int(probe_steps), tol))
+    doubt = np.flatnonzero(~_probe(w, b, box, features, int(probe_steps), tol, todo))
     if method == 'fast':
       return doubt.astype(np.int64)
   return np.array([c for c in doubt if _lp_margin(w, b, int(c), box) <= tol], np.int64)

@@ -130,6 +130,11 @@ def test_planted_unargmaxable_classes_are_found_among_many():
   for c, (i, j) in zip(planted, [(0, 1), (5, 9), (10, 11)]):  # midpoint, bias below the midpoint's
     w[:, c], b[c] = (w[:, i] + w[:, j]) / 2, (b[i] + b[j]) / 2 - 0.05
   np.testing.assert_array_equal(diagnostics.unargmaxable_classes(w, b), planted)
+  doubt = diagnostics.unargmaxable_classes(w, b, method='fast', probe_steps=0)
+  assert set(planted) <= set(doubt)  # fewer probes, a longer list; exact settles it
+  settled = diagnostics.unargmaxable_classes(w, b, method='exact', classes=doubt)
+  np.testing.assert_array_equal(settled, planted)
+  np.testing.assert_array_equal(diagnostics.unargmaxable_classes(w, b, classes=[0, 777]), [777])
   exact = diagnostics.unargmaxable_classes(w[:, :40], b[:40], method='exact')
   np.testing.assert_array_equal(exact, [3])
   b[3] += 0.1  # above the midpoint now: it wins near the middle of the segment
@@ -184,5 +189,7 @@ def test_unargmaxable_errors_name_the_argument():
     diagnostics.unargmaxable_classes(w, bound=(1.0, 0.0))
   with pytest.raises(ValueError, match=r'features must be \[n, d\] with d = 2'):
     diagnostics.unargmaxable_classes(w, features=np.ones((4, 3)))
+  with pytest.raises(ValueError, match=r'classes must be \[m\] integer ids in \[0, K = 3\)'):
+    diagnostics.unargmaxable_classes(w, classes=[3])
   with pytest.raises(ValueError, match='probe_steps must be an integer >= 0'):
     diagnostics.unargmaxable_classes(w, probe_steps=-1)

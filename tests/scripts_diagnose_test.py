@@ -84,7 +84,10 @@ def test_lm_run_then_diagnose(tmp_path, monkeypatch):
   assert (r['task'], r['contexts'], r['num_classes'], r['classes_used'], r['feature_dim']) == (
       'language_model', 150, 24, 20, 6)
   assert r['rank'] == 7 and r['gap_index'] == 7  # d + 1 for 20 of the classes; min(150, 19) = 19
-  assert 'unargmaxable' in r and set(r['unargmaxable']) <= set(range(24))
+  assert r['unargmaxable_exact'] and set(r['unargmaxable']) <= set(range(24))
+  head = load_trained(workdir)[3]['params']['head']
+  assert r['unargmaxable'] == diagnostics.unargmaxable_classes(
+      np.asarray(head['kernel']), np.asarray(head['bias']), method='exact').tolist()
   table = diagnose.table(r)
   assert '| lm | dense | 150 | 20/24 | 6 | 7 | 7 | 19 |' in table
   diagnose.draw(r, str(tmp_path / 'spectra.png'))
