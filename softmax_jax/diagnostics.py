@@ -108,9 +108,10 @@ def matrix_spectrum(matrix, *, center_rows: bool = False, tol: Optional[float] =
     in words), 'singular_values' ([min(N, K)] float64, descending), 'normalized_spectrum'
     (`s / s[0]`; zeros when `s[0] == 0`), 'effective_rank' (`effective_rank(s)`), 'gap_index'
     (the i, 1-based, with the largest `s_i / s_{i+1}`: where the spectrum falls off a cliff, e.g.
-    d + 1 for a softmax when the tolerance rule is too coarse to see it; `s_i > 0 = s_{i+1}` is an
-    infinite ratio; 0 when there are fewer than 2 values or `s[0] == 0`; with `center_rows`
-    among the first min(N, K - 1), as centring makes the K-th value zero), 'shape'.
+    d + 1 for float32 softmax log-probabilities, which the tolerance rule may be too coarse to
+    see; among values above float64's round-off `S.max() * max(N, K) * 2.2e-16`, so exact
+    deficiencies such as centring's or duplicate rows' do not count; 0 when fewer than 2 values
+    are above it), 'shape'.
 
   Raises:
     ValueError: a bad `matrix`, or `tol`/`rtol`/`eps` negative, non-finite or both `tol` and
@@ -139,18 +140,13 @@ def matrix_spectrum(matrix, *, center_rows: bool = False, tol: Optional[float] =
   return {'rank': int(np.sum(s > threshold)), 'tolerance': float(threshold), 'rule': rule,
           'singular_values': s, 'normalized_spectrum': s / top if top > 0 else np.zeros_like(s),
           'effective_rank': effective_rank(s),
-          'gap_index': _gap_index(s[:min(a.shape[0], a.shape[1] - 1)] if center_rows else s),
+          'gap_index': _gap_index(s[s > top * max(a.shape) * np.finfo(np.float64).eps]),
           'shape': tuple(int(n) for n in a.shape)}
 
 
 def _gap_index(s: np.ndarray) -> int:
-  """1-based i maximizing s_i / s_{i+1} over s_i > 0 (0: none)."""
-  if len(s) < 2 or s[0] <= 0:
-    return 0
-  head, tail = s[:-1], s[1:]
-  with np.errstate(divide='ignore', invalid='ignore'):
-    ratio = np.where(head > 0, head / tail, 0.0)  # s_i > 0 = s_{i+1}: inf
-  return int(np.argmax(ratio)) + 1
+  """1-based i maximizing s_i / s_{i+1} of positive descending `s` (0: fewer than 2 values)."""
+  return int(np.argmax(s[:-1] / s[1:])) + 1 if len(s) >= 2 else 0
 
 
 def log_prob_rank(log_probs, *, tol: Optional[float] = None, rtol: Optional[float] = None,
