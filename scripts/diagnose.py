@@ -233,8 +233,8 @@ def table(r) -> str:
            '| ' + ' | '.join(cells) + ' |']
   top = ', '.join(f'{v:.3g}' for v in s[:10])
   lines.append(f"\nrank tolerance: {r['tolerance_rule']}; s_i / s_1 for i = 1..10: {top}")
-  lines.append(f"features in [{r['feature_range'][0]:.3g}, {r['feature_range'][1]:.3g}]; "
-               f"unargmaxable over {_box_words(r.get('bound'))}")
+  checked = f"; unargmaxable over {_box_words(r['bound'])}" if 'unargmaxable' in r else ''
+  lines.append(f"features in [{r['feature_range'][0]:.3g}, {r['feature_range'][1]:.3g}]{checked}")
   return '\n'.join(lines)
 
 
