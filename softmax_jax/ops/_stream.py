@@ -34,9 +34,12 @@ def acc_dtype(*arrays):
   return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
-def _chunks(total, size, body, carry):
-  """`carry = body(start, length, carry)` over [0, total) in blocks of `size`, the tail first
-  (as in ops/fused.py: XLA then cannot hoist the tail's product above the loop)."""
+def chunks(total, size, body, carry):
+  """Runs `carry = body(start, length, carry)` over [0, total) in blocks of `size`.
+
+  A shorter tail block goes first: the loop then depends on it, so XLA cannot hoist the tail's
+  matrix product above the loop and hold its output through it. (Shared with ops/fused.py.)
+  """
   n, tail = divmod(total, size)
   if tail:
     carry = body(n * size, tail, carry)
@@ -45,7 +48,8 @@ def _chunks(total, size, body, carry):
   return lax.fori_loop(0, n, lambda i, c: body(i * size, size, c), carry) if n else carry
 
 
-def _cols(a, start, size):
+def cols(a, start, size):
+  """Columns [start, start + size) of `a` (the last axis); None stays None."""
   if a is None or size == a.shape[-1]:
     return a
   return lax.dynamic_slice_in_dim(a, start, size, a.ndim - 1)
@@ -53,12 +57,12 @@ def _cols(a, start, size):
 
 def _scores(cfg, x, w, b, mask, start, size):
   """`(u, zs, keep)` of classes [start, start + size): scores, kept logits (0 elsewhere), kept."""
-  z = jnp.dot(x, _cols(w, start, size), preferred_element_type=acc_dtype(x, w))
+  z = jnp.dot(x, cols(w, start, size), preferred_element_type=acc_dtype(x, w))
   if b is not None:
-    z = z + _cols(b, start, size).astype(z.dtype)
+    z = z + cols(b, start, size).astype(z.dtype)
   keep = z != -jnp.inf  # NaN is kept: it propagates.
   if mask is not None:
-    keep = keep & _cols(mask, start, size)[None, :]
+    keep = keep & cols(mask, start, size)[None, :]
   zs = jnp.where(keep, z, 0.0)  # What is not kept is not read (no NaN in a derivative).
   u = zs + jax.nn.log_sigmoid(zs) if cfg.sigsoftmax else zs
   return jnp.where(keep, u, -jnp.inf), zs, keep
@@ -81,7 +85,7 @@ def _forward(cfg, x, w, b, mask, labels):
     return m_new, s, u_y
 
   zero = jnp.zeros(x.shape[0], acc)
-  m, s, u_y = _chunks(w.shape[1], cfg.chunk_size, body, (zero - jnp.inf, zero, zero))
+  m, s, u_y = chunks(w.shape[1], cfg.chunk_size, body, (zero - jnp.inf, zero, zero))
   lse = m + jnp.log(s)  # A fully masked row: -inf.
   ce = jnp.where(jnp.isneginf(u_y) & ~jnp.isnan(lse), jnp.inf, lse - u_y)
   return ce, lse
@@ -114,13 +118,13 @@ def _bwd(cfg, res, cts):
     dz = du * (1.0 + jax.nn.sigmoid(-zs)) if cfg.sigsoftmax else du
     dz = jnp.where(keep & ((a != 0) | (c != 0))[:, None], dz, 0.0)  # masked, unused: exactly 0
     g = dz.astype(mm)
-    dx = dx + jnp.dot(g, _cols(w, start, size).T, preferred_element_type=acc)
+    dx = dx + jnp.dot(g, cols(w, start, size).T, preferred_element_type=acc)
     dw = put(dw, start, jnp.dot(x.T, g, preferred_element_type=acc))
     db = db if db is None else put(db, start, dz.sum(0))
     return dx, dw, db
 
   zeros = lambda v: None if v is None else jnp.zeros_like(v)
-  dx, dw, db = _chunks(w.shape[1], cfg.chunk_size, body,
+  dx, dw, db = chunks(w.shape[1], cfg.chunk_size, body,
                        (jnp.zeros(x.shape, acc), zeros(w), zeros(b)))
   return dx.astype(x.dtype), dw, db, None, None
 

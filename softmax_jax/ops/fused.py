@@ -26,6 +26,8 @@ import numpy as np
 
 from softmax_jax.ops import _autotune
 from softmax_jax.ops import _checks
+from softmax_jax.ops._stream import chunks
+from softmax_jax.ops._stream import cols
 
 SymbolicZero = jax.custom_derivatives.SymbolicZero
 
@@ -184,36 +186,16 @@ def _check(x, w, bias, offsets, eps, cap, reduction, chunk_size, token_chunk_siz
       fail(name, 'be a positive int', n)  # or None: tuned
 
 
-def _chunks(total, size, body, carry):
-  """Runs `carry = body(start, length, carry)` over [0, total) in blocks of `size`.
-
-  A shorter tail block goes first: the loop then depends on it, so XLA cannot hoist the
-  tail's matrix product above the loop and hold its output through it.
-  """
-  n, tail = divmod(total, size)
-  if tail:
-    carry = body(n * size, tail, carry)
-  if n == 1:
-    return body(0, size, carry)
-  return lax.fori_loop(0, n, lambda i, c: body(i * size, size, c), carry) if n else carry
-
-
-def _cols(a, start, size):
-  if a is None or size == a.shape[-1]:
-    return a
-  return lax.dynamic_slice_in_dim(a, start, size, a.ndim - 1)
-
-
 def _logits(cfg, u, b, o, start):
   """Logits of classes [start, start + u.shape[1]) from `u = x @ w[:, cols]`; tanh for the cap."""
   size = u.shape[1]
-  z = u if b is None else u + _cols(b, start, size).astype(u.dtype)
+  z = u if b is None else u + cols(b, start, size).astype(u.dtype)
   t = None
   if cfg.soft_cap is not None:
     t = jnp.tanh(z / cfg.soft_cap)
     z = cfg.soft_cap * t
   if o is not None:
-    z = z + _cols(o, start, size).astype(u.dtype)
+    z = z + cols(o, start, size).astype(u.dtype)
   return z, t
 
 
@@ -274,7 +256,7 @@ def _lse_pass(cfg, logits, n, k, labels, rw, acc):
     return m_new, s, zl, zsum, kv
 
   zero = jnp.zeros(n, acc)
-  m, s, zl, zsum, kv = _chunks(k, cfg.chunk_size, body, (zero - jnp.inf, zero, zero, zero, zero))
+  m, s, zl, zsum, kv = chunks(k, cfg.chunk_size, body, (zero - jnp.inf, zero, zero, zero, zero))
   lse = m + jnp.log(s)
   return _row_loss(cfg, lse, zl, zsum, kv, labels, rw, k), lse, kv
 
@@ -291,7 +273,7 @@ def _grad_pass(cfg, logits, x, w, labels, lse, kv, a, c, carry, need=(True,) * 4
 
   def add(total, start, part):  # total[..., start:start + n] (+)= part, in place
     if accumulate:
-      part = _cols(total, start, part.shape[-1]).astype(part.dtype) + part
+      part = cols(total, start, part.shape[-1]).astype(part.dtype) + part
     return lax.dynamic_update_slice_in_dim(total, part.astype(total.dtype), start, total.ndim - 1)
 
   def body(start, size, carry):
@@ -300,21 +282,21 @@ def _grad_pass(cfg, logits, x, w, labels, lse, kv, a, c, carry, need=(True,) * 4
     dzp, dz = _dlogits(cfg, z, t, lse, kv, labels, a, c, start)
     g = dzp.astype(mm)
     if need[0]:
-      dx = dx + jnp.dot(g, _cols(w, start, size).T, preferred_element_type=acc)
+      dx = dx + jnp.dot(g, cols(w, start, size).T, preferred_element_type=acc)
     if need[1]:
       dw = add(dw, start, jnp.dot(x.T, g, preferred_element_type=acc))
     db = add(db, start, dzp.sum(0)) if need[2] else db
     do = add(do, start, dz.sum(0)) if need[3] else do
     return dx, dw, db, do
 
-  return _chunks(k, cfg.chunk_size, body, carry)
+  return chunks(k, cfg.chunk_size, body, carry)
 
 
 def _matmul_logits(cfg, x, w, b, o):
   """Vocabulary-outer logits: one [N, C] matrix product per chunk."""
   acc = _acc(x, w)
   return lambda start, size: _logits(
-      cfg, jnp.dot(x, _cols(w, start, size), preferred_element_type=acc), b, o, start)
+      cfg, jnp.dot(x, cols(w, start, size), preferred_element_type=acc), b, o, start)
 
 
 def _token_pass(cfg, x, w, b, o, labels, rw, need):
@@ -328,7 +310,7 @@ def _token_pass(cfg, x, w, b, o, labels, rw, need):
     total, lse, kv, dx, dw, db, do = carry
     xb, lb, rb = (lax.dynamic_slice_in_dim(a, start, size, 0) for a in (x, labels, rw))
     u = jnp.dot(xb, w, preferred_element_type=acc)
-    logits = lambda s, c: _logits(cfg, _cols(u, s, c), b, o, s)
+    logits = lambda s, c: _logits(cfg, cols(u, s, c), b, o, s)
     loss, lse_b, kv_b = _lse_pass(cfg, logits, size, k, lb, rb, acc)
     a, c = _coefs(cfg, lse_b, lb, rb, k)
     dxb, dw, db, do = _grad_pass(cfg, logits, xb, w, lb, lse_b, kv_b, a, c,
@@ -341,7 +323,7 @@ def _token_pass(cfg, x, w, b, o, labels, rw, need):
   zk = jnp.zeros(k, acc)
   init = (jnp.zeros((), acc), jnp.zeros(n, acc), jnp.zeros(n, acc), jnp.zeros_like(x),
           jnp.zeros(w.shape, acc), zk, zk)
-  total, lse, kv, *grads = _chunks(n, cfg.token_chunk_size, body, init)
+  total, lse, kv, *grads = chunks(n, cfg.token_chunk_size, body, init)
   grads = tuple(g.astype(a.dtype) if ok else None
                 for g, a, ok in zip(grads, (x, w, b, o), need))
   return total, lse, kv, grads
