@@ -40,12 +40,8 @@ from softmax_jax.geometry import l2_normalize
 _PROBE_BLOCK = 1 << 22  # float64 scores per block of the probes (32 MiB)
 
 
-def _real_matrix(name: str, x, *, min_rows: int = 1) -> np.ndarray:
-  """`x` as a finite real float64 `[N, K]` array, or a ValueError naming `name`."""
-  a = np.asarray(x)
-  if a.ndim != 2 or a.shape[0] < min_rows or a.shape[1] < 1:
-    raise ValueError(f'{name} must be a matrix [N, K] with N >= {min_rows} and K >= 1, '
-                     f'got shape {a.shape}.')
+def _finite_real(name: str, a: np.ndarray) -> np.ndarray:
+  """`a` (any shape) as finite real float64, or a ValueError naming `name` and the first bad entry."""
   if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
     raise ValueError(f'{name} must be real numbers, got dtype {a.dtype}.')
   a = a.astype(np.float64)
@@ -54,6 +50,15 @@ def _real_matrix(name: str, x, *, min_rows: int = 1) -> np.ndarray:
     raise ValueError(f'{name} must be finite, got {int((~np.isfinite(a)).sum())} NaN or inf '
                      f'entries, the first at {tuple(int(i) for i in bad)}.')
   return a
+
+
+def _real_matrix(name: str, x, *, min_rows: int = 1) -> np.ndarray:
+  """`x` as a finite real float64 `[N, K]` array, or a ValueError naming `name`."""
+  a = np.asarray(x)
+  if a.ndim != 2 or a.shape[0] < min_rows or a.shape[1] < 1:
+    raise ValueError(f'{name} must be a matrix [N, K] with N >= {min_rows} and K >= 1, '
+                     f'got shape {a.shape}.')
+  return _finite_real(name, a)
 
 
 def _machine_eps(dtype) -> float:
@@ -373,12 +378,7 @@ def unargmaxable_classes(kernel, bias=None, *, method: str = 'auto', bound=None,
     if b.shape != (k,):
       raise ValueError(f'bias must be [K] = ({k},) to match kernel {w.T.shape}, '
                        f'got shape {b.shape}.')
-    if not (np.issubdtype(b.dtype, np.floating) or np.issubdtype(b.dtype, np.integer)):
-      raise ValueError(f'bias must be real numbers, got dtype {b.dtype}.')
-    b = b.astype(np.float64)
-    if not np.isfinite(b).all():
-      bad = np.flatnonzero(~np.isfinite(b))[0]
-      raise ValueError(f'bias must be finite, got NaN or inf at class {bad}.')
+    b = _finite_real('bias', b)
   if method not in ('auto', 'exact', 'fast'):
     raise ValueError(f"method must be 'auto', 'exact' or 'fast', got {method!r}.")
   box = _box(bound)
