@@ -15,10 +15,11 @@ sampled id out of range gives every loss of the batch NaN (the sample is shared)
 broadcastable); examples are ignored by `ignore_index: int | None` (PyTorch's semantics), taken
 by every loss with integer labels (`cross_entropy`, `linear_cross_entropy`, `focal_loss`,
 `logit_adjusted_cross_entropy`, `ldam_loss`, the sampled losses and samplers,
-`hierarchical_loss`, `adaptive_softmax_loss`): an example whose label equals it gets loss exactly
-0 and gradient exactly 0, its label is not range-checked, and its logits/features are not read
-(replaced by zeros, so a NaN there leaks nowhere); `reduction='mean'` divides by the examples not
-ignored. A bool mask `m` of examples is `labels=jnp.where(m, labels, -1), ignore_index=-1`.
+`hierarchical_loss`, `adaptive_softmax_loss`, `mixture_cross_entropy`): an example whose label
+equals it gets loss exactly 0 and gradient exactly 0, its label is not range-checked, and its
+logits/features are not read (replaced by zeros, so a NaN there leaks nowhere);
+`reduction='mean'` divides by the examples not ignored. A bool mask `m` of examples is
+`labels=jnp.where(m, labels, -1), ignore_index=-1`.
 `soft_cross_entropy` has no labels: a zero target row gives 0 (unless its logits are NaN).
 """
 
