@@ -36,6 +36,7 @@ def test_every_head_steps_and_the_table_and_plot_are_written(tmp_path, monkeypat
   np.testing.assert_allclose(by_name['dense']['loss'], by_name['dense fused']['loss'], rtol=1e-5)
   np.testing.assert_allclose(by_name['adaptive']['loss'], by_name['adaptive all']['loss'], rtol=1e-5)
   np.testing.assert_allclose(by_name['adaptive']['loss'], by_name['adaptive vmapped']['loss'], rtol=1e-5)
+  np.testing.assert_allclose(by_name['mos']['loss'], by_name['mos materialized']['loss'], rtol=1e-5)
   assert by_name['adaptive']['params'] < by_name['dense']['params']
   table = bench_heads.table(rows)
   assert table.count('\n') == len(rows) + 1 and '| 3000 | 64 | 32 | adaptive all |' in table
