@@ -15,12 +15,16 @@ loss of a MoS head with a shared output layer `w`, streamed over vocabulary chun
 probability 0 and gradient 0, and the NaN rule of the package docstring.
 """
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
 from softmax_jax.ops import _checks
 from softmax_jax.ops import _normalize as _norm
 from softmax_jax.ops import _stream
+
+Array = jax.Array
 
 
 # Eager calls reuse one compiled stream per shape and configuration (a bare `fori_loop` body is
@@ -39,7 +43,7 @@ def _sig_scores(x, where):
   return _sig(x, keep if where is None else keep & where)
 
 
-def sigsoftmax(logits, *, where=None):
+def sigsoftmax(logits: Array, *, where: Optional[Array] = None) -> Array:
   """Sigsoftmax over the last axis: `softmax(z + log_sigmoid(z))`, optionally masked.
 
   `p_k = exp(z_k) sigmoid(z_k) / sum_j [where_j] exp(z_j) sigmoid(z_j)`; masked entries and `-inf`
@@ -63,7 +67,7 @@ def sigsoftmax(logits, *, where=None):
   return _norm.normalize(_sig_scores(x, where), None)[0].astype(_norm.out_dtype(logits, x))
 
 
-def log_sigsoftmax(logits, *, where=None):
+def log_sigsoftmax(logits: Array, *, where: Optional[Array] = None) -> Array:
   """Log-sigsoftmax over the last axis: `log_softmax(z + log_sigmoid(z))`, optionally masked.
 
   Masked entries and `-inf` logits are `-inf` (gradient 0; a fully masked row all `-inf`, never
@@ -93,7 +97,8 @@ def _float(x, name, layout):
 # pylint: disable=redefined-outer-name (the option `sigsoftmax` shadows the op of that name)
 
 
-def mixture_log_softmax(logits, prior_logits, *, where=None, sigsoftmax=False):
+def mixture_log_softmax(logits: Array, prior_logits: Array, *, where: Optional[Array] = None,
+                        sigsoftmax: bool = False) -> Array:
   """Exact log-probabilities of a mixture of M softmaxes, mixed in log space.
 
   `log p_k = logsumexp_m(log_softmax(prior_logits)_m + log_softmax(logits_m)_k)` (with
@@ -163,7 +168,9 @@ def _check_stream(x, w, bias, where, chunk_size, x_name, x_layout):
   return _stream.Cfg(False, int(chunk_size or _stream.DEFAULT_CHUNK_SIZE))
 
 
-def linear_logsumexp(x, w, *, bias=None, where=None, sigsoftmax=False, chunk_size=None):
+def linear_logsumexp(x: Array, w: Array, *, bias: Optional[Array] = None,
+                     where: Optional[Array] = None, sigsoftmax: bool = False,
+                     chunk_size: Optional[int] = None) -> Array:
   """`logsumexp` of the linear scores `x @ w + bias`, streamed over vocabulary chunks.
 
   `lse = logsumexp_k u_k`, `u = z` or (with `sigsoftmax`) `z + log_sigmoid(z)`, `z = x @ w + b`,
@@ -195,8 +202,10 @@ def linear_logsumexp(x, w, *, bias=None, where=None, sigsoftmax=False, chunk_siz
   return _stream_jit(cfg, rows, w, bias, where, labels)[1].reshape(x.shape[:-1])
 
 
-def mixture_cross_entropy(contexts, prior_logits, w, labels, *, bias=None, where=None,
-                          sigsoftmax=False, chunk_size=None, ignore_index=None):
+def mixture_cross_entropy(contexts: Array, prior_logits: Array, w: Array, labels: Array, *,
+                          bias: Optional[Array] = None, where: Optional[Array] = None,
+                          sigsoftmax: bool = False, chunk_size: Optional[int] = None,
+                          ignore_index: Optional[int] = None) -> Array:
   """Per-example cross-entropy of a mixture of softmaxes, streamed: never `[N, M, K]`.
 
   `loss = -logsumexp_m(log pi_m + log_softmax(u_m)_y)`, `pi = softmax(prior_logits)`,
