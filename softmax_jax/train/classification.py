@@ -27,7 +27,7 @@ from softmax_jax.train.state import init_state
 # Folded into the per-step key for augmentation, so the dropout and sample keys (a split of the
 # per-step key) are those of runs without augmentation.
 _AUGMENT_STREAM = 1 << 20
-# Train splits up to this size (float32, normalized) stay on the device; batches are gathered there.
+# Train splits up to this size (float32, normalized) stay on the devices; steps gather their batch there.
 RESIDENT_BYTES = 256 << 20
 
 
@@ -116,22 +116,32 @@ class ClassificationTask:
                            crop_padding=self.augment.get('crop_padding', 0),
                            flip=self.augment.get('flip', False))
 
-  def train_batches(self, start_step: int):
-    """Host batches; or, for a train split of at most `RESIDENT_BYTES` normalized, device batches.
+  @functools.cached_property
+  def resident(self):
+    """The normalized train split (host arrays {'image', 'label'}) when it is at most
+    `RESIDENT_BYTES`, else None. The driver keeps it on the devices for the whole run and each
+    step gathers its batch there (`gather`), so only `[B]` indices travel from the host."""
+    train = self.dataset.splits['train']
+    if train.images.size * 4 > RESIDENT_BYTES:
+      return None
+    return {'image': self.dataset.normalize(train.images), 'label': train.labels}
 
-    A small train split is normalized once and kept on the device: each step's batch is then a
-    gather on the device by the step's indices (`data.train_indices`, the same examples as
-    `data.train_batches`, bit for bit), so only `[B]` indices travel from the host.
+  @staticmethod
+  def gather(resident, batch):
+    """`{'image', 'label'}` of the rows `batch['index']` ([B] int32) of `resident` (traced)."""
+    return {k: resident[k][batch['index']] for k in ('image', 'label')}
+
+  def train_batches(self, start_step: int):
+    """Host batches {'image', 'label'}; or, when the train split is `resident`, `{'index': [B]}`.
+
+    The indices are `data.train_indices`', so `gather` builds the batches of `data.train_batches`
+    bit for bit.
     """
     c = self.config
     kwargs = dict(seed=c.seed, start_step=start_step, sampling=c.data.sampling, num_steps=c.num_steps)
-    train = self.dataset.splits['train']
-    if train.images.size * 4 > RESIDENT_BYTES:
+    if self.resident is None:
       return data.train_batches(self.dataset, c.batch_size, **kwargs)
-    images = jax.device_put(self.dataset.normalize(train.images))
-    labels = jax.device_put(train.labels)
-    gather = jax.jit(lambda x, y, idx: {'image': x[idx], 'label': y[idx]})
-    return (gather(images, labels, idx.astype(np.int32))
+    return ({'index': idx.astype(np.int32)}
             for idx in data.train_indices(self.dataset, c.batch_size, **kwargs))
 
   def _stats_fn(self, temperatures, adjust: bool):

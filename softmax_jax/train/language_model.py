@@ -70,6 +70,7 @@ class LanguageModelTask:
   rate = 'tokens_per_second'
   row_state_keys = ('carry',)
   log_perplexity = True
+  resident = None  # batches come from the host
   check_batch = staticmethod(check_lm_batch)
 
   def __init__(self, config, dataset=None):

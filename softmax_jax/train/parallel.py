@@ -106,15 +106,20 @@ class JitDriver:
     mesh = Mesh(np.array(self.devices), ('data',))
     self.replicated = NamedSharding(mesh, P())
     self.sharded = NamedSharding(mesh, P('data'))
+    self._on_cpu = all(d.platform == 'cpu' for d in self.devices)
     self._train_step = functools.partial(train_step, task=task, tx=tx, schedule=schedule)
+    # A resident train split (`task.resident`) is put on the devices once, replicated; the step
+    # takes it as a (non-donated) argument and gathers its batch from the `[B]` indices.
+    self._gather = task.gather if task.resident is not None else None
+    self.resident = None if self._gather is None else jax.device_put(task.resident, self.replicated)
     self._step = None  # jitted on the first put_state, when the state's keys are known
     self._eval_fns = {}
     self.metric_keys = None  # the packed metrics' names, set when the step is traced
 
   def _packed(self, step_fn):
     """`step_fn` returning its metrics as one float32 vector (names in `self.metric_keys`)."""
-    def packed(state, batch):
-      state, metrics = step_fn(state, batch)
+    def packed(state, *args):
+      state, metrics = step_fn(state, *args)
       self.metric_keys = tuple(metrics)  # static: recorded while tracing
       return state, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in self.metric_keys])
     return packed
@@ -125,7 +130,9 @@ class JitDriver:
   def put_state(self, state):
     placement = self.placement(state)
     if self._step is None:
-      self._step = jax.jit(self._packed(self._train_step), in_shardings=(placement, self.sharded),
+      def step(state, resident, batch):
+        return self._train_step(state, batch if resident is None else self._gather(resident, batch))
+      self._step = jax.jit(self._packed(step), in_shardings=(placement, self.replicated, self.sharded),
                            out_shardings=(placement, self.replicated), donate_argnums=(0,))
     return {k: jax.device_put(v, placement[k]) for k, v in state.items()}
 
@@ -133,13 +140,17 @@ class JitDriver:
     return jax.tree.map(np.asarray, jax.device_get(state))
 
   def put_batch(self, batch):
-    """The batch on the devices (asynchronously), as the step takes it."""
+    """The batch on the devices (asynchronously), as the step takes it; on CPU devices, the host
+    batch itself: there is no transfer to overlap, and the step's own placement of host arrays
+    costs ~2 us where `jax.device_put` costs ~55 us of Python a step (WORKSPACE, issue 15)."""
+    if self._on_cpu:
+      return batch
     return jax.device_put(batch, self.sharded)
 
   def step(self, state, batch):
     """`(state, metrics)`; `batch` from `put_batch` (or a host batch); metrics stay on device,
     packed: `[len(metric_keys)]` float32."""
-    return self._step(state, batch)
+    return self._step(state, self.resident, batch)
 
   def host_metrics(self, metrics):
     """A fetched step's packed metrics as the runner reads them: `{name: value}`."""
@@ -181,6 +192,9 @@ class PmapDriver(JitDriver):
     self._pstep = jax.pmap(self._packed(step), axis_name='batch', devices=self.devices,
                            donate_argnums=(0,))
     self._stacked = NamedSharding(Mesh(np.array(self.devices), ('batch',)), P('batch'))
+    if self._gather is not None:  # the batch is gathered before the step, split on the mesh
+      self._gather = jax.jit(self._gather, in_shardings=(self.replicated, self.sharded),
+                             out_shardings=self.sharded)
 
   def _shard(self, x):
     x = x if isinstance(x, jax.Array) else np.asarray(x)  # a device batch stays on the device
@@ -203,6 +217,8 @@ class PmapDriver(JitDriver):
 
   def put_batch(self, batch):
     # As pmap places its own inputs: split on a leading device axis named like the pmap axis.
+    if self._gather is not None:
+      batch = self._gather(self.resident, batch)
     return jax.device_put(jax.tree.map(self._shard, batch), self._stacked)
 
   def step(self, state, batch):

@@ -13,6 +13,9 @@ A task is built from the config (`build_task(config)`, chosen by `task_name(conf
   values of non-parameter state entries ('model_state', and e.g. 'carry'); the one step function
   (`train/step.py`) differentiates it for every task;
 - `train_batches(start_step)`: host batches, the first one for step `start_step + 1`;
+- `resident`: None, or host arrays the driver keeps on the devices for the whole run; then
+  `train_batches` yields small index batches and `gather(resident, batch)` (traced, inside the
+  step) builds each training batch on the device;
 - `evaluate(driver, state, split) -> {f'{split}/...': float}` and
   `final_evaluation(driver, state, workdir) -> metrics`: on-device passes through
   `driver.evaluate`, which hands back per-example statistics only, never `[N, K]`.

@@ -181,14 +181,16 @@ def test_small_train_splits_are_gathered_on_device_bit_for_bit(data_dir, samplin
   from softmax_jax.train import classification, build_task  # pylint: disable=g-import-not-at-top
   config = small_config(data_dir, **{'data.sampling': sampling})
   task = build_task(config)
-  device = task.train_batches(3)
+  gather = jax.jit(task.gather)
+  device = (gather(task.resident, b) for b in task.train_batches(3))
   host = data.train_batches(task.dataset, config.batch_size, seed=config.seed, start_step=3,
                             sampling=sampling, num_steps=config.num_steps)
   for _ in range(4):
     a, b = next(device), next(host)
-    assert isinstance(a['image'], jax.Array) and isinstance(a['label'], jax.Array)
     np.testing.assert_array_equal(np.asarray(a['image']), b['image'])
     np.testing.assert_array_equal(np.asarray(a['label']), b['label'])
+  assert set(next(task.train_batches(3))) == {'index'}  # only [B] indices travel
   # Past the size limit the host pipeline serves, unchanged.
   monkeypatch.setattr(classification, 'RESIDENT_BYTES', 0)
-  assert isinstance(next(task.train_batches(3))['image'], np.ndarray)
+  task = build_task(config)
+  assert task.resident is None and isinstance(next(task.train_batches(3))['image'], np.ndarray)
