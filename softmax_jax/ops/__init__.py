@@ -55,6 +55,8 @@ from softmax_jax.ops.mixture import log_sigsoftmax
 from softmax_jax.ops.mixture import mixture_cross_entropy
 from softmax_jax.ops.mixture import mixture_log_softmax
 from softmax_jax.ops.mixture import sigsoftmax
+from softmax_jax.ops.restricted import shortlist_log_softmax
+from softmax_jax.ops.restricted import topk_log_softmax
 from softmax_jax.ops.sampled import SampledValues
 from softmax_jax.ops.sampled import log_uniform_probs
 from softmax_jax.ops.sampled import log_uniform_sampler
@@ -107,6 +109,8 @@ __all__ = [
     "mixture_cross_entropy",
     "mixture_log_softmax",
     "sigsoftmax",
+    "shortlist_log_softmax",
+    "topk_log_softmax",
     "class_balanced_weights",
     "cross_entropy",
     "drw_class_weights",
