@@ -42,7 +42,7 @@ _LEAD = 'logits.shape[:-1]'
 
 
 def _check_values(name: str, value, ok: Callable[[np.ndarray], np.ndarray], need: str) -> None:
-  """Concrete `value` must satisfy `ok` (NaN entries of an array pass: the NaN rule); traced passes."""
+  """Concrete `value` must satisfy `ok`; NaN entries of an array (the NaN rule) and tracers pass."""
   if value is None or _checks.is_traced(value):
     return
   a = np.asarray(value, np.float64)
@@ -91,7 +91,8 @@ def _per_example(value, name: str, x, dtype=None):
 
 
 def _temperature(temperature, x):
-  _check_values('temperature', temperature, lambda a: np.isfinite(a) & (a >= 0), 'be finite and >= 0')
+  _check_values('temperature', temperature, lambda a: np.isfinite(a) & (a >= 0),
+                'be finite and >= 0')
   if isinstance(temperature, (int, float)) and temperature == 1:
     return None
   return _per_example(temperature, 'temperature', x)
@@ -359,9 +360,10 @@ def beam_search(step_fn: Callable[[Array, Any], Tuple[Array, Any]], init_state: 
     bos_id: the token fed to `step_fn` at the first step.
 
   Returns:
-    `(sequences [B, beam, max_len] int32, scores [B, beam] float32)` sorted best first; a
-    finished sequence is padded with `eos_id` after its eos. A score of -inf (fewer than
-    `beam_size` hypotheses exist) marks a slot with arbitrary tokens.
+    `(sequences [B, beam, max_len] int32, scores [B, beam] float32)` sorted best first, the
+    scores being the penalized `log P(y) / ((5 + |y|) / 6) ** length_penalty` (log-probs summed
+    in float32); a finished sequence is padded with `eos_id` after its eos. A score of -inf
+    (fewer than `beam_size` hypotheses exist) marks a slot with arbitrary tokens.
 
   Raises:
     ValueError: if `beam_size`/`max_len` are not ints >= 1, `eos_id` not in [0, K), the leaves

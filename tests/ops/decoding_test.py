@@ -203,6 +203,15 @@ def test_empty_rows_raise_eagerly_and_give_minus_one_under_jit():
     np.testing.assert_array_equal(np.asarray(a)[others], np.asarray(b)[others])
 
 
+def test_traced_k_is_clipped():
+  """Out of [1, K] only under jit (concrete: an error, below): k <= 0 acts as 1, k > K as K."""
+  x, w = _logits(6), np.ones((N, K), bool)
+  got = np.asarray(_BATCHED(x, w, np.array([0, -3, 9, 8, 1, 100], np.int32), PS, MIN_PS, TS)[0])
+  want = np.asarray(_BATCHED(x, w, np.array([1, 1, 8, 8, 1, 8], np.int32), PS, MIN_PS, TS)[0])
+  np.testing.assert_array_equal(got, want)
+  assert got[3].all() and got[1].sum() == (x[1] == x[1].max()).sum()
+
+
 def test_nan_rule():
   """A NaN candidate logit, a NaN per-example temperature or threshold: that row all False / -1;
   a NaN logit masked by `where` is not read."""
@@ -241,11 +250,13 @@ class VariantsTest(chex.TestCase):
     (lambda x: dec.top_k_mask(x, 0), r'`top_k` must lie in \[1, K = 8\]; got 0'),
     (lambda x: dec.top_k_mask(x, np.array([1, 2, 9, 1, 1, 1])),
      r'`top_k` must lie in \[1, K = 8\]; got 9.0 at position \(2,\)'),
-    (lambda x: dec.top_k_mask(x, 2.0), r'`top_k` must be an integer \(or integer array\); got dtype'),
+    (lambda x: dec.top_k_mask(x, 2.0),
+     r'`top_k` must be an integer \(or integer array\); got dtype'),
     (lambda x: dec.top_k_mask(x, np.ones(4, np.int32)),
      r'`top_k` must broadcast to the shape of `logits.shape\[:-1\]` \(6,\); got shape \(4,\)'),
     (lambda x: dec.top_p_mask(x, 0.0), r'`top_p` must lie in \(0, 1\]; got 0.0'),
-    (lambda x: dec.sample(jax.random.key(0), x, top_p=1.5), r'`top_p` must lie in \(0, 1\]; got 1.5'),
+    (lambda x: dec.sample(jax.random.key(0), x, top_p=1.5),
+     r'`top_p` must lie in \(0, 1\]; got 1.5'),
     (lambda x: dec.min_p_mask(x, 1.0), r'`min_p` must lie in \[0, 1\); got 1.0'),
     (lambda x: dec.sample(jax.random.key(0), x, min_p=-0.1), r'`min_p` must lie in \[0, 1\)'),
     (lambda x: dec.sample(jax.random.key(0), x, temperature=-1.0),
@@ -255,7 +266,8 @@ class VariantsTest(chex.TestCase):
     (lambda x: dec.greedy(x[:, :0]), r'`logits` must have shape \[\.\.\., K\] with K >= 1'),
     (lambda x: dec.greedy(x, where=np.ones(K)), r'`where` must be a bool mask; got dtype float'),
     (lambda x: dec.sample(jax.random.key(0), x, temperature=np.ones(K)),
-     r'`temperature` must broadcast to the shape of `logits.shape\[:-1\]` \(6,\); got shape \(8,\)'),
+     r'`temperature` must broadcast to the shape of `logits.shape\[:-1\]` \(6,\); '
+     r'got shape \(8,\)'),
 ])
 def test_bad_arguments(call, msg):
   with pytest.raises(ValueError, match=msg):
