@@ -67,7 +67,7 @@ def ref_entmax15(z, mask=None):
 
 
 def ref_entmax(z, alpha, mask=None):
-  """alpha-entmax by 200 float64 bisections of tau in sum_k [(alpha-1) z_k - tau]_+^(1/(alpha-1)) = 1."""
+  """alpha-entmax: 200 float64 bisections of tau, sum_k [(a-1) z_k - tau]_+^(1/(a-1)) = 1."""
   z, keep = _rows(z, mask)
   alpha = np.broadcast_to(np.asarray(alpha, np.float64), z.shape[:-1])
   out = np.zeros_like(z)
