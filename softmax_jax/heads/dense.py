@@ -181,6 +181,28 @@ class DenseSoftmax(nn.Module):
     log_p = ops.log_sigsoftmax(z) if self.sigsoftmax else ops.log_softmax(z)
     return log_p if padded else log_p[..., :self.num_classes]
 
+  def shortlist_log_prob(self, features: jnp.ndarray, shortlist_ids: jnp.ndarray, *,
+                         where: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """Log-probabilities `[..., S]` of the model restricted to a shortlist of classes (decoding).
+
+    `ops.shortlist_log_softmax` on the head's kernel and bias: only the S shortlisted columns
+    are read (O(S d) per example instead of O(K d)), and the result is the head's distribution
+    renormalized over the shortlist (with `sigsoftmax`, over `z + log_sigmoid(z)` likewise).
+
+    Args:
+      features: [..., d].
+      shortlist_ids: [S] (shared) or [..., S] (per example) distinct class ids in [0, K).
+      where: optional bool broadcastable to `[..., S]`; False marks padding entries.
+    """
+    self._config()
+    features, _ = _checks.features_and_labels(type(self).__name__, features)
+    kernel, bias = self._weights(features.shape[-1])
+    dtype = self.dtype or features.dtype
+    return ops.shortlist_log_softmax(
+        features.astype(dtype), kernel[:, :self.num_classes].astype(dtype), shortlist_ids,
+        bias=None if bias is None else bias[:self.num_classes], where=where,
+        sigsoftmax=self.sigsoftmax)
+
   def predict(self, features: jnp.ndarray) -> jnp.ndarray:
     """Most probable class `[...] int32`, `argmax(log_prob(features), -1)` (never a padded one;
     with `approx_top_k`, `jax.lax.approx_max_k` with k = 1)."""

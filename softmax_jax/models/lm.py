@@ -53,6 +53,15 @@ class LanguageModel(nn.Module):
     features, carry = self.backbone(tokens, carry, train=False)
     return self.head.log_prob(features), carry
 
+  def shortlist_log_prob(self, tokens: jnp.ndarray, carry: Any, shortlist_ids, *, where=None):
+    """`(log_probs [B, T, S], carry)`: the next-token distribution restricted to a shortlist of
+    classes (heads with `shortlist_log_prob`, e.g. DenseSoftmax), in evaluation mode."""
+    if not hasattr(self.head, 'shortlist_log_prob'):
+      raise ValueError(f'{type(self.head).__name__} has no shortlist decoding (DenseSoftmax has: '
+                       f'it reads only the shortlisted columns of its output layer).')
+    features, carry = self.backbone(tokens, carry, train=False)
+    return self.head.shortlist_log_prob(features, shortlist_ids, where=where), carry
+
   def predict(self, tokens: jnp.ndarray, carry: Any):
     """`(predictions [B, T] int32, carry)`: the most probable next token (evaluation)."""
     features, carry = self.backbone(tokens, carry, train=False)

@@ -15,7 +15,8 @@ sampled id out of range gives every loss of the batch NaN (the sample is shared)
 broadcastable); examples are ignored by `ignore_index: int | None` (PyTorch's semantics), taken
 by every loss with integer labels (`cross_entropy`, `linear_cross_entropy`, `focal_loss`,
 `logit_adjusted_cross_entropy`, `ldam_loss`, the sampled losses and samplers,
-`hierarchical_loss`, `adaptive_softmax_loss`, `mixture_cross_entropy`): an example whose label
+`hierarchical_loss`, `adaptive_softmax_loss`, `mixture_cross_entropy`, the Fenchel-Young losses
+`sparsemax_loss`, `entmax15_loss`, `entmax_bisect_loss`): an example whose label
 equals it gets loss exactly 0 and gradient exactly 0, its label is not range-checked, and its
 logits/features are not read (replaced by zeros, so a NaN there leaks nowhere);
 `reduction='mean'` divides by the examples not ignored. A bool mask `m` of examples is
@@ -27,6 +28,12 @@ from softmax_jax.ops.adaptive import adaptive_cutoffs
 from softmax_jax.ops.adaptive import adaptive_log_softmax
 from softmax_jax.ops.adaptive import adaptive_predict
 from softmax_jax.ops.adaptive import adaptive_softmax_loss
+from softmax_jax.ops.decoding import beam_search
+from softmax_jax.ops.decoding import greedy
+from softmax_jax.ops.decoding import min_p_mask
+from softmax_jax.ops.decoding import sample
+from softmax_jax.ops.decoding import top_k_mask
+from softmax_jax.ops.decoding import top_p_mask
 from softmax_jax.ops.fused import linear_cross_entropy
 from softmax_jax.ops.hierarchical import Tree
 from softmax_jax.ops.hierarchical import balanced_tree
@@ -71,6 +78,12 @@ from softmax_jax.ops.softmax import log_softmax
 from softmax_jax.ops.softmax import logsumexp
 from softmax_jax.ops.softmax import soft_cross_entropy
 from softmax_jax.ops.softmax import softmax
+from softmax_jax.ops.sparse import entmax15
+from softmax_jax.ops.sparse import entmax15_loss
+from softmax_jax.ops.sparse import entmax_bisect
+from softmax_jax.ops.sparse import entmax_bisect_loss
+from softmax_jax.ops.sparse import sparsemax
+from softmax_jax.ops.sparse import sparsemax_loss
 from softmax_jax.ops.spherical import spherical_softmax
 from softmax_jax.ops.spherical import taylor_softmax
 
@@ -111,6 +124,18 @@ __all__ = [
     "sigsoftmax",
     "shortlist_log_softmax",
     "topk_log_softmax",
+    "beam_search",
+    "greedy",
+    "min_p_mask",
+    "sample",
+    "top_k_mask",
+    "top_p_mask",
+    "entmax15",
+    "entmax15_loss",
+    "entmax_bisect",
+    "entmax_bisect_loss",
+    "sparsemax",
+    "sparsemax_loss",
     "class_balanced_weights",
     "cross_entropy",
     "drw_class_weights",

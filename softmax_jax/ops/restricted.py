@@ -93,7 +93,8 @@ def topk_log_softmax(logits: Array, k: int, *, where: Optional[Array] = None
 
 
 def shortlist_log_softmax(features: Array, w: Array, shortlist_ids: Array, *,
-                          bias: Optional[Array] = None, where: Optional[Array] = None) -> Array:
+                          bias: Optional[Array] = None, where: Optional[Array] = None,
+                          sigsoftmax: bool = False) -> Array:
   """Log-softmax of `features @ w + bias` over a shortlist of classes, never forming `[..., K]`.
 
   `log_probs[..., s] = z_{c_s} - logsumexp_{s'} z_{c_s'}` with `z_c = features . w[:, c] + bias[c]`
@@ -101,8 +102,8 @@ def shortlist_log_softmax(features: Array, w: Array, shortlist_ids: Array, *,
   the S shortlisted columns of `w` are read (a gather), so the cost is O(S d) per example.
 
   The ids of one row must be distinct (a repeated class would count twice: checked when they are
-  concrete). `where=False` marks padding entries of a ragged table: log-probability `-inf`, not
-  read. A NaN in an example's features (or in a shortlisted column or bias) makes its row NaN.
+  concrete). `where=False` marks padding entries of a ragged table (or repeats to drop, as in a
+  union of two tables): log-probability `-inf`, not read, and free to repeat. A NaN in an example's features (or in a shortlisted column or bias) makes its row NaN.
 
   Args:
     features: [..., d] float.
@@ -111,6 +112,8 @@ def shortlist_log_softmax(features: Array, w: Array, shortlist_ids: Array, *,
       the leading axes of `features`), ids in [0, K).
     bias: optional [K] float.
     where: optional bool, broadcastable to `[..., S]`: False entries are padding.
+    sigsoftmax: normalize `z + log_sigmoid(z)` instead of `z` (the sigsoftmax of
+      `ops.sigsoftmax`, restricted to the shortlist).
 
   Returns:
     [..., S] float32 log-probabilities over the shortlist (in the order of `shortlist_ids`).
@@ -135,19 +138,25 @@ def shortlist_log_softmax(features: Array, w: Array, shortlist_ids: Array, *,
                   f'[S] or [..., S] with [...] = features.shape[:-1] = {tuple(lead)}')
   _checks.last_dim_at_least(shortlist_ids, 1, 'shortlist_ids', '[S] or [..., S]', dim='S')
   _checks.in_range('shortlist_ids', shortlist_ids, num_classes)
-  if not _checks.is_traced(shortlist_ids):
-    ids_sorted = np.sort(np.asarray(shortlist_ids), axis=-1)
+  s = jnp.shape(shortlist_ids)[-1]
+  where = _checks.where_mask(where, jnp.empty((*lead, s)), target='shortlist_ids [..., S]')
+  if not (_checks.is_traced(shortlist_ids) or _checks.is_traced(where)):
+    ids_np = np.asarray(shortlist_ids)
+    if where is not None:  # padding entries may repeat: give each a distinct negative id
+      shape = np.broadcast_shapes(ids_np.shape, np.shape(where))
+      ids_np = np.where(np.broadcast_to(np.asarray(where), shape), np.broadcast_to(ids_np, shape),
+                        -1 - np.arange(s))
+    ids_sorted = np.sort(ids_np, axis=-1)
     repeats = np.argwhere(ids_sorted[..., 1:] == ids_sorted[..., :-1])
     if repeats.size:
       row = tuple(int(i) for i in repeats[0][:-1])
       raise _checks.ArgumentError(
           f'`shortlist_ids` must hold distinct ids in each row (a repeated class would count '
-          f'twice); got {int(ids_sorted[row][repeats[0][-1]])} repeated in row {row or 0}.')
+          f'twice; padding marked by `where=False` may repeat); got '
+          f'{int(ids_sorted[row][repeats[0][-1]])} repeated in row {row or 0}.')
   if bias is not None:
     _checks.shape(bias, (num_classes,), 'bias', '[K] = (w.shape[1],)')
     _checks.dtype(bias, float, 'bias', 'be a float array [K]')
-  s = jnp.shape(shortlist_ids)[-1]
-  where = _checks.where_mask(where, jnp.empty((*lead, s)), target='shortlist_ids [..., S]')
   ids = jnp.asarray(shortlist_ids)
   if where is not None:
     ids = jnp.where(where, ids, 0)  # padding reads class 0, then is masked
@@ -159,6 +168,8 @@ def shortlist_log_softmax(features: Array, w: Array, shortlist_ids: Array, *,
   z = z.astype(jnp.float32)
   if bias is not None:
     z = z + jnp.take(jnp.asarray(bias), ids).astype(jnp.float32)
+  if sigsoftmax:
+    z = z + jax.nn.log_sigmoid(z)
   if where is not None:
     z = jnp.where(where, z, -jnp.inf)
   return _normalize(z)

@@ -161,3 +161,21 @@ def test_masks_padding_nan_and_bfloat16():
 def test_bad_arguments_are_named(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_union_tables_may_repeat_padding_and_sigsoftmax_restricts_like_the_full_op():
+  from softmax_jax import ops  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(6)
+  x, w, b = (rng.normal(size=s).astype(np.float32) for s in ((2, 3), (3, 7), (7,)))
+  # A union of a shared table [0, 1, 2] and per-row successors, whose repeats are marked padding.
+  ids = np.array([[0, 1, 2, 5, 1], [0, 1, 2, 2, 6]])
+  keep = np.array([[True, True, True, True, False], [True, True, True, False, True]])
+  got = shortlist_log_softmax(x, w, ids, bias=b, where=keep)
+  for r in range(2):
+    cols = ids[r][keep[r]]
+    np.testing.assert_allclose(got[r][keep[r]], _shortlist_ref(x[r:r + 1], w, b, cols)[0], atol=2e-6)
+  assert np.all(np.asarray(got)[~keep] == -np.inf)
+  sig = shortlist_log_softmax(x, w, ids[0, :4], bias=b, sigsoftmax=True)
+  full = x @ w + b
+  want = ops.log_sigsoftmax(full[:, ids[0, :4]])  # sigsoftmax of the shortlisted logits
+  np.testing.assert_allclose(sig, want, atol=2e-6)
