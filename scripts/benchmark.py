@@ -37,6 +37,12 @@ Suites (`--suite`):
 
   taskset -c 1 python scripts/benchmark.py --suite=loop --preset=cpu  # ~10 min on one quiet core
 
+  decode tokens/s of one decoding step (features -> output layer -> a token) against K, batch 1
+         and 64: greedy, sampling (plain, top-k, top-p), approx top-k, shortlist softmax
+         (S in {1k, 5k}) and the adaptive head (scripts/bench_decode.py).
+
+  taskset -c 1 python scripts/benchmark.py --suite=decode --preset=cpu  # K in {10k, 50k, 200k}
+
 Presets: `--preset=auto` picks `cpu`, `gpu` or `tpu` from `jax.default_backend()` (`resolve_preset`).
 Every suite has the three; `tpu` (sizes for one TPU v5e chip, 16 GiB of HBM: Colab's TPU runtime)
 is `PRESETS['tpu']` for the fused suite and `TPU_PRESETS` for the others, whose modules get it as
@@ -68,13 +74,14 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 import bench_ce  # pylint: disable=g-import-not-at-top
+import bench_decode  # pylint: disable=g-import-not-at-top
 import bench_heads  # pylint: disable=g-import-not-at-top
 import bench_loop  # pylint: disable=g-import-not-at-top
 import bench_utils  # pylint: disable=g-import-not-at-top
 from softmax_jax import ops  # pylint: disable=g-import-not-at-top
 from softmax_jax.ops import fused  # pylint: disable=g-import-not-at-top
 
-flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'ce', 'loop'], 'Which suite (see the docstring).')
+flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'ce', 'loop', 'decode'], 'Which suite (see the docstring).')
 flags.DEFINE_list('heads', None, 'heads suite: only these heads (default: all), e.g. dense,adaptive.')
 flags.DEFINE_enum('preset', 'cpu_target', ['auto', 'cpu', 'cpu_small', 'cpu_target', 'gpu', 'tpu'],
                   'Grid; auto: cpu, gpu or tpu from jax.default_backend().')
@@ -128,13 +135,13 @@ TPU_PRESETS = {
     'ce': dict(K=[10_000, 50_000, 200_000], N=4096),
     'loop': dict(digits=2000, fashion_mnist=1000, ptb=1000),
 }
-SUITE_MODULES = {'heads': bench_heads, 'ce': bench_ce, 'loop': bench_loop}
+SUITE_MODULES = {'heads': bench_heads, 'ce': bench_ce, 'loop': bench_loop, 'decode': bench_decode}
 
 
 def add_tpu_presets() -> None:
   """Gives each suite module whose `PRESETS` lacks 'tpu' the sizes of `TPU_PRESETS`."""
-  for suite, module in SUITE_MODULES.items():
-    module.PRESETS.setdefault('tpu', TPU_PRESETS[suite])
+  for suite, sizes in TPU_PRESETS.items():
+    SUITE_MODULES[suite].PRESETS.setdefault('tpu', sizes)
 
 
 add_tpu_presets()
@@ -470,7 +477,17 @@ def loop_suite(preset_name, out):
   return dict(rows=rows, markdown=table, doc=bench_loop.__doc__)
 
 
-SUITES = {'fused': fused_suite, 'heads': heads_suite, 'ce': ce_suite, 'loop': loop_suite}
+def decode_suite(preset_name, out):
+  rows = bench_decode.decode_suite(preset_name, repeats=FLAGS.repeats, max_load=FLAGS.max_load,
+                                   wait_s=FLAGS.wait_s)
+  table = bench_decode.table(rows)
+  print(table)
+  bench_decode.plot(rows, out + '.png')
+  return dict(rows=rows, markdown=table, doc=bench_decode.__doc__)
+
+
+SUITES = {'fused': fused_suite, 'heads': heads_suite, 'ce': ce_suite, 'loop': loop_suite,
+          'decode': decode_suite}
 
 
 def main(argv):

@@ -24,7 +24,7 @@ def test_auto_on_this_machine_and_on_an_unknown_backend():
     benchmark.resolve_preset('auto', 'metal')
 
 
-@pytest.mark.parametrize('suite', ['fused', 'heads', 'ce', 'loop'])
+@pytest.mark.parametrize('suite', ['fused', 'heads', 'ce', 'loop', 'decode'])
 def test_every_suite_has_the_presets_auto_can_pick(suite):
   presets = benchmark.PRESETS if suite == 'fused' else benchmark.SUITE_MODULES[suite].PRESETS
   assert {'cpu', 'gpu', 'tpu'} <= set(presets)
