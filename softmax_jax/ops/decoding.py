@@ -118,11 +118,24 @@ def _log_ratio(x, keep, t):
   return jnp.where(cold, jnp.where(d == 0, 0.0, -jnp.inf), d / jnp.where(cold, 1, t))
 
 
-def _top_k(x, keep, k):
-  s = -jnp.sort(-jnp.where(keep, x, -jnp.inf), axis=-1)  # descending
-  kk = jnp.clip(k, 1, x.shape[-1]) - 1
+def _top_k(x, keep, k, k_max=None):
+  """`keep` and `x >=` the k-th largest kept logit. With `k_max` (a concrete bound on k) the k-th
+  comes from `lax.top_k(x, k_max)`, O(K) a row; a traced k sorts the whole row."""
+  kept = jnp.where(keep, x, -jnp.inf)
+  if k_max is None:
+    s = -jnp.sort(-kept, axis=-1)  # descending
+  else:
+    s, _ = jax.lax.top_k(kept, k_max)
+  kk = jnp.clip(k, 1, s.shape[-1]) - 1
   kth = jnp.take_along_axis(s, jnp.broadcast_to(kk, s.shape[:-1] + (1,)), axis=-1)
   return keep & (x >= kth)
+
+
+def _k_max(k, x):
+  """The largest of a concrete `top_k` (clipped to [1, K]), or None when it is traced."""
+  if isinstance(k, jax.core.Tracer):
+    return None
+  return int(np.clip(np.max(np.asarray(k)), 1, x.shape[-1]))
 
 
 def _top_p(x, keep, p, t):
@@ -185,7 +198,7 @@ def top_k_mask(logits: ArrayLike, k: ArrayLike, *, where: Optional[ArrayLike] = 
   """
   x, keep = _prepare(logits, where)
   kk = _check_k(k, x)
-  return _top_k(x, keep, kk) & ~_nan_rows(x, keep)
+  return _top_k(x, keep, kk, _k_max(k, x)) & ~_nan_rows(x, keep)
 
 
 def top_p_mask(logits: ArrayLike, p: ArrayLike, *, temperature: ArrayLike = 1.0,
@@ -308,7 +321,7 @@ def sample(key: Array, logits: ArrayLike, *, temperature: ArrayLike = 1.0,
   mp = None if min_p is None else _check_min_p(min_p, x)
   bad = _nan_rows(x, keep, t, pp, mp)
   if kk is not None:
-    keep = _top_k(x, keep, kk)
+    keep = _top_k(x, keep, kk, _k_max(top_k, x))
   if pp is not None:
     keep = _top_p(x, keep, pp, t)
   if mp is not None:

@@ -160,11 +160,13 @@ def shortlist_log_softmax(features: Array, w: Array, shortlist_ids: Array, *,
   ids = jnp.asarray(shortlist_ids)
   if where is not None:
     ids = jnp.where(where, ids, 0)  # padding reads class 0, then is masked
-  columns = jnp.take(jnp.asarray(w).T, ids, axis=0)  # [S, d] or [..., S, d]
+  # Columns gathered along w's class axis: each of the d rows reads its S entries (contiguous
+  # runs for a sorted table), never a transposed copy of w.
+  columns = jnp.take(jnp.asarray(w), ids, axis=1)  # [d, S] or [d, ..., S]
   if ids_rank == 1:
-    z = jnp.einsum('...d,sd->...s', features, columns, preferred_element_type=jnp.float32)
+    z = jnp.einsum('...d,ds->...s', features, columns, preferred_element_type=jnp.float32)
   else:
-    z = jnp.einsum('...d,...sd->...s', features, columns, preferred_element_type=jnp.float32)
+    z = jnp.einsum('...d,d...s->...s', features, columns, preferred_element_type=jnp.float32)
   z = z.astype(jnp.float32)
   if bias is not None:
     z = z + jnp.take(jnp.asarray(bias), ids).astype(jnp.float32)
