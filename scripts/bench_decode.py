@@ -11,7 +11,9 @@ jitted as a whole (the key is an argument). Tokens/s = B / the median step time.
                     on CPU and GPU XLA computes it exactly)
   shortlist S=...   `ops.shortlist_log_softmax` over a shared table of the S most frequent classes
                     (ids 0..S-1 of a frequency-sorted vocabulary), then sampling among them: reads
-                    S of the K columns, so O(S d) instead of O(K d)
+                    S of the K columns, so O(S d) instead of O(K d), the gather included
+  ..., gathered once  the same table's columns gathered before the step (a decoder with a fixed
+                    table does it once, before its loop): the step is an [S, d] matmul
   adaptive          the adaptive softmax's exact log-probabilities (`ops.adaptive_log_softmax`,
                     cutoffs K/20 and K/5, tails of width d/4 and d/16) then sampling
 
@@ -71,6 +73,10 @@ def methods(k: int, d: int, shortlists):
       out[f'shortlist S={s}'] = (
           lambda key, h, p, ids=ids: _pick(key, ops.shortlist_log_softmax(h, p['w'], ids, bias=p['b']), ids),
           dense)
+      # The same table gathered once (a decoder with a fixed table does it before its loop).
+      fixed = dict(w=jnp.take(w, ids, axis=1), b=jnp.take(b, ids), ids=ids)
+      out[f'shortlist S={s}, gathered once'] = (
+          lambda key, h, p: _pick(key, jax.nn.log_softmax(h @ p['w'] + p['b']), p['ids']), fixed)
   cutoffs = (k // 20, k // 5)
   head = jnp.asarray(rng.normal(size=(d, cutoffs[0] + 2)) / np.sqrt(d), jnp.float32)
   tails = []

@@ -160,8 +160,9 @@ def shortlist_log_softmax(features: Array, w: Array, shortlist_ids: Array, *,
   ids = jnp.asarray(shortlist_ids)
   if where is not None:
     ids = jnp.where(where, ids, 0)  # padding reads class 0, then is masked
-  # Columns gathered along w's class axis: each of the d rows reads its S entries (contiguous
-  # runs for a sorted table), never a transposed copy of w.
+  # S columns of the [d, K] kernel: O(S d) reads, but strided (on a CPU ~4x slower than gathering
+  # rows of a [K, d] table; WORKSPACE, issue 18). A fixed table is best gathered once, outside a
+  # decoding loop (XLA hoists a loop-invariant gather out of `lax.scan`).
   columns = jnp.take(jnp.asarray(w), ids, axis=1)  # [d, S] or [d, ..., S]
   if ids_rank == 1:
     z = jnp.einsum('...d,ds->...s', features, columns, preferred_element_type=jnp.float32)
