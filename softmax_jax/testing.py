@@ -15,6 +15,7 @@ and bfloat16 features, under `jax.jit` and without it (or one chex variant, `var
 - `log_prob` is normalized (`logsumexp(log_prob, -1) == 0`);
 - `predict == argmax(log_prob, -1)` (a near-tie within `atol` counts as an argmax);
 - the evaluation loss (`train=False`) is `-log_prob[label]` (unless `exact_eval_loss=False`);
+  for a head whose loss is a Fenchel-Young loss (below), `FY(logits, label)` instead;
 - losses are finite;
 - `jax.vmap` over the leading axis equals the batched call (first dtype): `log_prob`, `predict`
   and both losses (the training loss with the same `'sample'` key in every mapped call: one shared
@@ -39,12 +40,25 @@ and bfloat16 features, under `jax.jit` and without it (or one chex variant, `var
   equal `log_softmax(log_prob / t)[label]` and `max softmax(log_prob / t)`; likewise the
   'adjusted_' ones for `log_prob - log_prior`.
 
+Fenchel-Young heads (sparse distributions: sparsemax, entmax): a head says that its loss is the
+Fenchel-Young loss of a sparse mapping by a property `fenchel_young` returning `(mapping, alpha)`
+(mapping 'sparsemax', 'entmax15' or 'entmax_bisect'; alpha used by 'entmax_bisect'; None: a
+cross-entropy head, as for heads without the property), and then has `logits(features) ->
+[..., K]` with `log_prob = log(mapping(logits))`. For such a head, `log_prob` may be -inf (outside
+the support; still normalized), the evaluation loss must equal the op's FY loss on the head's own
+logits (`ops.sparsemax_loss`, ...), and `eval_stats` is checked against the mapping at each
+temperature, `mapping(logits / t)` (and `mapping((logits - log_prior) / t)` for 'adjusted_'):
+'prediction' an argmax and 'label_rank' the rank of the label by the logits, 'label_log_prob'
+(compared as probabilities, `exp`) and 'confidence' the label's and the largest probability, and,
+when present, 'fy_loss' `FY(logits / t, label)` and 'support' `#{k : p_k > 0}` at t = 1.
+
 A broken property raises `HeadContractError` (an `AssertionError`) whose message starts with the
 head, the property (one of `PROPERTIES`) and where it broke, e.g.
 `MyHead breaks "predict == argmax(log_prob)" (float32 features, jit): ...`.
 """
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import chex
@@ -53,12 +67,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softmax_jax import ops
+
 Variant = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 PROPERTIES = ('runs', 'shapes and dtypes', 'log_prob normalized', 'predict == argmax(log_prob)',
               'eval loss == -log_prob[label]', 'finite losses', 'vmap == batched call',
               'finite gradients at extreme inputs', 'NaN propagates',
-              'eval_stats agrees with log_prob')
+              'eval_stats agrees with log_prob', 'eval loss == fenchel_young(logits, label)')
 
 _TEMPERATURES = (1.0, 2.0)  # of the eval_stats check
 
@@ -75,6 +91,24 @@ def _property(head: nn.Module, name: str, where: str) -> Iterator[None]:
   except Exception as e:  # pylint: disable=broad-except
     raise HeadContractError(f'{type(head).__name__} breaks "{name}" ({where}): '
                             f'{type(e).__name__}: {e}') from e
+
+
+def _fenchel_young(head: nn.Module):
+  """`(mapping(z), loss(z, labels))` from the ops for a head whose `fenchel_young` is
+  `(mapping, alpha)`; None for a cross-entropy head."""
+  spec = getattr(head, 'fenchel_young', None)
+  if spec is None:
+    return None
+  mapping, alpha = spec
+  if mapping == 'entmax_bisect':
+    return (lambda z: ops.entmax_bisect(z, alpha=alpha),
+            lambda z, y: ops.entmax_bisect_loss(z, y, alpha=alpha))
+  fns = {'sparsemax': (ops.sparsemax, ops.sparsemax_loss),
+         'entmax15': (ops.entmax15, ops.entmax15_loss)}
+  if mapping not in fns:
+    raise ValueError(f'{type(head).__name__}.fenchel_young names the mapping {mapping!r}; '
+                     "softmax_jax.testing knows 'sparsemax', 'entmax15' and 'entmax_bisect'.")
+  return fns[mapping]
 
 
 def _picked(log_prob: jax.Array, index: jax.Array) -> jax.Array:
@@ -109,7 +143,8 @@ def assert_head_contract(
     variant: one function transform to run every check under, e.g. `self.variant` in a
       `@chex.variants(...)` test; None: both `jax.jit` and no transform.
     exact_eval_loss: check that the evaluation loss is `-log_prob[label]` (False for a head whose
-      evaluation loss is, by design, not the exact negative log-likelihood).
+      evaluation loss is, by design, not the exact negative log-likelihood); for a Fenchel-Young
+      head (`head.fenchel_young`, see the module doc) that it is `FY(head.logits, label)`.
     dtypes: feature dtypes to check (the features are cast; outputs must be float32 for each).
     extreme: the features' largest magnitude in the finite-gradients check.
     atol: absolute tolerance of the normalization, argmax-tie, loss and vmap comparisons
@@ -151,15 +186,19 @@ def assert_head_contract(
     return outputs(p, nan_xs[:1], y)[0], gradients(p, nan_xs[1:], y)[0]
 
   has_stats = callable(getattr(head, 'eval_stats', None))
+  fy = _fenchel_young(head)
   log_prior = jnp.log(jnp.linspace(1.0, 3.0, k) / jnp.sum(jnp.linspace(1.0, 3.0, k)))
 
   def stats(p, xs, y):  # per dtype: eval_stats with two temperatures and a log prior
     return [apply(p, x, y, temperatures=_TEMPERATURES, log_prior=log_prior, method='eval_stats')
             for x in xs] if has_stats else None
 
+  def fy_logits(p, xs):  # per dtype: a Fenchel-Young head's logits [..., K]
+    return [apply(p, x, method='logits') for x in xs] if fy else None
+
   def everything(p, xs, big, nan_xs, y):  # one function, so that a transform compiles once
     return (outputs(p, xs, y), per_example(p, xs, y) if lead else None, gradients(p, big, y),
-            poisoned(p, nan_xs, y), stats(p, xs, y))
+            poisoned(p, nan_xs, y), stats(p, xs, y), fy_logits(p, xs))
 
   transforms = {'variant': variant} if variant else {'jit': jax.jit, 'no jit': lambda f: f}
   names = '/'.join(jnp.dtype(d).name for d in dtypes)
@@ -170,7 +209,7 @@ def assert_head_contract(
   nan_xs = [x.at[nan_at].set(jnp.nan) for x in (xs[0], big[0])]
   for t_name, t in transforms.items():
     try:
-      out, v_out, grads, nan_out, s_out = t(everything)(params, xs, big, nan_xs, labels)
+      out, v_out, grads, nan_out, s_out, z_out = t(everything)(params, xs, big, nan_xs, labels)
     except Exception as e:  # pylint: disable=broad-except
       where = f'{names} features, {t_name}'
       for prop, part, x in (('runs', outputs, xs), ('vmap == batched call', per_example, xs),
@@ -195,14 +234,26 @@ def assert_head_contract(
         chex.assert_trees_all_close(jax.nn.logsumexp(lp, -1), jnp.zeros(lead), atol=atol, rtol=0)
       with _property(head, 'predict == argmax(log_prob)', where):
         chex.assert_trees_all_close(_picked(lp, pred), jnp.max(lp, -1), atol=tol, rtol=0)
-      if exact_eval_loss:
+      refs = None
+      if fy:  # from the ops, on the head's own logits: one compilation for all of them
+        z = z_out[dtypes.index(dtype)]
+        with _property(head, 'shapes and dtypes', f'{where}, logits'):
+          chex.assert_shape(z, (*lead, k))
+        refs = jax.jit(functools.partial(_fy_references, fy))(z, labels, log_prior)
+      if exact_eval_loss and fy:
+        with _property(head, 'eval loss == fenchel_young(logits, label)', where):
+          chex.assert_trees_all_close(eval_loss, refs['loss'], atol=tol, rtol=tol)
+      elif exact_eval_loss:
         with _property(head, 'eval loss == -log_prob[label]', where):
           chex.assert_trees_all_close(eval_loss, -_picked(lp, labels), atol=tol, rtol=tol)
       with _property(head, 'finite losses', where):
         chex.assert_tree_all_finite((eval_loss, train_loss))
       if s_out is not None:
         with _property(head, 'eval_stats agrees with log_prob', where):
-          _assert_stats_agree(s_out[dtypes.index(dtype)], lp, labels, log_prior, tol)
+          if fy:
+            _assert_fy_stats_agree(s_out[dtypes.index(dtype)], z, labels, log_prior, refs, tol)
+          else:
+            _assert_stats_agree(s_out[dtypes.index(dtype)], lp, labels, log_prior, tol)
       if v is not None:
         with _property(head, 'vmap == batched call', where + ', vmap over axis 0'):
           chex.assert_trees_all_close((v[0], v[2], v[3]), (lp, eval_loss, train_loss), atol=tol,
@@ -285,3 +336,55 @@ def _assert_stats_agree(stats, log_prob, labels, log_prior, tol: float) -> None:
       chex.assert_type(got, jnp.float32)
       chex.assert_trees_all_close(got, jnp.stack(want, -1), atol=tol, rtol=tol,
                                   custom_message=f'{prefix}{key} at temperatures {_TEMPERATURES}')
+
+
+def _fy_references(fns, logits, labels, log_prior):
+  """From the ops (`fns = (mapping, loss)`): the FY loss, and per view ('' and 'adjusted_') the
+  label's and the largest probability and the FY loss `[..., G]` at each temperature, and the
+  support at t = 1."""
+  probs, loss = fns
+  out = {'loss': loss(logits, labels)}
+  for prefix, s in (('', logits), ('adjusted_', logits - log_prior)):
+    p = [probs(s / t) for t in _TEMPERATURES]
+    out[prefix + 'label_log_prob'] = jnp.stack([_picked(q, labels) for q in p], -1)
+    out[prefix + 'confidence'] = jnp.stack([jnp.max(q, -1) for q in p], -1)
+    out[prefix + 'fy_loss'] = jnp.stack([loss(s / t, labels) for t in _TEMPERATURES], -1)
+    out[prefix + 'support'] = jnp.sum(p[0] > 0, -1)
+  return out
+
+
+def _assert_fy_stats_agree(stats, logits, labels, log_prior, refs, tol: float) -> None:
+  """`stats` (a Fenchel-Young head's eval_stats) are those of `mapping(logits / t)` (and of
+  `mapping((logits - log_prior) / t)` for 'adjusted_'), within `tol`, with `refs` those of the
+  ops (`_fy_references`); AssertionError if not."""
+  for prefix, s in (('', logits), ('adjusted_', logits - log_prior)):
+    missing = {prefix + key for key in ('prediction', 'label_rank', 'label_log_prob',
+                                        'confidence')} - set(stats)
+    if missing:
+      raise AssertionError(f'eval_stats lacks {sorted(missing)}; it returned {sorted(stats)}.')
+    pred, rank = stats[prefix + 'prediction'], stats[prefix + 'label_rank']
+    chex.assert_type((pred, rank), (int, int))
+    chex.assert_shape((pred, rank), labels.shape)
+    chex.assert_trees_all_close(_picked(s, pred), jnp.max(s, -1), atol=tol, rtol=0,
+                                custom_message=f'{prefix}prediction is not an argmax of the logits')
+    label = _picked(s, labels)[..., None]
+    low, high = jnp.sum(s > label + tol, -1), jnp.sum(s > label - tol, -1) - 1  # - the label
+    if not bool(jnp.all((low <= rank) & (rank <= high))):
+      raise AssertionError(f'{prefix}label_rank {np.asarray(rank)} is not the number of classes '
+                           f'whose logit is above the label\'s (between {np.asarray(low)} and '
+                           f'{np.asarray(high)}).')
+    for key in ('label_log_prob', 'confidence', 'fy_loss'):
+      if key == 'fy_loss' and prefix + key not in stats:
+        continue  # optional
+      value = refs[prefix + key]
+      got = stats[prefix + key]
+      chex.assert_shape(got, (*labels.shape, len(_TEMPERATURES)))
+      chex.assert_type(got, jnp.float32)
+      got = jnp.exp(got) if key == 'label_log_prob' else got  # compared as probabilities
+      chex.assert_trees_all_close(got, value, atol=tol, rtol=tol,
+                                  custom_message=f'{prefix}{key} at temperatures {_TEMPERATURES}')
+    if prefix + 'support' in stats:  # optional
+      chex.assert_type(stats[prefix + 'support'], int)
+      chex.assert_trees_all_equal(
+          stats[prefix + 'support'], refs[prefix + 'support'].astype(stats[prefix + 'support'].dtype),
+          custom_message=f'{prefix}support is not #{{k : p_k > 0}} at t = 1')

@@ -276,3 +276,71 @@ def top_k_recall(approx_ids: jax.typing.ArrayLike, exact_ids: jax.typing.ArrayLi
   approx_ids, exact_ids = jnp.asarray(approx_ids), jnp.asarray(exact_ids)
   found = jnp.any(exact_ids[..., :, None] == approx_ids[..., None, :], axis=-1)
   return jnp.mean(found.astype(jnp.float32))
+
+
+def fenchel_young_eval_stats(logits: jax.Array, labels: jax.Array, *,
+                             probs: Callable[[jax.Array], jax.Array],
+                             loss: Callable[[jax.Array, jax.Array], jax.Array],
+                             temperatures: Sequence[float] = (1.0,),
+                             log_prior=None) -> Dict[str, jax.Array]:
+  """Per-example statistics of a head whose distribution is a sparse map `p = probs(z)`.
+
+  For sparsemax / entmax heads (`DenseSoftmax(mapping=...)`), whose distribution at temperature
+  t is `probs(z / t)` (exact zeros off the support), not a softmax of `log p`. With the logits
+  `z: [..., K]`:
+
+  - 'prediction' [...] int32: `argmax_k z_k` (the lowest id on ties), the most probable class;
+  - 'label_rank' [...] int32: `#{k != label : z_k > z_label}`, by the z-order, which also ranks
+    the classes outside the support (there p ties at 0);
+  - 'label_log_prob' [..., G] float32: `log probs(z / t)[label]`, -inf outside the support;
+  - 'confidence' [..., G] float32: `max_k probs(z / t)_k`;
+  - 'fy_loss' [..., G] float32: `loss(z / t, label)`, the Fenchel-Young loss at each t;
+  - 'support' [...] int32: `#{k : probs(z)_k > 0}`, the support size at t = 1;
+  - with `log_prior` ([K]), the first four prefixed 'adjusted_' for the scores `z - log_prior`.
+
+  Forms `[..., G, K]` on the device (one map call for every temperature); only per-example
+  values are returned. NaN: a NaN row gets NaN 'label_log_prob', 'confidence' and 'fy_loss'
+  (support 0, a prediction in [0, K)); a traced label outside [0, K) NaN 'label_log_prob' and
+  'fy_loss'.
+
+  Args:
+    logits: [..., K] float logits z (float32 is used).
+    labels: [...] int class ids.
+    probs: `z [..., K] -> p [..., K]`, the sparse map (e.g. `ops.sparsemax`).
+    loss: `(z [..., K], labels [...]) -> [...]`, its Fenchel-Young loss (e.g. `ops.sparsemax_loss`).
+    temperatures: G finite temperatures > 0 (static).
+    log_prior: optional [K] float, adds the 'adjusted_' statistics of `z - log_prior`.
+
+  Returns:
+    dict of the keys above.
+
+  References:
+    Blondel, Martins & Niculae, "Learning with Fenchel-Young losses", JMLR 2020.
+  """
+  ts = check_temperatures(temperatures)
+  z = jnp.asarray(logits).astype(jnp.float32)
+  k = z.shape[-1]
+  log_prior = _check_prior(log_prior, k)
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  in_range = (labels >= 0) & (labels < k)
+  safe = jnp.where(in_range, labels, 0)
+  t = jnp.asarray(ts, jnp.float32)[:, None]
+
+  def stats_of(s):
+    s_label = jnp.take_along_axis(s, safe[..., None], axis=-1)
+    above = (s > s_label) & (jnp.arange(k) != safe[..., None])
+    scaled = s[..., None, :] / t  # [..., G, K]
+    p = probs(scaled)
+    p_label = jnp.take_along_axis(p, jnp.broadcast_to(safe[..., None, None], p.shape[:-1] + (1,)),
+                                  axis=-1)[..., 0]
+    return {'prediction': jnp.argmax(s, axis=-1).astype(jnp.int32),
+            'label_rank': jnp.sum(above, axis=-1, dtype=jnp.int32),
+            'label_log_prob': jnp.where(in_range[..., None], jnp.log(p_label), jnp.nan),
+            'confidence': jnp.max(p, axis=-1)}, scaled
+
+  stats, scaled = stats_of(z)
+  stats['fy_loss'] = loss(scaled, jnp.broadcast_to(labels[..., None], scaled.shape[:-1]))
+  stats['support'] = jnp.sum(probs(z) > 0, axis=-1, dtype=jnp.int32)
+  if log_prior is not None:
+    stats |= {'adjusted_' + key: v for key, v in stats_of(z - log_prior)[0].items()}
+  return stats

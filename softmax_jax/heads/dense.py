@@ -26,9 +26,16 @@ outside `[0, K)` raise, naming `labels`, only when they are concrete; traced one
 give a NaN loss. The head's attributes (`num_classes >= 2`, a floating or None `dtype`, ...) are
 checked on every call, in training and in evaluation alike.
 `softmax_jax.testing.assert_head_contract` checks a head against this contract.
+
+Sparse mappings (`mapping='sparsemax'|'entmax15'|'entmax_bisect'`): a head whose loss is a
+Fenchel-Young loss says so with the property `fenchel_young -> (mapping, alpha)` (None for a
+cross-entropy head) and has `logits(features) -> [..., K]`; its evaluation loss is then
+`FY(logits, label)`, not `-log_prob[label]`, and `assert_head_contract` checks that instead.
 """
 
-from typing import Any, Dict, Optional, Tuple
+import functools
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -37,6 +44,8 @@ import jax.numpy as jnp
 from softmax_jax import ops
 from softmax_jax.heads import _checks
 from softmax_jax.heads import _eval
+
+MAPPINGS = ('softmax', 'sparsemax', 'entmax15', 'entmax_bisect')
 
 
 class DenseSoftmax(nn.Module):
@@ -61,6 +70,18 @@ class DenseSoftmax(nn.Module):
   recall about `recall_target`; exact on CPU and GPU) instead of the exact argmax / top-k;
   `top_k_recall` measures it against the exact top-k. `eval_stats` stays exact either way.
 
+  Sparse mappings (`mapping=`, `config.head.mapping`; `alpha`, `config.head.alpha`, for
+  'entmax_bisect'): the head's distribution is `p = mapping(z)` (`ops.sparsemax`, `ops.entmax15`,
+  `ops.entmax_bisect(alpha=)`), which gives many classes probability exactly 0. Training and
+  evaluation loss: the mapping's Fenchel-Young loss (`ops.sparsemax_loss`, ...; the padded classes
+  excluded by `where`), whose gradient is `p - onehot(label)`. `log_prob = log(p)` is normalized
+  and exactly -inf outside the support (so the NLL of a label outside it is inf, and `log_prob` is
+  for evaluation, not for gradients); `predict` is `argmax z` and `top_k` follows the z-order (it
+  ranks classes outside the support too; their log-probabilities are -inf). `eval_stats` adds
+  'support' and 'fy_loss' (`_eval.fenchel_young_eval_stats`; temperature t: `mapping(z / t)`).
+  Not combinable with `fused` (its op is the softmax CE), `sigsoftmax` or `label_smoothing`, nor
+  with `shortlist_log_prob`.
+
   Attributes:
     num_classes: K >= 2, the number of classes.
     use_bias: whether to add a learned `[K]` bias (`[K_pad]` with padding).
@@ -75,11 +96,16 @@ class DenseSoftmax(nn.Module):
     approx_top_k: `predict` and `top_k` by `jax.lax.approx_max_k`.
     recall_target: approx_max_k's expected recall, in (0, 1].
     sigsoftmax: normalize `z + log_sigmoid(z)` instead of `z` (see above); not with `fused`.
+    mapping: 'softmax' (cross-entropy), 'sparsemax', 'entmax15' or 'entmax_bisect' (see above).
+    alpha: entmax_bisect's alpha, finite and > 1 (2: sparsemax, 1.5: entmax15).
 
   References:
     Kanai et al., "Sigsoftmax: Reanalysis of the softmax bottleneck", NeurIPS 2018.
     Chern et al., "TPU-KNN: K Nearest Neighbor Search at Peak FLOP/s", NeurIPS 2022
     (`jax.lax.approx_max_k`).
+    Martins & Astudillo, "From softmax to sparsemax", ICML 2016.
+    Peters, Niculae & Martins, "Sparse sequence-to-sequence models", ACL 2019.
+    Blondel, Martins & Niculae, "Learning with Fenchel-Young losses", JMLR 2020.
   """
   num_classes: int
   use_bias: bool = True
@@ -91,6 +117,8 @@ class DenseSoftmax(nn.Module):
   approx_top_k: bool = False
   recall_target: float = 0.95
   sigsoftmax: bool = False
+  mapping: str = 'softmax'
+  alpha: float = 1.5
 
   def _config(self) -> None:
     """Validates the attributes (on every call, so evaluation-only use is checked too)."""
@@ -110,6 +138,48 @@ class DenseSoftmax(nn.Module):
       raise ValueError(f'{name}: sigsoftmax=True needs the [..., K] logits, which fused=True '
                        '(ops.linear_cross_entropy, the softmax of x @ kernel only) never forms; '
                        'set fused=False (config.head.fused) or sigsoftmax=False.')
+    if self.mapping not in MAPPINGS:
+      raise ValueError(f'{name}: `mapping` (config.head.mapping) must be one of {MAPPINGS}; '
+                       f'got {self.mapping!r}.')
+    if self.mapping == 'entmax_bisect':
+      ok = (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+            and 1 < float(self.alpha) < math.inf)
+      if not ok:
+        raise ValueError(f'{name}: `alpha` (config.head.alpha) of mapping=\'entmax_bisect\' must '
+                         f'be a finite number > 1 (2: sparsemax, 1.5: entmax15); got {self.alpha!r}.')
+    if self.mapping != 'softmax':
+      for key, value, default, why in (
+          ('fused', self.fused, False, 'ops.linear_cross_entropy is the softmax cross-entropy'),
+          ('sigsoftmax', self.sigsoftmax, False, 'sigsoftmax is a softmax of z + log_sigmoid(z)'),
+          ('label_smoothing', self.label_smoothing, 0.0,
+           'the Fenchel-Young loss takes integer labels, not a smoothed target')):
+        if value != default:
+          raise ValueError(f'{name}: mapping={self.mapping!r} cannot be combined with '
+                           f'{key}={value!r} ({why}); use mapping=\'softmax\' '
+                           f'(config.head.mapping) or {key}={default!r} (config.head.{key}).')
+
+  @property
+  def fenchel_young(self) -> Optional[Tuple[str, float]]:
+    """`(mapping, alpha)` when the loss is the Fenchel-Young loss of a sparse mapping (alpha:
+    2 for sparsemax, 1.5 for entmax15, `self.alpha` for entmax_bisect), None for the softmax
+    cross-entropy: the protocol that `softmax_jax.testing` and the trainer read."""
+    alphas = {'sparsemax': 2.0, 'entmax15': 1.5}
+    if self.mapping == 'softmax':
+      return None
+    return self.mapping, alphas.get(self.mapping, float(self.alpha))
+
+  def _sparse_fns(self) -> Tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+    """`(map, loss)` of the sparse mapping: `map(z, where=)`, `loss(z, labels, where=)`."""
+    if self.mapping == 'entmax_bisect':
+      return (functools.partial(ops.entmax_bisect, alpha=float(self.alpha)),
+              functools.partial(ops.entmax_bisect_loss, alpha=float(self.alpha)))
+    return {'sparsemax': (ops.sparsemax, ops.sparsemax_loss),
+            'entmax15': (ops.entmax15, ops.entmax15_loss)}[self.mapping]
+
+  def _real_classes(self) -> Optional[jnp.ndarray]:
+    """`[K_pad]` bool, False at the padded classes (None without padding)."""
+    offsets = self._class_offsets()
+    return None if offsets is None else offsets == 0
 
   @property
   def padded_num_classes(self) -> int:
@@ -163,6 +233,9 @@ class DenseSoftmax(nn.Module):
       loss = ops.linear_cross_entropy(
           features.astype(dtype), kernel.astype(dtype), labels, bias=bias,
           logit_offsets=self._class_offsets(), label_smoothing=smoothing, **kwargs)
+    elif self.mapping != 'softmax':
+      _, fy_loss = self._sparse_fns()
+      loss = fy_loss(self.logits(features, padded=True), labels, where=self._real_classes())
     else:
       loss = ops.cross_entropy(self._scores(self.logits(features, padded=True)), labels,
                                label_smoothing=smoothing)
@@ -175,9 +248,14 @@ class DenseSoftmax(nn.Module):
   def log_prob(self, features: jnp.ndarray, *, padded: bool = False) -> jnp.ndarray:
     """Exact normalized log-probabilities `[..., K]` (logsumexp over the last axis is 0).
 
-    `padded=True`: `[..., K_pad]`, exactly -inf (probability 0) at the padded classes.
+    `padded=True`: `[..., K_pad]`, exactly -inf (probability 0) at the padded classes. With a
+    sparse `mapping`, `log(mapping(z))`: exactly -inf outside the support too.
     """
     z = self.logits(features, padded=True)
+    if self.mapping != 'softmax':
+      probs, _ = self._sparse_fns()
+      log_p = jnp.log(probs(z, where=self._real_classes()))
+      return log_p if padded else log_p[..., :self.num_classes]
     log_p = ops.log_sigsoftmax(z) if self.sigsoftmax else ops.log_softmax(z)
     return log_p if padded else log_p[..., :self.num_classes]
 
@@ -195,6 +273,10 @@ class DenseSoftmax(nn.Module):
       where: optional bool broadcastable to `[..., S]`; False marks padding entries.
     """
     self._config()
+    if self.mapping != 'softmax':
+      raise ValueError(f'{type(self).__name__}: shortlist_log_prob renormalizes a softmax over the '
+                       f'shortlist; mapping={self.mapping!r} has no such restriction. Decode from '
+                       'log_prob, or train with mapping=\'softmax\'.')
     features, _ = _checks.features_and_labels(type(self).__name__, features)
     kernel, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype
@@ -205,9 +287,10 @@ class DenseSoftmax(nn.Module):
 
   def predict(self, features: jnp.ndarray) -> jnp.ndarray:
     """Most probable class `[...] int32`, `argmax(log_prob(features), -1)` (never a padded one;
-    with `approx_top_k`, `jax.lax.approx_max_k` with k = 1)."""
+    with `approx_top_k`, `jax.lax.approx_max_k` with k = 1); with a sparse `mapping`, `argmax z`,
+    a class of the largest probability."""
     if not self.approx_top_k:
-      return jnp.argmax(self.log_prob(features), axis=-1).astype(jnp.int32)
+      return jnp.argmax(self._order(features)[..., :self.num_classes], axis=-1).astype(jnp.int32)
     _, ids = self.top_k(features, 1)
     return ids[..., 0]
 
@@ -215,22 +298,34 @@ class DenseSoftmax(nn.Module):
     """The k most probable classes: `(log_probs [..., k] float32, ids [..., k] int32)`.
 
     Exact (`jax.lax.top_k`), or `jax.lax.approx_max_k` with `approx_top_k`, over the
-    `[..., K_pad]` log-probabilities (padded classes, at -inf, are never returned; k <= K).
+    `[..., K_pad]` log-probabilities (padded classes, at -inf, are never returned; k <= K); with a
+    sparse `mapping`, over the z-order, with their log-probabilities (-inf outside the support).
     """
     self._config()
     k = _checks.integer_at_least(type(self).__name__, 'k', k, 1, 'classes returned by top_k')
     if k > self.num_classes:
       raise ValueError(f'{type(self).__name__}: top_k `k` must be <= num_classes = '
                        f'{self.num_classes}; got {k}.')
+    if self.mapping != 'softmax':
+      z = self.logits(features, padded=True)
+      _, ids = _eval.top_k(z, k, approx=self.approx_top_k, recall_target=self.recall_target)
+      ids = jnp.minimum(ids, self.num_classes - 1)
+      return jnp.take_along_axis(self.log_prob(features), ids, axis=-1), ids
     values, ids = _eval.top_k(self.log_prob(features, padded=True), k, approx=self.approx_top_k,
                               recall_target=self.recall_target)
     return values, jnp.minimum(ids, self.num_classes - 1)
+
+  def _order(self, features: jnp.ndarray) -> jnp.ndarray:
+    """`[..., K_pad]` scores in the order of `predict` and `top_k`: log_prob, or z (sparse)."""
+    if self.mapping != 'softmax':
+      return self.logits(features, padded=True)
+    return self.log_prob(features, padded=True)
 
   def top_k_recall(self, features: jnp.ndarray, k: int) -> jnp.ndarray:
     """[] float32: recall of `jax.lax.approx_max_k` against the exact top-k on `features`
     (the fraction of the exact k most probable classes that the approximate search finds)."""
     self._config()
-    log_p = self.log_prob(features, padded=True)
+    log_p = self._order(features)
     _, exact = _eval.top_k(log_p, k)
     _, approx = _eval.top_k(log_p, k, approx=True, recall_target=self.recall_target)
     return _eval.top_k_recall(approx, exact)
@@ -243,9 +338,17 @@ class DenseSoftmax(nn.Module):
     float32 for the G `temperatures`, and 'adjusted_*' with `log_prior: [K]` (see
     `softmax_jax/heads/_eval.py`), over the K real classes (padding excluded). With `fused=True`
     the logits are formed `chunk_size` classes at a time (None: the head's `chunk_size`, else
-    2048), so memory does not grow with K.
+    2048), so memory does not grow with K. With a sparse `mapping`, the statistics of
+    `mapping(z / t)` plus 'support' `[...]` int32 and 'fy_loss' `[..., G]` float32
+    (`_eval.fenchel_young_eval_stats`; `chunk_size` unused).
     """
     opts = dict(temperatures=temperatures, log_prior=log_prior)
+    if self.mapping != 'softmax':
+      z = self.logits(features)  # the K real classes: the padding takes no part
+      _, labels = _checks.features_and_labels(type(self).__name__, features, labels,
+                                              num_classes=self.num_classes)
+      probs, fy_loss = self._sparse_fns()
+      return _eval.fenchel_young_eval_stats(z, labels, probs=probs, loss=fy_loss, **opts)
     if not self.fused:
       return _eval.from_log_prob(self, features, labels, chunk_size=chunk_size, **opts)
     self._config()
