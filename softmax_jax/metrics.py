@@ -406,7 +406,8 @@ def classification_metrics(log_probs, labels, *, where=None, prefix="", class_co
   return _host_summary(_stats_of(lp, lab), lab, w, lp.shape[1], prefix, class_counts)
 
 
-def summary_from_stats(stats, labels, *, num_classes, where=None, prefix="", class_counts=None):
+def summary_from_stats(stats, labels, *, num_classes, where=None, prefix="", class_counts=None,
+                       nll=True):
   """`classification_metrics` from per-example statistics: the same keys and values, no [N, K].
 
   The statistics are those of a head's `eval_stats` with one temperature column selected
@@ -416,6 +417,12 @@ def summary_from_stats(stats, labels, *, num_classes, where=None, prefix="", cla
   'label_log_prob' the NLL; 'confidence' (the largest probability) with 'prediction' the ECE.
   Other keys (e.g. 'adjusted_*') are ignored. Not jittable (returns Python floats).
 
+  Sparse heads (`DenseSoftmax(mapping='sparsemax'|...)`): their 'label_log_prob' is -inf for a
+  label outside the support, so the NLL is undefined; `nll=False` leaves the key 'nll' out (the
+  rest of the summary never reads 'label_log_prob'). Their optional statistics 'support' ([N]
+  int, classes with p > 0) and 'fy_loss' ([N] float, the Fenchel-Young loss at the selected
+  temperature) add the means 'support_size' and 'fy_loss' (whenever present).
+
   Args:
     stats: dict with [N] int 'prediction', 'label_rank' and [N] float 'label_log_prob',
       'confidence'.
@@ -424,8 +431,10 @@ def summary_from_stats(stats, labels, *, num_classes, where=None, prefix="", cla
     where: [N] bool or None; False rows are excluded.
     prefix: str put before every key, e.g. 'test/'.
     class_counts: [num_classes] int training counts per class, or None.
+    nll: whether to report 'nll' (False: a sparse head's, undefined).
 
-  Returns: dict[str, float], the keys of `classification_metrics`.
+  Returns: dict[str, float], the keys of `classification_metrics` (without 'nll' if `nll` is
+  False), plus 'support_size' and 'fy_loss' when `stats` holds 'support' and 'fy_loss'.
 
   Raises:
     ValueError: a missing key, a statistic that is not [N] (naming it and its shape, e.g. an
@@ -461,5 +470,16 @@ def summary_from_stats(stats, labels, *, num_classes, where=None, prefix="", cla
     if where.shape != (n,) or where.dtype != jnp.bool_:
       raise ValueError(f"where must be [N] = ({n},) bool, got shape {where.shape} and dtype "
                        f"{where.dtype}.")
-  return _host_summary(picked, labels.astype(jnp.int32), where, int(num_classes), prefix,
-                       class_counts)
+  out = _host_summary(picked, labels.astype(jnp.int32), where, int(num_classes), prefix,
+                      class_counts)
+  if not nll:
+    del out[prefix + "nll"]
+  w = np.asarray(where)
+  for key, name in (("support", "support_size"), ("fy_loss", "fy_loss")):
+    if key in stats:
+      value = np.asarray(stats[key])
+      if value.shape != (n,):
+        raise ValueError(f"stats[{key!r}] must be [N] = ({n},) like labels, got shape "
+                         f"{value.shape}.")
+      out[prefix + name] = float(np.sum(np.where(w, value, 0), dtype=np.float64) / np.sum(w))
+  return dict(sorted(out.items()))

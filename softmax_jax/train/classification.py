@@ -4,12 +4,20 @@ Evaluation runs on device: the head reduces each batch to per-example statistics
 (`Classifier.eval_stats`: prediction, label rank, label log-prob and confidence at each
 temperature, and the same after post-hoc logit adjustment), so nothing of shape `[N, K]` reaches
 the host whatever K; metrics, the temperature fit and the reliability diagrams work from them.
+
+Sparse heads (`config.head.mapping='sparsemax'|'entmax15'|'entmax_bisect'`, whose `eval_stats`
+add 'support' and 'fy_loss'): a label outside the support has probability 0, so NLL is undefined
+and left out of every summary (logged once); '<split>/support_size' (mean support) and
+'<split>/fy_loss' (mean Fenchel-Young loss) take its place. The temperature is fitted on the
+mean FY loss of `mapping(z / T)` over the same grid (the loss the head is trained on, a proper
+loss for its distribution); accuracy, top-5 and ECE (of `max mapping(z / T)`) are as for softmax.
 """
 
 import functools
 import os
 from typing import Dict
 
+from absl import logging
 import chex
 import jax
 import jax.numpy as jnp
@@ -66,9 +74,20 @@ def classifier_loss(model, params, state, batch, rng, *, crop_padding: int = 0, 
 def _columns(stats, column: int, adjusted: bool = False):
   """One temperature column of the statistics, as `metrics.summary_from_stats` reads them."""
   p = 'adjusted_' if adjusted else ''
-  return {'prediction': stats[p + 'prediction'], 'label_rank': stats[p + 'label_rank'],
-          'label_log_prob': stats[p + 'label_log_prob'][:, column],
-          'confidence': stats[p + 'confidence'][:, column]}
+  out = {'prediction': stats[p + 'prediction'], 'label_rank': stats[p + 'label_rank'],
+         'label_log_prob': stats[p + 'label_log_prob'][:, column],
+         'confidence': stats[p + 'confidence'][:, column]}
+  if not adjusted and 'fy_loss' in stats:  # a sparse head's
+    out |= {'support': stats['support'], 'fy_loss': stats['fy_loss'][:, column]}
+  return out
+
+
+def log_nll_undefined(head, where: str) -> None:
+  """Logs (absl, info) why a sparse head's run reports no NLL / perplexity."""
+  logging.info('%s: NLL and perplexity are undefined for %s(mapping=%r), a sparse distribution '
+               '(a label outside the support has probability 0); they are not reported. '
+               "Reported instead: 'support_size' (mean support) and 'fy_loss' (mean Fenchel-Young "
+               'loss).', where, type(head).__name__, getattr(head, 'mapping', None))
 
 
 def eval_step(variables, carry, batch, *, model, temperatures, log_prior=None):
@@ -94,6 +113,7 @@ class ClassificationTask:
     self.items_per_step = config.batch_size
     self.augment = dict(config.augment)
     self._eval_fns = {}
+    self._logged_sparse = False
 
   @property
   def batch_sizes(self) -> Dict[str, int]:
@@ -160,9 +180,13 @@ class ClassificationTask:
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
   def summary(self, stats, prefix: str, column: int = 0, adjusted: bool = False) -> Dict[str, float]:
+    sparse = 'fy_loss' in stats
+    if sparse and not self._logged_sparse:
+      log_nll_undefined(self.model.head, 'classification')
+      self._logged_sparse = True
     return metrics_lib.summary_from_stats(
         _columns(stats, column, adjusted), stats['label'], num_classes=self.dataset.num_classes,
-        where=stats['mask'], prefix=prefix, class_counts=self.class_counts)
+        where=stats['mask'], prefix=prefix, class_counts=self.class_counts, nll=not sparse)
 
   def evaluate(self, driver, state, split: str = 'validation') -> Dict[str, float]:
     """Classification metrics of `split`, keys prefixed with f'{split}/'."""
@@ -175,11 +199,16 @@ class ClassificationTask:
       `workdir/reliability.png` draws test reliability before and after;
     - with class counts (a long-tailed run): many/medium/few-shot accuracy, and
       f'test_posthoc/...', post-hoc logit adjustment `log_probs - log prior` (tau = 1, Menon 2021).
+
+    A sparse head's temperature minimizes the mean FY loss (see the module doc): the fit of
+    `calibration.fit_temperature_from_stats` run on `-fy_loss` in place of the label log-probs.
     """
     grid = tuple(float(t) for t in calibration.TEMPERATURE_GRID)
     val = self.statistics(driver, state, 'validation', temperatures=(1.0, *grid))
     out = self.summary(val, 'validation/')
-    t = calibration.fit_temperature_from_stats(val['label_log_prob'][:, 1:], grid, where=val['mask'])
+    # The fit minimizes the mean of -column over the grid: the NLL, or a sparse head's FY loss.
+    fit_on = -val['fy_loss'][:, 1:] if 'fy_loss' in val else val['label_log_prob'][:, 1:]
+    t = calibration.fit_temperature_from_stats(fit_on, grid, where=val['mask'])
     adjust = self.class_counts is not None
     test = self.statistics(driver, state, 'test', temperatures=(1.0, t), adjust=adjust)
     out.update(self.summary(test, 'test/'))

@@ -50,6 +50,12 @@ def base_config() -> ml_collections.ConfigDict:
   #     padding at probability 0 and in no loss or metric (None: no padding);
   #   head.approx_top_k, head.recall_target: DenseSoftmax; predict and top_k by
   #     jax.lax.approx_max_k (TPU's fast path; exact on CPU).
+  # Sparse output distributions (issue 18), e.g. --config.head.mapping=entmax_bisect
+  # --config.head.alpha=1.3:
+  #   head.mapping, head.alpha: DenseSoftmax; softmax (default) | sparsemax | entmax15 |
+  #     entmax_bisect (with alpha > 1), trained on its Fenchel-Young loss; not with head.fused,
+  #     head.sigsoftmax or head.label_smoothing. Evaluation reports support_size and fy_loss
+  #     instead of nll/perplexity (undefined for a sparse distribution).
   # They are not set here: a key here that a config's own `model`/`head` dict leaves out would
   # read as a changed config when a workdir is resumed (train/workdir.py).
   c.model = ml_collections.ConfigDict(dict(name='mlp', hidden=(256, 256), dropout=0.1))

@@ -14,6 +14,11 @@ and top-5, from the head's per-token statistics (`eval_stats`, chunked over the 
 the large-output heads), reduced on device to per-row sums: `[N, K]` never reaches the host. Perplexity is `exp(mean NLL)`. The logged
 'train/perplexity' is exp of the mean training loss: for the sampled head that is the sampled
 loss, not the model's perplexity.
+
+Sparse heads (`config.head.mapping='sparsemax'|...`, `eval_stats` with 'support' and 'fy_loss'):
+NLL and perplexity are undefined (a token outside the support has probability 0), so neither
+'<split>/nll', '<split>/perplexity' nor 'train/perplexity' is reported (logged once); instead
+'<split>/fy_loss' (mean per-token Fenchel-Young loss) and '<split>/support_size' (mean support).
 """
 
 import functools
@@ -28,6 +33,7 @@ import numpy as np
 from softmax_jax.data.text import (LM_DATASETS, lm_batches, lm_eval_batches, lm_steps_per_epoch,
                                    load_text_dataset)
 from softmax_jax.models.lm import build_language_model
+from softmax_jax.train.classification import log_nll_undefined
 from softmax_jax.train.parallel import check_divisible
 
 
@@ -54,13 +60,17 @@ def eval_step(variables, carry, batch, *, model):
 
   From the head's per-token statistics (`LanguageModel.eval_stats`: label log-prob, prediction,
   label rank), which large-vocabulary heads compute chunk by chunk, never forming `[B, T, K]`.
+  A sparse head's statistics ('fy_loss' among them): 'fy_loss' and 'support' sums, no 'nll'.
   """
   stats, carry = model.apply(variables, batch['inputs'], batch['targets'], carry,
                              method='eval_stats')
   mask = batch['mask']
   per_row = lambda x: jnp.sum(jnp.where(mask, x, 0), axis=1)
-  sums = {'nll': per_row(-stats['label_log_prob'][..., 0]),
-          'correct': per_row(stats['prediction'] == batch['targets']),
+  if 'fy_loss' in stats:  # a sparse head: the NLL is undefined (maybe inf)
+    sums = {'fy_loss': per_row(stats['fy_loss'][..., 0]), 'support': per_row(stats['support'])}
+  else:
+    sums = {'nll': per_row(-stats['label_log_prob'][..., 0])}
+  sums |= {'correct': per_row(stats['prediction'] == batch['targets']),
           'top5': per_row(stats['label_rank'] < 5), 'count': per_row(jnp.ones_like(mask, jnp.int32))}
   return sums, carry
 
@@ -87,6 +97,11 @@ class LanguageModelTask:
       raise ValueError(f'The train split ({len(train)} tokens) is too short for one window of '
                        f'config.batch_size x config.data.seq_len = {config.batch_size} x {self.seq_len}.')
     self._eval_step = functools.partial(eval_step, model=self.model)
+    # A sparse head (a Fenchel-Young loss, see softmax_jax.testing): exp(loss) is no perplexity.
+    self.sparse = getattr(self.model.head, 'fenchel_young', None) is not None
+    self.log_perplexity = not self.sparse
+    if self.sparse:
+      log_nll_undefined(self.model.head, 'language model')
 
   @property
   def batch_sizes(self) -> Dict[str, int]:
@@ -136,15 +151,20 @@ class LanguageModelTask:
                       start_step=start_step, num_steps=self.config.num_steps)
 
   def evaluate(self, driver, state, split: str = 'validation') -> Dict[str, float]:
-    """`{split}/{nll, perplexity, accuracy, top5_accuracy}` of one carried pass over `split`."""
+    """`{split}/{nll, perplexity, accuracy, top5_accuracy}` of one carried pass over `split`
+    (a sparse head: `{split}/{fy_loss, support_size, accuracy, top5_accuracy}`)."""
     b = self.config.eval_batch_size
     batches = lm_eval_batches(self.dataset.splits[split], b, self.seq_len)
     outs = driver.evaluate(self._eval_step, state, batches, carry=self.model.initial_carry(b))
-    nll, correct, top5, count = (np.sum([np.asarray(o[k], np.float64).sum() for o in outs])
-                                 for k in ('nll', 'correct', 'top5', 'count'))
-    mean = float(nll / count)
-    return {f'{split}/nll': mean, f'{split}/perplexity': math.exp(mean),
-            f'{split}/accuracy': float(correct / count), f'{split}/top5_accuracy': float(top5 / count)}
+    total = {k: np.sum([np.asarray(o[k], np.float64).sum() for o in outs]) for k in outs[0]}
+    count = total['count']
+    out = {f'{split}/accuracy': float(total['correct'] / count),
+           f'{split}/top5_accuracy': float(total['top5'] / count)}
+    if 'fy_loss' in total:
+      return out | {f'{split}/fy_loss': float(total['fy_loss'] / count),
+                    f'{split}/support_size': float(total['support'] / count)}
+    mean = float(total['nll'] / count)
+    return out | {f'{split}/nll': mean, f'{split}/perplexity': math.exp(mean)}
 
   def final_evaluation(self, driver, state, workdir: str) -> Dict[str, float]:
     del workdir
