@@ -9,3 +9,18 @@ import chex  # pylint: disable=g-import-not-at-top,wrong-import-position
 # Must happen before jax initializes its backends: the data-parallel tests and the chex
 # `with_device`/pmap variants need 8 devices.
 chex.set_n_cpu_devices(8)
+
+import atexit  # pylint: disable=g-import-not-at-top,wrong-import-position
+import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Many tests compile the same computations (a head's step under each chex variant, one model in
+# several trainer tests): a compilation cache private to this session serves the repeats. It
+# starts empty and is deleted at exit, so no run depends on another (WORKSPACE: CI time).
+_CACHE = tempfile.mkdtemp(prefix='softmax_jax_test_xla_cache_')
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update('jax_compilation_cache_dir', _CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
