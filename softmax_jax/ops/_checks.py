@@ -197,3 +197,21 @@ def labels_or_ignored(labels_, num_classes: int, lead_shape: Sequence[int], igno
                           f'range in all).')
   labels_ = jnp.asarray(labels_)
   return labels_, labels_ == ignore_index
+
+
+def static_int(name: str, value, low: int, high: Optional[int] = None, high_name: str = '') -> int:
+  """A Python int (static, like a shape) in [low, high] (`high` None: no upper bound), returned as
+  an int; else `ArgumentError` naming `name`, the range and what was given (a tracer included)."""
+  need = (f'a Python int >= {low}' if high is None else
+          f'a Python int in [{low}, {high_name + " = " if high_name else ""}{high}]')
+  if is_traced(value):
+    raise ArgumentError(f'`{name}` must be {need} (static, like a shape); got a tracer.')
+  if isinstance(value, (bool, np.bool_)):
+    raise ArgumentError(f'`{name}` must be {need}; got {value!r}.')
+  try:
+    v = operator.index(value)
+  except TypeError:
+    raise ArgumentError(f'`{name}` must be {need}; got {value!r}.') from None
+  if v < low or (high is not None and v > high):
+    raise ArgumentError(f'`{name}` must be {need}; got {v}.')
+  return v

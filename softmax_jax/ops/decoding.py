@@ -27,7 +27,6 @@ unspecified; here they are -1); other rows are unaffected. A NaN logit masked by
 read.
 """
 
-import operator
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -334,18 +333,6 @@ def sample(key: Array, logits: ArrayLike, *, temperature: ArrayLike = 1.0,
   return jnp.where(cold | (best < 0), best, drawn)
 
 
-def _static_int(name, value, low):
-  if isinstance(value, (bool, np.bool_)) or _checks.is_traced(value):
-    raise _checks.ArgumentError(f'`{name}` must be a Python int >= {low}; got {value!r}.')
-  try:
-    v = operator.index(value)
-  except TypeError:
-    raise _checks.ArgumentError(f'`{name}` must be a Python int >= {low}; got {value!r}.') from None
-  if v < low:
-    raise _checks.ArgumentError(f'`{name}` must be a Python int >= {low}; got {value!r}.')
-  return v
-
-
 def beam_search(step_fn: Callable[[Array, Any], Tuple[Array, Any]], init_state: Any, *,
                 beam_size: int, max_len: int, eos_id: int, length_penalty: float = 1.0,
                 batch_size: Optional[int] = None, bos_id: int = 0) -> Tuple[Array, Array]:
@@ -387,9 +374,9 @@ def beam_search(step_fn: Callable[[Array, Any], Tuple[Array, Any]], init_state: 
     Wu et al., "Google's neural machine translation system", arXiv:1609.08144, 2016 (eq. 14).
     t5x `decoding.py` (`beam_search`, `brevity_penalty`), read for the structure only.
   """
-  beam = _static_int('beam_size', beam_size, 1)
-  max_len = _static_int('max_len', max_len, 1)
-  eos_id = _static_int('eos_id', eos_id, 0)
+  beam = _checks.static_int('beam_size', beam_size, 1)
+  max_len = _checks.static_int('max_len', max_len, 1)
+  eos_id = _checks.static_int('eos_id', eos_id, 0)
   _check_values('length_penalty', length_penalty, lambda a: np.isfinite(a) & (a >= 0),
                 'be finite and >= 0')
   leaves = jax.tree.leaves(init_state)
@@ -397,7 +384,7 @@ def beam_search(step_fn: Callable[[Array, Any], Tuple[Array, Any]], init_state: 
     raise _checks.ArgumentError('`batch_size` must be given when `init_state` holds no array; '
                                 'got None.')
   if batch_size is not None:
-    B = _static_int('batch_size', batch_size, 1)
+    B = _checks.static_int('batch_size', batch_size, 1)
   else:
     B = np.shape(leaves[0])[0] if np.ndim(leaves[0]) else 0
   for leaf in leaves:

@@ -24,16 +24,6 @@ from softmax_jax.ops import _checks
 Array = jax.Array
 
 
-def _static_count(name: str, value, upper: int, upper_name: str) -> int:
-  """A Python int in [1, upper] (a shape, so static), else an error naming `name`."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise _checks.ArgumentError(f'`{name}` must be a Python int in [1, {upper_name} = {upper}] '
-                                f'(static, like a shape); got {value!r}.')
-  if not 1 <= value <= upper:
-    raise _checks.ArgumentError(f'`{name}` must lie in [1, {upper_name} = {upper}]; got {value}.')
-  return int(value)
-
-
 def _normalize(scores: Array) -> Array:
   """`log_softmax` over the last axis of float32 `scores` (may hold -inf); a row of only -inf
   gives all -inf (nothing to normalize), a row holding NaN all NaN."""
@@ -72,7 +62,7 @@ def topk_log_softmax(logits: Array, k: int, *, where: Optional[Array] = None
   _checks.last_dim_at_least(logits, 1, 'logits', '[..., num_classes]')
   _checks.dtype(logits, float, 'logits', 'be a float array [..., num_classes]')
   num_classes = jnp.shape(logits)[-1]
-  k = _static_count('k', k, num_classes, 'num_classes')
+  k = _checks.static_int('k', k, 1, num_classes, 'num_classes')
   where = _checks.where_mask(where, logits)
   z = jnp.asarray(logits).astype(jnp.promote_types(jnp.result_type(logits), jnp.float32))
   if where is not None:

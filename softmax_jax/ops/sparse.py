@@ -18,7 +18,6 @@ makes its row NaN (values and gradients), other rows unaffected (the NaN rule of
 """
 
 import functools
-import operator
 from typing import Optional
 
 import jax
@@ -148,16 +147,8 @@ def _alpha(alpha, x):
   return jnp.broadcast_to(jnp.asarray(alpha, x.dtype), x.shape[:-1])[..., None]
 
 
-def _n_iter(n_iter):
-  if isinstance(n_iter, (bool, np.bool_)) or _checks.is_traced(n_iter):
-    raise _checks.ArgumentError(f'`n_iter` must be a Python int >= 1; got {n_iter!r}.')
-  try:
-    n = operator.index(n_iter)
-  except TypeError:
-    raise _checks.ArgumentError(f'`n_iter` must be a Python int >= 1; got {n_iter!r}.') from None
-  if n < 1:
-    raise _checks.ArgumentError(f'`n_iter` must be a Python int >= 1; got {n_iter!r}.')
-  return n
+def _n_iter(n_iter) -> int:
+  return _checks.static_int('n_iter', n_iter, 1)
 
 
 def sparsemax(logits: ArrayLike, *, where: Optional[ArrayLike] = None) -> Array:

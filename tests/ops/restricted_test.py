@@ -141,8 +141,8 @@ def test_masks_padding_nan_and_bfloat16():
 
 
 @pytest.mark.parametrize('call, match', [
-    (lambda: topk_log_softmax(np.zeros((2, 5), np.float32), 0), r'`k` must lie in \[1, num_classes = 5\]; got 0'),
-    (lambda: topk_log_softmax(np.zeros((2, 5), np.float32), 6), r'`k` must lie in \[1, num_classes = 5\]; got 6'),
+    (lambda: topk_log_softmax(np.zeros((2, 5), np.float32), 0), r'`k` must be a Python int in \[1, num_classes = 5\]; got 0'),
+    (lambda: topk_log_softmax(np.zeros((2, 5), np.float32), 6), r'`k` must be a Python int in \[1, num_classes = 5\]; got 6'),
     (lambda: topk_log_softmax(np.zeros((2, 5), np.float32), 2.0), r'`k` must be a Python int'),
     (lambda: topk_log_softmax(np.zeros((2, 5), np.int32), 2), r'`logits` must be a float array'),
     (lambda: shortlist_log_softmax(np.zeros((2, 3)), np.zeros((3, 5)), np.array([1, 5])),
