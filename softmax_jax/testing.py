@@ -339,17 +339,21 @@ def _assert_stats_agree(stats, log_prob, labels, log_prior, tol: float) -> None:
 
 
 def _fy_references(fns, logits, labels, log_prior):
-  """From the ops (`fns = (mapping, loss)`): the FY loss, and per view ('' and 'adjusted_') the
-  label's and the largest probability and the FY loss `[..., G]` at each temperature, and the
-  support at t = 1."""
+  """From the ops (`fns = (mapping, loss)`, one call each, on every view and temperature at
+  once): the FY loss, and per view ('' and 'adjusted_') the label's and the largest probability
+  and the FY loss `[..., G]` at each temperature, and the support at t = 1."""
   probs, loss = fns
-  out = {'loss': loss(logits, labels)}
-  for prefix, s in (('', logits), ('adjusted_', logits - log_prior)):
-    p = [probs(s / t) for t in _TEMPERATURES]
-    out[prefix + 'label_log_prob'] = jnp.stack([_picked(q, labels) for q in p], -1)
-    out[prefix + 'confidence'] = jnp.stack([jnp.max(q, -1) for q in p], -1)
-    out[prefix + 'fy_loss'] = jnp.stack([loss(s / t, labels) for t in _TEMPERATURES], -1)
-    out[prefix + 'support'] = jnp.sum(p[0] > 0, -1)
+  t = jnp.asarray(_TEMPERATURES, logits.dtype)[:, None]
+  scaled = jnp.stack([logits, logits - log_prior])[..., None, :] / t  # [2, ..., G, K]
+  y = jnp.broadcast_to(labels[..., None], scaled.shape[:-1])
+  p = probs(scaled)
+  fy_loss = loss(scaled, y)
+  out = {'loss': fy_loss[0, ..., 0]}
+  for v, prefix in enumerate(('', 'adjusted_')):
+    out[prefix + 'label_log_prob'] = _picked(p[v], y[v])
+    out[prefix + 'confidence'] = jnp.max(p[v], -1)
+    out[prefix + 'fy_loss'] = fy_loss[v]
+    out[prefix + 'support'] = jnp.sum(p[v, ..., 0, :] > 0, -1)
   return out
 
 

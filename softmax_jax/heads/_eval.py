@@ -298,7 +298,8 @@ def fenchel_young_eval_stats(logits: jax.Array, labels: jax.Array, *,
   - 'support' [...] int32: `#{k : probs(z)_k > 0}`, the support size at t = 1;
   - with `log_prior` ([K]), the first four prefixed 'adjusted_' for the scores `z - log_prior`.
 
-  Forms `[..., G, K]` on the device (one map call for every temperature); only per-example
+  Forms `[V, ..., 1 + G, K]` on the device (V = 2 views with `log_prior`; one map and one loss
+  call for every view and temperature, t = 1 added for the support); only per-example
   values are returned. NaN: a NaN row gets NaN 'label_log_prob', 'confidence' and 'fy_loss'
   (support 0, a prediction in [0, K)); a traced label outside [0, K) NaN 'label_log_prob' and
   'fy_loss'.
@@ -324,23 +325,25 @@ def fenchel_young_eval_stats(logits: jax.Array, labels: jax.Array, *,
   labels = jnp.asarray(labels).astype(jnp.int32)
   in_range = (labels >= 0) & (labels < k)
   safe = jnp.where(in_range, labels, 0)
-  t = jnp.asarray(ts, jnp.float32)[:, None]
-
-  def stats_of(s):
-    s_label = jnp.take_along_axis(s, safe[..., None], axis=-1)
-    above = (s > s_label) & (jnp.arange(k) != safe[..., None])
-    scaled = s[..., None, :] / t  # [..., G, K]
-    p = probs(scaled)
-    p_label = jnp.take_along_axis(p, jnp.broadcast_to(safe[..., None, None], p.shape[:-1] + (1,)),
-                                  axis=-1)[..., 0]
-    return {'prediction': jnp.argmax(s, axis=-1).astype(jnp.int32),
-            'label_rank': jnp.sum(above, axis=-1, dtype=jnp.int32),
-            'label_log_prob': jnp.where(in_range[..., None], jnp.log(p_label), jnp.nan),
-            'confidence': jnp.max(p, axis=-1)}, scaled
-
-  stats, scaled = stats_of(z)
-  stats['fy_loss'] = loss(scaled, jnp.broadcast_to(labels[..., None], scaled.shape[:-1]))
-  stats['support'] = jnp.sum(probs(z) > 0, axis=-1, dtype=jnp.int32)
-  if log_prior is not None:
-    stats |= {'adjusted_' + key: v for key, v in stats_of(z - log_prior)[0].items()}
+  views = jnp.stack([z] if log_prior is None else [z, z - log_prior])  # [V, ..., K]
+  t = jnp.asarray((1.0,) + ts, jnp.float32)[:, None]  # t = 1 first, for the support
+  scaled = views[..., None, :] / t  # [V, ..., 1 + G, K]: one map and one loss call in all
+  p = probs(scaled)
+  fy_loss = loss(scaled[0], jnp.broadcast_to(labels[..., None], scaled.shape[1:-1]))
+  s_label = jnp.take_along_axis(views, jnp.broadcast_to(safe[..., None], views.shape[:-1] + (1,)),
+                                axis=-1)
+  above = jnp.sum((views > s_label) & (jnp.arange(k) != safe[..., None]), axis=-1, dtype=jnp.int32)
+  index = jnp.broadcast_to(safe[..., None, None], p.shape[:-1] + (1,))
+  p_label = jnp.take_along_axis(p, index, axis=-1)[..., 0]  # [V, ..., 1 + G]
+  label_log_prob = jnp.where(in_range[..., None], jnp.log(p_label), jnp.nan)
+  confidence = jnp.max(p, axis=-1)
+  prediction = jnp.argmax(views, axis=-1).astype(jnp.int32)
+  stats = {}
+  for v in range(views.shape[0]):
+    prefix = 'adjusted_' if v else ''
+    stats |= {prefix + 'prediction': prediction[v], prefix + 'label_rank': above[v],
+              prefix + 'label_log_prob': label_log_prob[v][..., 1:],
+              prefix + 'confidence': confidence[v][..., 1:]}
+  stats['fy_loss'] = fy_loss[..., 1:]
+  stats['support'] = jnp.sum(p[0][..., 0, :] > 0, axis=-1, dtype=jnp.int32)
   return stats
