@@ -307,24 +307,31 @@ def _assert_nan_propagates(clean, clean_feature_grad, poisoned, k: int, tol: flo
     raise AssertionError(f'one NaN example changed the predictions of the others: {e}') from e
 
 
+def _assert_order_stats(stats, prefix: str, scores, labels, tol: float, what: str) -> None:
+  """`stats[prefix + 'prediction']` is an argmax of `scores` and `stats[prefix + 'label_rank']`
+  the number of classes scoring above the label (near-ties within `tol` count either way)."""
+  missing = {prefix + key for key in ('prediction', 'label_rank', 'label_log_prob',
+                                      'confidence')} - set(stats)
+  if missing:
+    raise AssertionError(f'eval_stats lacks {sorted(missing)}; it returned {sorted(stats)}.')
+  pred, rank = stats[prefix + 'prediction'], stats[prefix + 'label_rank']
+  chex.assert_type((pred, rank), (int, int))
+  chex.assert_shape((pred, rank), labels.shape)
+  chex.assert_trees_all_close(_picked(scores, pred), jnp.max(scores, -1), atol=tol, rtol=0,
+                              custom_message=f'{prefix}prediction is not an argmax of the {what}')
+  label = _picked(scores, labels)[..., None]
+  low, high = jnp.sum(scores > label + tol, -1), jnp.sum(scores > label - tol, -1) - 1  # - the label
+  if not bool(jnp.all((low <= rank) & (rank <= high))):
+    raise AssertionError(f'{prefix}label_rank {np.asarray(rank)} is not the number of classes '
+                         f'whose {what} is above the label\'s (between {np.asarray(low)} and '
+                         f'{np.asarray(high)}).')
+
+
 def _assert_stats_agree(stats, log_prob, labels, log_prior, tol: float) -> None:
   """`stats` (a head's eval_stats) are the statistics of `log_prob` (and of `log_prob -
   log_prior` for 'adjusted_'), within `tol` (near-ties count either way); AssertionError if not."""
   for prefix, lp in (('', log_prob), ('adjusted_', log_prob - log_prior)):
-    missing = {prefix + key for key in ('prediction', 'label_rank', 'label_log_prob',
-                                        'confidence')} - set(stats)
-    if missing:
-      raise AssertionError(f'eval_stats lacks {sorted(missing)}; it returned {sorted(stats)}.')
-    pred, rank = stats[prefix + 'prediction'], stats[prefix + 'label_rank']
-    chex.assert_type((pred, rank), (int, int))
-    chex.assert_shape((pred, rank), labels.shape)
-    chex.assert_trees_all_close(_picked(lp, pred), jnp.max(lp, -1), atol=tol, rtol=0,
-                                custom_message=f'{prefix}prediction is not an argmax')
-    label = _picked(lp, labels)[..., None]
-    low, high = jnp.sum(lp > label + tol, -1), jnp.sum(lp > label - tol, -1) - 1  # - the label
-    if not bool(jnp.all((low <= rank) & (rank <= high))):
-      raise AssertionError(f'{prefix}label_rank {np.asarray(rank)} is not the number of classes '
-                           f'above the label (between {np.asarray(low)} and {np.asarray(high)}).')
+    _assert_order_stats(stats, prefix, lp, labels, tol, 'log-probabilities')
     want_lp, want_conf = [], []
     for t in _TEMPERATURES:
       scaled = jax.nn.log_softmax(lp / t, axis=-1)
@@ -362,21 +369,7 @@ def _assert_fy_stats_agree(stats, logits, labels, log_prior, refs, tol: float) -
   `mapping((logits - log_prior) / t)` for 'adjusted_'), within `tol`, with `refs` those of the
   ops (`_fy_references`); AssertionError if not."""
   for prefix, s in (('', logits), ('adjusted_', logits - log_prior)):
-    missing = {prefix + key for key in ('prediction', 'label_rank', 'label_log_prob',
-                                        'confidence')} - set(stats)
-    if missing:
-      raise AssertionError(f'eval_stats lacks {sorted(missing)}; it returned {sorted(stats)}.')
-    pred, rank = stats[prefix + 'prediction'], stats[prefix + 'label_rank']
-    chex.assert_type((pred, rank), (int, int))
-    chex.assert_shape((pred, rank), labels.shape)
-    chex.assert_trees_all_close(_picked(s, pred), jnp.max(s, -1), atol=tol, rtol=0,
-                                custom_message=f'{prefix}prediction is not an argmax of the logits')
-    label = _picked(s, labels)[..., None]
-    low, high = jnp.sum(s > label + tol, -1), jnp.sum(s > label - tol, -1) - 1  # - the label
-    if not bool(jnp.all((low <= rank) & (rank <= high))):
-      raise AssertionError(f'{prefix}label_rank {np.asarray(rank)} is not the number of classes '
-                           f'whose logit is above the label\'s (between {np.asarray(low)} and '
-                           f'{np.asarray(high)}).')
+    _assert_order_stats(stats, prefix, s, labels, tol, 'logits')
     for key in ('label_log_prob', 'confidence', 'fy_loss'):
       if key == 'fy_loss' and prefix + key not in stats:
         continue  # optional
