@@ -5,11 +5,17 @@ self-attention) and `x + mlp(LN(x))` (GELU), a final LayerNorm (GPT-2 layout; th
 example is the post-/pre-LN reference). Each window is read on its own: position t attends to
 positions <= t of the same window, nothing is carried between windows (`carry` is None), so
 consecutive windows of a stream see no earlier context; use longer windows (`seq_len`) instead.
+
+Decoding with a key/value cache (`decode=True`, the Flax lm1b/wmt way): the attention layers keep
+'cached_key', 'cached_value', 'cache_index' in the 'cache' collection and the model keeps the next
+'position' there; each call on `tokens [B, 1]` appends one position and returns its features, equal
+to those of the full causal pass at that position. The parameters are those of `decode=False`.
 """
 
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from softmax_jax.models import _dtype
@@ -24,14 +30,15 @@ class TransformerBlock(nn.Module):
   mlp_dim: int
   dropout: float
   dtype: Any = jnp.float32
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, mask: Optional[jnp.ndarray], *, train: bool) -> jnp.ndarray:
     deterministic = not train or self.dropout == 0.0
     y = nn.LayerNorm(name='ln_attn', dtype=self.dtype)(x)
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dropout_rate=self.dropout,
                                         deterministic=deterministic, name='attn', dtype=self.dtype,
-                                        force_fp32_for_softmax=True)(y, y, mask=mask)
+                                        force_fp32_for_softmax=True, decode=self.decode)(y, y, mask=mask)
     x = x + nn.Dropout(self.dropout, deterministic=deterministic)(y)
     y = nn.LayerNorm(name='ln_mlp', dtype=self.dtype)(x)
     y = nn.Dense(self.mlp_dim, name='mlp_in', dtype=self.dtype)(y)
@@ -53,6 +60,12 @@ class TransformerLM(nn.Module):
     dtype: compute dtype of the activations and matmuls ('float32' or 'bfloat16'); parameters
       stay float32, LayerNorm statistics and the attention softmax are float32, and the
       features are float32 (`models/_dtype.py`).
+    decode: one token a call through a key/value cache (evaluation only). `model.init(key,
+      tokens [B, max_len])` (or `init_cache(model, B)`) makes an empty 'cache' for B rows and
+      `max_len` positions; then `model.apply({'params': p, 'cache': c}, tokens [B, 1],
+      mutable=['cache'])` returns `((features [B, 1, d_model], None), {'cache': next c})`.
+      A position >= max_len raises a ValueError when the cache is concrete (eager apply); under
+      `jax.jit` it cannot raise, so its features (and those of every later call) are NaN.
   """
   vocab_size: int
   d_model: int = 256
@@ -62,6 +75,7 @@ class TransformerLM(nn.Module):
   dropout: float = 0.1
   max_len: int = 512
   dtype: Any = jnp.float32
+  decode: bool = False
 
   def initial_carry(self, batch_size: int) -> None:  # pylint: disable=unused-argument
     """None: a Transformer window carries nothing into the next one."""
@@ -88,11 +102,56 @@ class TransformerLM(nn.Module):
                        'raise config.model.max_len or lower config.data.seq_len.')
     dtype = _dtype.compute_dtype('TransformerLM', self.dtype)
     init = nn.initializers.normal(0.02)
+    table = self.param('pos_embed', init, (self.max_len, self.d_model), jnp.float32)
+    stepping = self.decode and self.has_variable('cache', 'position')  # else a full (or init) pass
+    if self.decode:
+      if train:
+        raise ValueError('TransformerLM: decode=True is for evaluation; got train=True.')
+      if not stepping and length != self.max_len:
+        raise ValueError(f'TransformerLM(decode=True): initialize the cache on tokens [B, max_len='
+                         f'{self.max_len}]; got T={length}.')
+      position = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
+    if stepping:
+      if length != 1:
+        raise ValueError(f'TransformerLM(decode=True) reads one token a call: tokens must be [B, 1]; '
+                         f'got shape {tokens.shape}.')
+      index = position.value
+      if not isinstance(index, jax.core.Tracer) and int(index) >= self.max_len:
+        raise ValueError(f'TransformerLM(decode=True): position {int(index)} is past the cache of '
+                         f'max_len={self.max_len} positions.')
+      position.value = index + 1
+      pos = jax.lax.dynamic_slice_in_dim(table, jnp.minimum(index, self.max_len - 1), 1)
+      mask = None  # the cached attention sees the positions written so far
+    else:
+      pos = table[:length]
+      mask = nn.make_causal_mask(tokens)  # [B, 1, T, T]: query t sees keys <= t
     x = nn.Embed(self.vocab_size, self.d_model, embedding_init=init, name='embed', dtype=dtype)(tokens)
-    x = x + self.param('pos_embed', init, (self.max_len, self.d_model), jnp.float32)[None, :length].astype(dtype)
+    x = x + pos[None].astype(dtype)
     x = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(x)
-    mask = nn.make_causal_mask(tokens)  # [B, 1, T, T]: query t sees keys <= t
     for i in range(self.num_layers):
-      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout, dtype,
+      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout, dtype, decode=self.decode,
                            name=f'block_{i}')(x, mask, train=train)
-    return nn.LayerNorm(name='ln_final', dtype=dtype)(x).astype(jnp.float32), None
+    x = nn.LayerNorm(name='ln_final', dtype=dtype)(x).astype(jnp.float32)
+    if stepping:  # under jit a position past the cache cannot raise: XLA clamps the writes
+      x = jnp.where(index < self.max_len, x, jnp.nan)
+    return x, None
+
+
+def init_cache(model: TransformerLM, batch_size: int) -> Any:
+  """The empty 'cache' collection of `model.clone(decode=True)` for `batch_size` rows.
+
+  Zeros and position 0, of the shapes `model.init` on tokens `[batch_size, max_len]` gives,
+  built from `jax.eval_shape` (no parameters are initialized).
+
+  Args:
+    model: a `TransformerLM` (its `decode` is ignored).
+    batch_size: B, the rows decoded together.
+
+  Returns:
+    a pytree: per block 'attn' {'cached_key', 'cached_value' `[B, max_len, num_heads, d_model /
+    num_heads]` (compute dtype), 'cache_index' [] int32}, and 'position' [] int32.
+  """
+  model = model.clone(decode=True)
+  tokens = jax.ShapeDtypeStruct((batch_size, model.max_len), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)['cache']
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
