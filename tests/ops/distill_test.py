@@ -1,14 +1,14 @@
 """kd_loss: T^2 KL(softmax(t/T) || softmax(s/T)), the distillation loss of Hinton et al. 2015.
 
 Against a float64 reference built on scipy's `rel_entr` (independent of the op's log-space code),
-the gradient identity `d loss / d s = T (softmax(s/T) - softmax(t/T))`, `check_grads` in float64,
+the gradient identity `d loss / d s = T (softmax(s/T) - softmax(t/T))` and the Hessian identity
+`d^2 loss / ds^2 = diag(q) - q q^T`, `check_grads` in float64,
 the limits T -> inf (logit matching) and T -> 0, zero-probability teachers and `-inf` logits
 (finite value and gradient), masks == dropping classes, bfloat16, the NaN rule, chex variants,
 vmap over per-example temperatures and the argument errors. Few compilations: one jitted
 function per test, several checks per call.
 """
 
-from absl.testing import parameterized
 import chex
 import jax
 from jax.test_util import check_grads
