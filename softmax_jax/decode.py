@@ -184,7 +184,7 @@ def generate(model, variables, prompt, *, key: Optional[Array] = None, max_new_t
     shortlist = jnp.asarray(shortlist, jnp.int32)
   if method == 'beam':
     return _beam(model, variables, prompt, max_new_tokens=int(max_new_tokens),
-                 beam_size=beam_size, eos_id=eos_id, length_penalty=length_penalty,
+                 beam_size=beam_size, eos_id=eos_id, length_penalty=float(length_penalty),
                  kv_cache=bool(kv_cache))
   key = jax.random.PRNGKey(0) if key is None else key
   if method == 'sample':  # the rules' argument errors, eagerly, before tracing
@@ -197,6 +197,8 @@ def generate(model, variables, prompt, *, key: Optional[Array] = None, max_new_t
                    top_k=None if top_k is None else int(top_k), kv_cache=bool(kv_cache))
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'beam_size', 'eos_id',
+                                             'length_penalty', 'kv_cache'))
 def _beam(model, variables, prompt, *, max_new_tokens: int, beam_size: int, eos_id, length_penalty,
           kv_cache: bool = True):
   """Beam search over `ops.decoding.beam_search`; the state after the prompt is repeated over
