@@ -34,6 +34,7 @@ from softmax_jax.ops.decoding import min_p_mask
 from softmax_jax.ops.decoding import sample
 from softmax_jax.ops.decoding import top_k_mask
 from softmax_jax.ops.decoding import top_p_mask
+from softmax_jax.ops.distill import kd_loss
 from softmax_jax.ops.fused import linear_cross_entropy
 from softmax_jax.ops.hierarchical import Tree
 from softmax_jax.ops.hierarchical import balanced_tree
@@ -136,6 +137,7 @@ __all__ = [
     "entmax_bisect_loss",
     "sparsemax",
     "sparsemax_loss",
+    "kd_loss",
     "class_balanced_weights",
     "cross_entropy",
     "drw_class_weights",

@@ -49,11 +49,14 @@ def check_classifier_batch(batch) -> None:
       custom_message="batch['image'] [B, ...] and batch['label'] [B] must have the same B")
 
 
-def classifier_loss(model, params, state, batch, rng, *, crop_padding: int = 0, flip: bool = False):
+def classifier_loss(model, params, state, batch, rng, *, crop_padding: int = 0, flip: bool = False,
+                    method=None):
   """`(mean loss, {'model_state': ...})` of a `Classifier` on `batch` {'image', 'label'} (traced).
 
   `rng` is split into the 'dropout' and 'sample' streams; with `crop_padding` > 0 or `flip`, the
   images are augmented on device first (`data.augment.random_crop_flip`) with a key folded from it.
+  `method` (None: `Classifier.__call__`) is a function `(module, images, labels, *, train, step)
+  -> [B]` losses applied in its place, e.g. distillation's (`train/distill.py`).
   """
   dropout_rng, sample_rng = jax.random.split(rng)
   images = batch['image']
@@ -61,7 +64,8 @@ def classifier_loss(model, params, state, batch, rng, *, crop_padding: int = 0, 
     images = random_crop_flip(jax.random.fold_in(rng, _AUGMENT_STREAM), images, padding=crop_padding,
                               flip=flip)
   model_state = state['model_state']
-  kwargs = dict(train=True, step=state['step'], rngs={'dropout': dropout_rng, 'sample': sample_rng})
+  kwargs = dict(train=True, step=state['step'], rngs={'dropout': dropout_rng, 'sample': sample_rng},
+                method=method)
   variables = {'params': params, **model_state}
   if model_state:
     losses, new_model_state = model.apply(variables, images, batch['label'],

@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 from typing import Dict, List, Mapping, Sequence, Tuple
 
@@ -82,6 +83,14 @@ def base_config() -> ml_collections.ConfigDict:
       crop_padding=0,           # > 0: zero-pad (normalized) images by this, random crop back to H x W
       flip=False,               # random horizontal flip, probability 1/2
   ))
+  # Knowledge distillation (train/distill.py, issue 19): with a teacher workdir, the loss is
+  # alpha * (the head's loss) + (1 - alpha) * ops.kd_loss(student, teacher, temperature).
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher_workdir=config_dict.placeholder(str),  # a trained run of scripts/train.py (any head)
+      alpha=0.1,                # weight of the hard-label loss (RepDistiller's default CE weight)
+      temperature=4.0,          # T of softmax(z / T); the KL term is scaled by T^2 (Hinton 2015)
+      cache_teacher=True,       # a resident train split, no augmentation: teacher log-probs once
+  ))
   c.parallel = 'jit'            # jit (over a Mesh, 'data' axis) | pmap (lax.pmean)
   c.num_devices = 0             # 0: all local devices; the batch sizes must divide by it
   c.log_every = 50
@@ -117,6 +126,12 @@ def validate_config(config, reference=None, path='config') -> None:
       raise ValueError(f'config.data.sampling must be one of {SAMPLING}, got {d.sampling!r}.')
     if d.imbalance_profile not in PROFILES:
       raise ValueError(f'config.data.imbalance_profile must be one of {PROFILES}, got {d.imbalance_profile!r}.')
+    k = config.distill
+    if not 0.0 <= k.alpha <= 1.0:
+      raise ValueError(f'config.distill.alpha must be in [0, 1] (the weight of the hard-label loss), '
+                       f'got {k.alpha!r}.')
+    if not (k.temperature > 0 and math.isfinite(k.temperature)):
+      raise ValueError(f'config.distill.temperature must be a finite number > 0, got {k.temperature!r}.')
     if not d.imbalance_ratio >= 1:
       raise ValueError(f'config.data.imbalance_ratio must be >= 1 (1: unchanged), got {d.imbalance_ratio!r}.')
 

@@ -126,15 +126,23 @@ class LanguageModelTask:
                  opt_state=tx.init(params), rng=train_rng, carry=model.initial_carry(self.config.batch_size))
     return jax.tree.map(np.asarray, state)
 
-  def loss(self, params, state, batch, rng):
-    """Mean per-token loss; the carry enters with its gradient stopped, zeros at each epoch start."""
-    dropout_rng, sample_rng = jax.random.split(rng)
+  def entering_carry(self, state, key: str = 'carry'):
+    """`state[key]` as the step's window starts from it: gradient stopped, zeros at each epoch start."""
     fresh = state['step'] % self.steps_per_epoch == 0
-    carry = jax.tree.map(lambda c: jnp.where(fresh, jnp.zeros_like(c), jax.lax.stop_gradient(c)),
-                         state['carry'])
+    return jax.tree.map(lambda c: jnp.where(fresh, jnp.zeros_like(c), jax.lax.stop_gradient(c)),
+                        state[key])
+
+  def loss(self, params, state, batch, rng, *, method=None):
+    """Mean per-token loss; the carry enters with its gradient stopped, zeros at each epoch start.
+
+    `method` (None: `LanguageModel.__call__`) is a function `(module, tokens, labels, *, carry,
+    train, step) -> (losses [B, T], carry)` applied in its place (distillation's, `train/distill.py`).
+    """
+    dropout_rng, sample_rng = jax.random.split(rng)
+    carry = self.entering_carry(state)
     model_state = state['model_state']
     kwargs = dict(carry=carry, train=True, step=state['step'],
-                  rngs={'dropout': dropout_rng, 'sample': sample_rng})
+                  rngs={'dropout': dropout_rng, 'sample': sample_rng}, method=method)
     variables = {'params': params, **model_state}
     if model_state:
       (losses, new_carry), new_model_state = self.model.apply(

@@ -11,7 +11,6 @@ import os
 from typing import Dict
 
 import jax
-import ml_collections
 import numpy as np
 
 from softmax_jax.train.checkpoint import Checkpointer
@@ -28,38 +27,6 @@ from softmax_jax.train.writer import MetricWriter
 def final_evaluation(task, driver, state, workdir: str) -> Dict[str, float]:
   """The task's final metrics (validation and test, and its post-training views)."""
   return task.final_evaluation(driver, state, workdir)
-
-
-def load_trained(workdir: str, *, dataset=None):
-  """Rebuilds a finished (or interrupted) run of any task from its workdir, for analysis.
-
-  Args:
-    workdir: the run's workdir (config.json and checkpoints/).
-    dataset: the dataset to use instead of loading the config's.
-
-  Returns:
-    `(config, dataset, model, variables)`: the config of `workdir/config.json`, its dataset, the
-    model (`Classifier` or `LanguageModel`), and the variables of the latest intact checkpoint for
-    `model.apply`: `{'params': ..., **model_state}` (e.g. with 'batch_stats' for a ResNet).
-
-  Raises:
-    FileNotFoundError: no config.json or no checkpoint in `workdir`.
-  """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: is {workdir!r} a workdir of scripts/train.py?')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  task = build_task(config, dataset)
-  _, tx = make_optimizer(config.optimizer, config.num_steps)
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.max_checkpoints)
-  try:
-    state, step = ckpt.restore_latest(task.init_state(tx))
-  finally:
-    ckpt.close()
-  if not step:
-    raise FileNotFoundError(f'no checkpoint under {os.path.join(workdir, "checkpoints")}')
-  return config, task.dataset, task.model, {'params': state['params'], **state['model_state']}
 
 
 def train_and_evaluate(config, workdir: str, *, dataset=None) -> Dict[str, float]:
