@@ -298,8 +298,8 @@ def fenchel_young_eval_stats(logits: jax.Array, labels: jax.Array, *,
   - 'support' [...] int32: `#{k : probs(z)_k > 0}`, the support size at t = 1;
   - with `log_prior` ([K]), the first four prefixed 'adjusted_' for the scores `z - log_prior`.
 
-  Forms `[V, ..., 1 + G, K]` on the device (V = 2 views with `log_prior`; one map and one loss
-  call for every view and temperature, t = 1 added for the support); only per-example
+  Forms `[V, ..., G (+ 1), K]` on the device (V = 2 views with `log_prior`; one map and one loss
+  call for every view and temperature, t = 1 added for the support unless among them); only per-example
   values are returned. NaN: a NaN row gets NaN 'label_log_prob', 'confidence' and 'fy_loss'
   (support 0, a prediction in [0, K)); a traced label outside [0, K) NaN 'label_log_prob' and
   'fy_loss'.
@@ -326,8 +326,11 @@ def fenchel_young_eval_stats(logits: jax.Array, labels: jax.Array, *,
   in_range = (labels >= 0) & (labels < k)
   safe = jnp.where(in_range, labels, 0)
   views = jnp.stack([z] if log_prior is None else [z, z - log_prior])  # [V, ..., K]
-  t = jnp.asarray((1.0,) + ts, jnp.float32)[:, None]  # t = 1 first, for the support
-  scaled = views[..., None, :] / t  # [V, ..., 1 + G, K]: one map and one loss call in all
+  # The support is that of t = 1: a column of its own unless the temperatures include 1.
+  extra = 0 if 1.0 in ts else 1
+  one = ts.index(1.0) if not extra else 0
+  t = jnp.asarray((1.0,) * extra + ts, jnp.float32)[:, None]
+  scaled = views[..., None, :] / t  # [V, ..., G (+ 1), K]: one map and one loss call in all
   p = probs(scaled)
   fy_loss = loss(scaled[0], jnp.broadcast_to(labels[..., None], scaled.shape[1:-1]))
   s_label = jnp.take_along_axis(views, jnp.broadcast_to(safe[..., None], views.shape[:-1] + (1,)),
@@ -342,8 +345,8 @@ def fenchel_young_eval_stats(logits: jax.Array, labels: jax.Array, *,
   for v in range(views.shape[0]):
     prefix = 'adjusted_' if v else ''
     stats |= {prefix + 'prediction': prediction[v], prefix + 'label_rank': above[v],
-              prefix + 'label_log_prob': label_log_prob[v][..., 1:],
-              prefix + 'confidence': confidence[v][..., 1:]}
-  stats['fy_loss'] = fy_loss[..., 1:]
-  stats['support'] = jnp.sum(p[0][..., 0, :] > 0, axis=-1, dtype=jnp.int32)
+              prefix + 'label_log_prob': label_log_prob[v][..., extra:],
+              prefix + 'confidence': confidence[v][..., extra:]}
+  stats['fy_loss'] = fy_loss[..., extra:]
+  stats['support'] = jnp.sum(p[0][..., one, :] > 0, axis=-1, dtype=jnp.int32)
   return stats

@@ -79,6 +79,9 @@ def test_head_matches_float64_reference_and_padding(mapping, alpha, check_paddin
   def run(p, q, x, y, lpr):  # one compilation: both heads, and the op's loss on the logits
     out = _outputs(head, p, x, y, lpr)
     out['op_loss'] = op_loss(out['z'], y)
+    # Temperatures without 1: the support (of t = 1) gets a column of its own.
+    out['stats_no_1'] = head.apply({'params': p}, x, y, temperatures=TEMPERATURES[1:],
+                                   method='eval_stats')
     return out, _outputs(padded, q, x, y, lpr) if check_padding else None
 
   out, pout = jax.jit(run)(params, pparams, features, labels, log_prior)
@@ -108,6 +111,9 @@ def test_head_matches_float64_reference_and_padding(mapping, alpha, check_paddin
 
   # eval_stats: every key from float64 recomputations of the logits.
   stats = out['stats']
+  for key, value in out['stats_no_1'].items():
+    want = stats[key][..., 1:] if stats[key].ndim == 2 else stats[key]
+    np.testing.assert_allclose(value, want, rtol=1e-6, atol=1e-6, err_msg=key)
   p_t = [_ref_entmax(z / t, alpha) for t in TEMPERATURES]
   np.testing.assert_array_equal(stats['support'], (p_ref > 0).sum(-1))
   assert stats['support'].dtype == jnp.int32 and stats['fy_loss'].dtype == jnp.float32

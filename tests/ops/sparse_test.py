@@ -134,6 +134,30 @@ def test_maps_and_losses_match_float64_references(name):
       assert np.all(np.asarray(loss) >= 0)
 
 
+@pytest.mark.parametrize('name', ['sparsemax', 'entmax15'])
+def test_long_rows_take_the_top_k_path_and_fall_back_to_the_sort_exactly(name):
+  """K = 2000 > 4 * sparse._TOP: a short support is found from the top `_TOP` entries; a batch
+  with a support of `_TOP` or more sorts whole. Both equal the float64 reference, and the same
+  rows give the same values bit for bit whichever path their batch took."""
+  f, ref, _ = MAPS[name]
+  k = 2000
+  assert k > 4 * sparse._TOP  # pylint: disable=protected-access
+  rng = np.random.default_rng(3)
+  short = rng.normal(size=(2, k)) * 4  # supports of a few classes
+  short[1, :7] = -np.inf  # excluded classes, the largest among them
+  short[1, 7] = 50.0
+  wide = rng.normal(size=(1, k)) * 1e-3  # nearly uniform: the support is (almost) every class
+  run = jax.jit(f)
+  p_short = np.asarray(run(short.astype(np.float32), None))
+  p_both = np.asarray(run(np.concatenate([short, wide]).astype(np.float32), None))
+  support = lambda p: np.sum(p > 0, axis=-1)
+  assert np.all(support(p_short) < sparse._TOP) and support(p_both)[2] >= sparse._TOP  # pylint: disable=protected-access
+  np.testing.assert_array_equal(p_both[:2], p_short)
+  want = ref(np.concatenate([short, wide]))
+  np.testing.assert_allclose(p_both, want, rtol=2e-5, atol=1e-6)
+  assert np.all(p_both[1, :7] == 0) and p_both[1, 7] == 1
+
+
 def test_identities_float32():
   """alpha = 2 == sparsemax, alpha = 1.5 == entmax15 (per-example alphas too), alpha -> 1 is
   softmax, a dominant logit gives an exact one-hot, and ties split evenly (one compile)."""
