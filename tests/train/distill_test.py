@@ -170,3 +170,23 @@ def test_missing_teacher_and_teachers_that_do_not_fit_are_named(runs, tmp_path):
   sparse.head = dict(name='dense', mapping='sparsemax')
   with pytest.raises(ValueError, match=r"mapping='sparsemax'.*cannot be distilled"):
     build_task(sparse)
+
+
+def test_teachers_with_other_inputs_or_vocabularies_are_named():
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+  from softmax_jax.train.distill import check_teacher  # pylint: disable=g-import-not-at-top
+  config = SimpleNamespace(distill=SimpleNamespace(teacher_workdir='/t'),
+                           data=SimpleNamespace(name='fashion_mnist_idx'))
+  head = SimpleNamespace(fenchel_young=None)
+  image = lambda shape: SimpleNamespace(num_classes=10, input_shape=shape)
+  task = SimpleNamespace(dataset=image((28, 28, 1)), model=SimpleNamespace(head=head))
+  t_config = SimpleNamespace(data=SimpleNamespace(name='digits'))
+  check_teacher(config, task, t_config, image((28, 28, 1)))
+  with pytest.raises(ValueError, match=r"teacher takes inputs \(8, 8, 1\).*student \(28, 28, 1\)"):
+    check_teacher(config, task, t_config, image((8, 8, 1)))
+  text = lambda vocab: SimpleNamespace(num_classes=len(vocab), vocab=vocab)
+  lm = SimpleNamespace(dataset=text(('a', 'b', 'c')), model=SimpleNamespace(head=head))
+  with pytest.raises(ValueError, match=r"vocabulary differs from the student's at id 1 \('c' vs 'b'\)"):
+    check_teacher(config, lm, t_config, text(('a', 'c', 'b')))
+  with pytest.raises(ValueError, match=r'the teacher is a classifier.*the student a language model'):
+    check_teacher(config, lm, t_config, image((28, 28, 1)))
