@@ -135,6 +135,8 @@ def main(argv):
   ax.plot(at['cost'], at['accuracy'], 'r*', ms=12, label='threshold chosen on validation')
   ax.set_xlabel(f'mean {FLAGS.cost} per example, relative to the last stage')
   ax.set_ylabel('test accuracy')
+  ax.set_title(' -> '.join(os.path.basename(os.path.normpath(w)) for w in FLAGS.workdirs)
+               + ' (test split)', fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
