@@ -21,6 +21,7 @@ minimizes their mean NLL over the grid (refined between grid points), and
 
 import numbers
 import os
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -81,10 +82,15 @@ def fit_temperature(logits, labels, *, where=None, bounds=(0.05, 20.0)):
 
   Fit on validation data, then `apply_temperature` to the test logits. The NLL is convex in
   `1 / T`; it is minimized by safeguarded Newton in float64 to relative precision ~1e-10 in T.
-  When the minimizer lies outside `bounds` the nearer bound is returned (e.g. the low bound
-  for data the logits separate perfectly, whose NLL falls as T -> 0). When the logits carry no
-  information (every row's finite entries equal) the NLL is flat and 1.0, clipped to `bounds`,
-  is returned.
+  When the minimizer lies outside `bounds` the nearer bound is returned and a `RuntimeWarning`
+  says so: at the low bound the logits separate the data (nearly), so the NLL falls as T -> 0;
+  at the high bound they are overconfident beyond what `bounds` allow (the warning gives the
+  unconstrained minimizer, or says there is none when predicting uniformly, T -> inf, beats
+  every finite T). The bounds are kept (the caller chose them) rather than widened; a fit at a
+  bound still lowers the NLL versus T = 1 when 1 lies within `bounds` (convexity), but a
+  lower NLL need not mean a lower ECE. When the logits carry no information (every row's
+  finite entries equal) the NLL is flat and 1.0, clipped to `bounds`, is returned; so is 1.0
+  whenever it lies within `bounds` and the fitted T does not lower the NLL (rounding ties).
 
   Args:
     logits: [N, num_classes] float logits or log-probabilities (a per-row constant is
@@ -94,6 +100,13 @@ def fit_temperature(logits, labels, *, where=None, bounds=(0.05, 20.0)):
     bounds: (low, high) with 0 < low < high < inf; the search range for T.
 
   Returns: float T in [low, high].
+
+  Raises:
+    ValueError: a bad shape or dtype, labels out of range, bad `bounds`, no valid row, or NaN
+      or +inf (or -inf at the label) in a valid row (naming it).
+
+  Warns:
+    RuntimeWarning: T is a bound (the minimizer lies at or beyond it).
   """
   z = _check_logits(logits)
   y, w = _check_labels(labels, where, *z.shape)
@@ -118,10 +131,30 @@ def fit_temperature(logits, labels, *, where=None, bounds=(0.05, 20.0)):
     return float(np.clip(1.0, t_lo, t_hi))
   b_lo, b_hi = 1.0 / t_hi, 1.0 / t_lo  # beta = 1 / T; f' is increasing in beta
   if _slope_curvature(d, b_lo)[0] >= 0:
-    return t_hi
-  if _slope_curvature(d, b_hi)[0] <= 0:
-    return t_lo
-  beta = float(np.clip(1.0, b_lo, b_hi))
+    t = t_hi
+    if _slope_curvature(d, 0.0)[0] < 0:  # a finite minimizer beyond the bound
+      where_min = f"T = {1.0 / _newton(d, 0.0, b_lo):.4g}"
+    else:
+      where_min = "none at a finite T (uniform predictions, T -> inf, score better)"
+    _warn_at_bound(t, "high", f"the logits are overconfident; the unconstrained minimizer is "
+                   f"{where_min}")
+  elif _slope_curvature(d, b_hi)[0] <= 0:
+    t = t_lo
+    _warn_at_bound(t, "low", "the logits separate the data (nearly), so the NLL keeps falling "
+                   "as T -> 0")
+  else:
+    t = float(np.clip(1.0 / _newton(d, b_lo, b_hi), t_lo, t_hi))
+  if t_lo <= 1.0 <= t_hi and t != 1.0 and _nll(d, y, 1.0 / t) >= _nll(d, y, 1.0):
+    return 1.0  # scaling does not lower the fitted objective
+  return t
+
+
+def _nll(d, y, beta):  # the mean NLL at T = 1 / beta
+  return float(-np.mean(_log_softmax(beta * d)[np.arange(len(y)), y]))
+
+
+def _newton(d, b_lo, b_hi):  # the root of f' in (b_lo, b_hi), f'(b_lo) < 0 < f'(b_hi) or b_lo = 0
+  beta = float(np.clip(1.0, b_lo, b_hi)) if b_lo > 0 else 0.5 * b_hi
   for _ in range(_MAX_ITERS):
     g, h = _slope_curvature(d, beta)
     if g == 0:
@@ -134,7 +167,13 @@ def fit_temperature(logits, labels, *, where=None, bounds=(0.05, 20.0)):
     beta = beta + step if b_lo < beta + step < b_hi else 0.5 * (b_lo + b_hi)  # else bisect
     if b_hi - b_lo <= _RTOL * beta:
       break
-  return float(np.clip(1.0 / beta, t_lo, t_hi))
+  return beta
+
+
+def _warn_at_bound(t, side, why):
+  warnings.warn(f"temperature scaling stopped at its {side} bound T = {t:.4g}: {why}. The fit "
+                f"lowers the NLL it minimizes, which need not lower the ECE; compare both before "
+                f"and after.", RuntimeWarning, stacklevel=3)
 
 
 def fit_temperature_from_stats(label_log_probs, temperatures, *, where=None):
@@ -148,8 +187,11 @@ def fit_temperature_from_stats(label_log_probs, temperatures, *, where=None):
   `fit_temperature` (median 0.015%), as tested; a coarser grid is less precise (the error falls
   about as the step in log T to the fourth power). The result lies in `[temperatures[0],
   temperatures[-1]]`: when the grid's best point is an end, that end is returned (a minimizer
-  beyond the grid, as `fit_temperature` gives a bound; one within the first step is not refined),
-  in float64 on the host.
+  beyond the grid, as `fit_temperature` gives a bound; one within the first step is not refined)
+  with a `RuntimeWarning`; the grid is not widened (the statistics exist only at its
+  temperatures: evaluate at a wider grid to look further). When 1.0 is a grid temperature and
+  the fitted T does not lower the mean NLL below that column's, 1.0 is kept. In float64 on the
+  host.
 
   Args:
     label_log_probs: [N, G] float, each example's label log-probability at each temperature.
@@ -161,6 +203,9 @@ def fit_temperature_from_stats(label_log_probs, temperatures, *, where=None):
   Raises:
     ValueError: a bad shape or dtype (naming the argument), temperatures not increasing and
       positive, no valid row, or a NaN or -inf label log-probability in a valid row (naming it).
+
+  Warns:
+    RuntimeWarning: T is the first or last grid temperature.
   """
   t = np.asarray(temperatures, np.float64)
   if t.ndim != 1 or t.size < 3 or not np.all(np.isfinite(t) & (t > 0)) or np.any(np.diff(t) <= 0):
@@ -186,13 +231,21 @@ def fit_temperature_from_stats(label_log_probs, temperatures, *, where=None):
                      f"{np.flatnonzero(w)[np.argmax(bad)]}.")
   f, u = -np.mean(lp, axis=0), np.log(t)
   g = int(np.argmin(f))
+  one = np.flatnonzero(t == 1.0)
   if g in (0, t.size - 1):  # the minimizer lies beyond the grid (or within its first step)
+    if one.size and f[one[0]] <= f[g]:
+      return 1.0
+    _warn_at_bound(float(t[g]), "high" if g else "low", (
+        "the mean NLL keeps falling towards the grid's end (overconfident logits)" if g else
+        "the mean NLL keeps falling towards the grid's start (separable data)"))
     return float(t[g])
   lo, hi = max(g - 2, 0), min(g + 3, t.size)
   xs = np.linspace(u[g - 1], u[g + 1], 4001)
   poly = np.polyfit(u[lo:hi] - u[g], f[lo:hi], hi - lo - 1)
   values = np.polyval(poly, xs - u[g])
   best = xs[np.argmin(values)] if values.min() < f[g] else u[g]
+  if one.size and f[one[0]] <= min(values.min(), f[g]):
+    return 1.0  # scaling does not lower the fitted objective
   return float(np.clip(np.exp(best), t[0], t[-1]))
 
 

@@ -1,5 +1,7 @@
 """Tests for softmax_jax.calibration: temperature scaling against float64 NumPy references."""
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -96,12 +98,32 @@ def test_fit_temperature_is_invariant_to_row_constants():
 
 def test_fit_temperature_at_the_bounds_and_flat():
   z, y = _tempered(3.0, n=3000)
-  assert calibration.fit_temperature(z, y, bounds=(0.1, 2.0)) == 2.0  # optimum above high
-  assert calibration.fit_temperature(z, y, bounds=(4.0, 9.0)) == 4.0  # optimum below low
+  unbounded = calibration.fit_temperature(z, y, bounds=(0.1, 100.0))
+  assert 2.5 < unbounded < 3.5
+  with pytest.warns(RuntimeWarning, match=r"high bound T = 2: .*overconfident; the "
+                    rf"unconstrained minimizer is T = {unbounded:.4g}"):
+    assert calibration.fit_temperature(z, y, bounds=(0.1, 2.0)) == 2.0  # optimum above high
+  with pytest.warns(RuntimeWarning, match=r"low bound T = 4: "):
+    assert calibration.fit_temperature(z, y, bounds=(4.0, 9.0)) == 4.0  # optimum below low
   separable = np.eye(4)[[0, 1, 2, 3, 1]] * 5.0  # argmax always right: NLL falls as T -> 0
-  assert calibration.fit_temperature(separable, np.array([0, 1, 2, 3, 1])) == 0.05
-  assert calibration.fit_temperature(np.zeros((6, 3)), np.arange(6) % 3) == 1.0  # flat NLL
-  assert calibration.fit_temperature(np.zeros((6, 3)), np.arange(6) % 3, bounds=(2, 3)) == 2.0
+  with pytest.warns(RuntimeWarning, match=r"low bound T = 0.05: the logits separate the data"):
+    assert calibration.fit_temperature(separable, np.array([0, 1, 2, 3, 1])) == 0.05
+  # Wrong on average (the label scores low): uniform beats every finite T, so no minimizer.
+  with pytest.warns(RuntimeWarning, match=r"high bound T = 20: .*none at a finite T"):
+    assert calibration.fit_temperature(-separable, np.array([0, 1, 2, 3, 1])) == 20.0
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # within the bounds: no warning
+    assert calibration.fit_temperature(np.zeros((6, 3)), np.arange(6) % 3) == 1.0  # flat NLL
+    assert calibration.fit_temperature(np.zeros((6, 3)), np.arange(6) % 3, bounds=(2, 3)) == 2.0
+    calibration.fit_temperature(z, y)
+
+
+def test_fit_temperature_never_raises_the_nll_above_t_equals_1():
+  z, y = _tempered(3.0, n=3000)
+  nll = lambda t: metrics.nll(calibration.apply_temperature(z, t), y)
+  with pytest.warns(RuntimeWarning):
+    t = calibration.fit_temperature(z, y, bounds=(0.5, 1.5))
+  assert t == 1.5 and nll(t) < nll(1.0)  # at the bound, still better than no scaling
 
 
 @pytest.mark.parametrize("t_true", [0.4, 2.5])  # under- and overconfident logits
@@ -223,6 +245,7 @@ def test_temperature_grid_is_log_spaced_within_fit_temperatures_bounds():
   np.testing.assert_allclose(np.diff(np.log(grid)), np.log(grid[1] / grid[0]), rtol=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:temperature scaling stopped")  # random problems hit bounds
 def test_fit_temperature_from_stats_is_within_one_percent_of_fit_temperature():
   # 60 random problems: sharp to soft logits, 2 to 200 classes, accurate to near-random labels.
   rng = np.random.default_rng(0)
@@ -256,9 +279,17 @@ def test_fit_temperature_from_stats_ends_of_the_grid():
   assert calibration.fit_temperature_from_stats(_label_log_probs(z, y, grid), grid) == \
       pytest.approx(calibration.fit_temperature(z, y), rel=0.02)
   separable = np.eye(4)[y] * 5.0  # perfectly separated: the NLL falls as T -> 0
-  assert calibration.fit_temperature_from_stats(_label_log_probs(separable, y, grid), grid) == 0.5
-  assert calibration.fit_temperature_from_stats(
-      _label_log_probs(z, y, (0.05, 0.1, 0.2)), (0.05, 0.1, 0.2)) == 0.2
+  with pytest.warns(RuntimeWarning, match=r"low bound T = 0.5: .*grid's start"):
+    assert calibration.fit_temperature_from_stats(
+        _label_log_probs(separable, y, grid), grid) == 0.5
+  with pytest.warns(RuntimeWarning, match=r"high bound T = 0.2: .*grid's end"):
+    assert calibration.fit_temperature_from_stats(
+        _label_log_probs(z, y, (0.05, 0.1, 0.2)), (0.05, 0.1, 0.2)) == 0.2
+  # No information (every column equal): the best point is the first, but T = 1 is kept.
+  flat = np.tile(np.log(np.full((6, 1), 0.25)), (1, 5))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert calibration.fit_temperature_from_stats(flat, grid) == 1.0
 
 
 @pytest.mark.parametrize("call,match", [
