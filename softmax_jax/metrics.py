@@ -369,6 +369,7 @@ def _summary(stats, labels, where, masks, num_classes, num_bins=15):
     recall = (jnp.sum(jnp.where(in_bucket, _safe_div(tp, support), 0.0), -1)
               / jnp.sum(in_bucket, -1))
     out |= {f"{b}_accuracy": recall[i] for i, b in enumerate(_BUCKETS)}
+    out |= {f"{b}_count": jnp.sum(in_bucket[i]) for i, b in enumerate(_BUCKETS)}
   return out
 
 
@@ -380,7 +381,11 @@ def _host_summary(stats, labels, where, num_classes, prefix, class_counts):
   masks = (None if class_counts is None  # checked first, so a bad class_counts fails early
            else _frequency_masks(class_counts, num_classes, 100, 20))
   values = jax.device_get(_summary(stats, labels, where, masks, num_classes=num_classes))
-  return {prefix + name: float(value) for name, value in sorted(values.items())}
+  out = {prefix + name: float(value) for name, value in sorted(values.items())}
+  for b in _BUCKETS if masks is not None else ():  # an empty bucket has no accuracy: None
+    if out[f"{prefix}{b}_count"] == 0:
+      out[f"{prefix}{b}_accuracy"] = None
+  return out
 
 
 def classification_metrics(log_probs, labels, *, where=None, prefix="", class_counts=None):
@@ -389,7 +394,9 @@ def classification_metrics(log_probs, labels, *, where=None, prefix="", class_co
   Keys `accuracy`, `balanced_accuracy`, `macro_f1`, `nll`, `ece` (15 bins), only when
   num_classes > 5 (else it is trivially 1) `top5_accuracy`, and only with `class_counts`
   `many_accuracy`, `medium_accuracy`, `few_accuracy` (`accuracy_by_frequency`, default
-  thresholds), each as `prefix + key`. Labels of valid rows must lie in [0, num_classes)
+  thresholds) with `many_count`, `medium_count`, `few_count` (the classes each mean is over: in
+  the bucket by training count and present among the valid labels), each as `prefix + key`.
+  An empty bucket's accuracy is None (JSON null), never NaN, beside its count 0. Labels of valid rows must lie in [0, num_classes)
   (checked, as the values are concrete here). The same as `summary_from_stats` of the
   per-example statistics of `log_probs` (which is how it is computed).
 
@@ -400,7 +407,7 @@ def classification_metrics(log_probs, labels, *, where=None, prefix="", class_co
     prefix: str put before every key, e.g. 'test/'.
     class_counts: [num_classes] int training counts per class, or None.
 
-  Returns: dict[str, float].
+  Returns: dict[str, float], None for an empty bucket's accuracy.
   """
   lp, lab, w = _check(log_probs, labels, where)
   return _host_summary(_stats_of(lp, lab), lab, w, lp.shape[1], prefix, class_counts)
@@ -434,7 +441,8 @@ def summary_from_stats(stats, labels, *, num_classes, where=None, prefix="", cla
     nll: whether to report 'nll' (False: a sparse head's, undefined).
 
   Returns: dict[str, float], the keys of `classification_metrics` (without 'nll' if `nll` is
-  False), plus 'support_size' and 'fy_loss' when `stats` holds 'support' and 'fy_loss'.
+  False; None for an empty bucket's accuracy), plus 'support_size' and 'fy_loss' when `stats`
+  holds 'support' and 'fy_loss'.
 
   Raises:
     ValueError: a missing key, a statistic that is not [N] (naming it and its shape, e.g. an

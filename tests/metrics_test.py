@@ -1,5 +1,6 @@
 """Tests for softmax_jax.metrics against scikit-learn and naive float64 NumPy references."""
 
+import json
 import warnings
 
 import jax
@@ -306,11 +307,28 @@ def test_classification_metrics_with_class_counts():
                                        class_counts=counts)
   plain = metrics.classification_metrics(lp_pad, y_pad, where=where, prefix="t/")
   by_freq = metrics.accuracy_by_frequency(lp, y, class_counts=counts)
-  assert set(got) == set(plain) | {"t/many_accuracy", "t/medium_accuracy", "t/few_accuracy"}
+  assert set(got) == set(plain) | {f"t/{b}_{s}" for b in ("many", "medium", "few")
+                                    for s in ("accuracy", "count")}
   assert all(got[key] == value for key, value in plain.items())
-  for b in ("many", "medium", "few"):
+  present = np.isin(np.arange(7), y)
+  for b, in_bucket in (("many", counts > 100), ("medium", (counts >= 20) & (counts <= 100)),
+                       ("few", counts < 20)):
     assert type(got[f"t/{b}_accuracy"]) is float
     np.testing.assert_allclose(got[f"t/{b}_accuracy"], by_freq[f"{b}_accuracy"], rtol=1e-6)
+    assert got[f"t/{b}_count"] == np.sum(in_bucket & present) > 0
+
+
+def test_empty_bucket_is_none_with_count_zero_and_strict_json():
+  lp_pad, y_pad, where, lp, y = _padded(7)
+  counts = np.array([500, 200, 101, 150, 300, 1000, 5])  # no medium class; the few one (class 6)
+  assert not (y == 6).any()  # ... never among the valid labels
+  got = metrics.classification_metrics(lp_pad, y_pad, where=where, class_counts=counts)
+  assert got["medium_accuracy"] is None and got["medium_count"] == 0
+  assert got["few_accuracy"] is None and got["few_count"] == 0
+  assert got["many_count"] == np.unique(y).size
+  np.testing.assert_allclose(got["many_accuracy"], metrics.balanced_accuracy(lp, y), rtol=1e-6)
+  text = json.dumps(got, allow_nan=False)  # raises on NaN
+  assert '"few_accuracy": null' in text
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -366,6 +384,9 @@ def test_summary_from_stats_equals_classification_metrics(k, counts):
   assert set(got) == set(want)
   assert ("v/top5_accuracy" in got) == (k > 5) and ("v/few_accuracy" in got) == counts
   for key, value in want.items():
+    if value is None:  # an empty bucket
+      assert got[key] is None and got[key.replace("accuracy", "count")] == 0
+      continue
     assert type(got[key]) is float
     np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
   # The same from statistics computed directly in float64 NumPy (ties: first index, strict rank).
@@ -377,7 +398,10 @@ def test_summary_from_stats_equals_classification_metrics(k, counts):
   got64 = metrics.summary_from_stats(ref, y_pad, num_classes=k, where=where, prefix="v/",
                                      class_counts=class_counts)
   for key, value in want.items():
-    np.testing.assert_allclose(got64[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    if value is None:
+      assert got64[key] is None
+    else:
+      np.testing.assert_allclose(got64[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("change,match", [

@@ -1,5 +1,6 @@
 """`run_steps` (train/runner.py) with a fake driver on a fake clock: dispatch, rates, failures."""
 
+import json
 import math
 
 import jax.numpy as jnp
@@ -222,3 +223,31 @@ def test_a_stray_read_on_the_hot_path_is_caught_by_the_recording_test(monkeypatc
 
   run(monkeypatch, driver=make)
   assert set(driver['d'].reads) - {4, 5, 6, 8, 10, 12}
+
+
+def _strict(line):  # json.loads that rejects NaN and Infinity, as strict parsers do
+  def bad(name):
+    raise ValueError(f'non-strict JSON constant {name}')
+  return json.loads(line, parse_constant=bad)
+
+
+def test_metric_writer_writes_strict_json_and_no_nonfinite_tensorboard_scalars(tmp_path):
+  from softmax_jax.train import writer as writer_lib  # pylint: disable=g-import-not-at-top
+  w = writer_lib.MetricWriter(str(tmp_path), 0)
+  logged = []
+  w._tb.add_scalar = lambda k, v, step: logged.append((k, v, step))  # pylint: disable=protected-access
+  w.write(5, {'train/loss': np.float32(0.5), 'nonfinite_state': float('nan')})
+  w.write_final(9, {'test/few_accuracy': None, 'test/few_count': 0.0, 'test/nll': float('inf'),
+                    'test/accuracy': 0.75})
+  w.close()
+  with open(tmp_path / 'metrics.jsonl') as f:
+    rows = [_strict(line) for line in f]
+  assert rows == [{'step': 5, 'train/loss': 0.5, 'nonfinite_state': None},
+                  {'step': 9, 'test/few_accuracy': None, 'test/few_count': 0.0, 'test/nll': None,
+                   'test/accuracy': 0.75}]
+  assert logged == [('train/loss', 0.5, 5), ('test/few_count', 0.0, 9), ('test/accuracy', 0.75, 9)]
+  text = writer_lib.to_json({'a': float('nan'), 'b': np.float32(2.0), 'n': 3, 'c': None},
+                            indent=2, sort_keys=True)
+  assert _strict(text) == {'a': None, 'b': 2.0, 'n': 3, 'c': None}
+  with pytest.raises(ValueError):  # a NaN the flat clean-up cannot see still fails loudly
+    writer_lib.to_json({'nested': [float('nan')]})
