@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 from softmax_jax import data  # pylint: disable=g-import-not-at-top
 from softmax_jax import geometry  # pylint: disable=g-import-not-at-top
 from softmax_jax.train import load_trained  # pylint: disable=g-import-not-at-top
+from softmax_jax.train.loop import quiet_libraries  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_list('workdir', None, 'Workdirs of scripts/train.py (comma-separated).', required=True)
 flags.DEFINE_integer('max_pairs', 2_000_000, 'Pairs sampled for closed-set verification.')
@@ -101,6 +102,7 @@ def table_row(workdir: str, r) -> str:
 
 def main(argv):
   del argv
+  quiet_libraries()  # orbax logs ~20 INFO lines per checkpoint it reads
   rows = [table_row(w, analyse(w)) for w in flags.FLAGS.workdir]
   far = flags.FLAGS.far
   print('| head | workdir | dim | test acc % | intra angle ° | min centre angle ° | '

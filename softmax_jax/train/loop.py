@@ -7,9 +7,11 @@ same shut-down (final evaluation, `final_metrics.json`).
 """
 
 import json
+import logging
 import os
 from typing import Dict
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
 
@@ -22,6 +24,46 @@ from softmax_jax.train.state import make_optimizer
 from softmax_jax.train.task import build_task
 from softmax_jax.train.workdir import WorkdirLock, atomic_write, check_config
 from softmax_jax.train.writer import MetricWriter
+
+
+# Per library, the lowest level the scripts' console shows (`quiet_libraries`): this hides orbax's
+# INFO lines (~20 per checkpoint read), JAX's 'Unable to initialize backend' and TFDS's warnings on
+# our local builders ('OpenCV is not installed', 'Variant folder ... has no dataset_info.json').
+LIBRARY_LEVELS = {'orbax': logging.WARNING, 'jax': logging.WARNING, 'jaxlib': logging.WARNING,
+                  'tensorflow_datasets': logging.ERROR}
+
+
+class _LibraryLevels(logging.Filter):
+  """Drops records below `LIBRARY_LEVELS` of the installed package whose file logged them.
+
+  TFDS and orbax log through absl's one logger ('absl'), where a logger level cannot tell them
+  apart: absl names the calling file in `record.pathname`, whose package is the folder after
+  site-packages (or dist-packages).
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    parts = os.path.normpath(record.pathname).split(os.sep)
+    for i in range(len(parts) - 2, -1, -1):
+      if parts[i] in ('site-packages', 'dist-packages'):
+        return record.levelno >= LIBRARY_LEVELS.get(parts[i + 1], logging.NOTSET)
+    return True
+
+
+def quiet_libraries() -> None:
+  """Hides third-party chatter on the console of the scripts (not called by the library itself).
+
+  Sets the levels of `LIBRARY_LEVELS` on their Python loggers and, for the records they log
+  through absl, on absl's logger (a `logging.Filter` by package); turns TFDS's progress bars off:
+  preparing a local data set drew nested bars, which leave cursor-up codes ('[A') in a log file.
+  Idempotent.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  for name, level in LIBRARY_LEVELS.items():
+    logging.getLogger(name).setLevel(level)
+  absl_logger = absl_logging.get_absl_logger()
+  if not any(isinstance(f, _LibraryLevels) for f in absl_logger.filters):
+    absl_logger.addFilter(_LibraryLevels())
+  tfds.disable_progress_bar()
 
 
 def final_evaluation(task, driver, state, workdir: str) -> Dict[str, float]:
@@ -46,7 +88,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None) -> Dict[str, float
   Returns:
     The final metrics, e.g. {'test/accuracy', 'test/nll', 'test/ece', 'validation/accuracy', ...}
     for classifiers, '{validation,test}/{perplexity,nll,accuracy}' for language models; also
-    'num_params', 'train_wall_s' (this invocation's loop, compilation, evaluation and
+    'num_params' (an int), 'train_wall_s' (this invocation's loop, compilation, evaluation and
     checkpoints included) and f'train/{rate}' (steady state: after the first step of this
     invocation, evaluation and checkpoint time left out); also written to final_metrics.json.
 
@@ -80,7 +122,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None) -> Dict[str, float
             items_per_step=task.items_per_step, rate=task.rate, log_perplexity=task.log_perplexity,
             interrupts=interrupts)
         finished(interrupts, ckpt, config.num_steps)
-        final['num_params'] = float(num_params)
+        final['num_params'] = num_params  # an int: the summary prints it as one
         final.update(final_evaluation(task, driver, state, workdir))
         writer.write_final(config.num_steps, final)
       finally:

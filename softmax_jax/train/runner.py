@@ -92,7 +92,8 @@ def restore(config, workdir: str, ckpt, template, *, changes, interrupts: Interr
   check_steps(config, start_step, ckpt.path(start_step))
   record_config(config, workdir, changes, start_step)
   if start_step:
-    logging.info('Resuming from %s', ckpt.path(start_step))
+    logging.info('Resuming from %s at step %d of %d', ckpt.path(start_step), start_step,
+                 config.num_steps)
     interrupts.resume_hint = f'Rerun with the same workdir to resume from {ckpt.path(start_step)}.'
   else:
     interrupts.resume_hint = 'No checkpoint was written yet: a rerun with the same workdir starts from scratch.'
@@ -132,6 +133,23 @@ def _resume_advice(config, ckpt, last_good: Optional[int]) -> str:
           f'To resume from it with a lower learning rate, rerun with the same workdir and {flags}.')
 
 
+# The validation metrics a line during training shows, in this order, where the task has them.
+SHOWN_METRICS = ('accuracy', 'nll', 'perplexity', 'ece', 'fy_loss')
+
+
+def key_metrics(metrics: Dict[str, float], split: str) -> Dict[str, float]:
+  """The `SHOWN_METRICS` among `metrics` keyed f'{split}/{name}', by name (all, if none of them)."""
+  values = {k[len(split) + 1:]: float(v) for k, v in metrics.items() if k.startswith(f'{split}/')}
+  return {k: values[k] for k in SHOWN_METRICS if k in values} or dict(sorted(values.items()))
+
+
+def metrics_line(step: int, num_steps: int, label: str, values: Dict[str, float]) -> str:
+  """'step 100/1500 validation: accuracy 0.9028, nll 0.4159, ece 0.1416' (`values` in order)."""
+  def fmt(v):
+    return f'{v:.4g}' if abs(v) < 1e4 else f'{v:.0f}'
+  return f'step {step}/{num_steps} {label}: ' + ', '.join(f'{k} {fmt(v)}' for k, v in values.items())
+
+
 def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
               evaluate: Callable[..., Dict[str, float]], items_per_step: int, rate: str,
               log_perplexity: bool = False,
@@ -155,7 +173,9 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
       f'train/{key}', plus f'train/{rate}'.
     ckpt: a `Checkpointer`, saved every `checkpoint_every` steps and at the last one.
     evaluate: `evaluate(state)` -> validation metrics, written every `eval_every` steps but the
-      last (the caller evaluates the final state itself).
+      last (the caller evaluates the final state itself); their `key_metrics` are printed as a
+      line above the progress bar (`config.progress`), or logged at INFO without it, when the
+      train loss and rate of each log step are logged too.
     items_per_step: examples or tokens a step consumes, for the rate.
     rate: the rate's name, e.g. 'examples_per_second'.
     log_perplexity: also log f'train/perplexity' = exp(mean loss).
@@ -222,6 +242,14 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
   batches = prefetch_to_device(batches, put) if put is not None else batches
   bar = tqdm(total=config.num_steps, initial=start_step, desc='train', disable=not config.progress,
              dynamic_ncols=True)
+
+  def say(line: str) -> None:
+    """A console line: above the progress bar when it is shown (not breaking it), else logged."""
+    if bar.disable:
+      logging.info('%s', line)
+    else:
+      bar.write(line)
+
   t_begin = time.perf_counter()
   t_steady, steady_from, t_paused = None, start_step + 1, 0.0  # t_paused: evaluation, checkpoints
   pending, window, untimed, t0 = [], [], 0, t_begin  # pending: (step, metrics on device)
@@ -260,10 +288,14 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
         shown = {'ppl': scalars['perplexity']} if log_perplexity else {'loss': scalars['loss']}
         shown[rate.replace('_per_second', '/s')] = scalars.get(rate, 0.0)
         bar.set_postfix({k: f'{v:.4g}' for k, v in shown.items()})
+        if bar.disable:  # no bar to show the loss: a log line instead
+          say(metrics_line(step, config.num_steps, 'train', shown))
         window, t0, untimed = [], time.perf_counter(), 0
       t_pause = time.perf_counter()
       if do_eval and not interrupted():
-        writer.write(step, evaluate(state))
+        metrics = evaluate(state)
+        writer.write(step, metrics)
+        say(metrics_line(step, config.num_steps, 'validation', key_metrics(metrics, 'validation')))
       if do_ckpt or interrupted():
         ckpt.save(step, driver.get_state(state))
         last_good = step
