@@ -5,12 +5,15 @@ TTY): 20 steps without the progress bar, then a rerun to 30 steps with it, which
 """
 
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+
+from softmax_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,3 +101,21 @@ def test_rerun_prints_the_resume_line_and_validation_above_the_bar(runs):
                                       'tensorboard/', 'checkpoints/', 'reliability.png'])
   assert re.search(r'checkpoints/ +orbax checkpoints, steps 20, 30;', out), out
   _check_no_library_logs(text)
+
+
+@pytest.mark.parametrize('package, level, shown', [
+    ('orbax/checkpoint/checkpoint_manager.py', logging.INFO, False),
+    ('orbax/checkpoint/checkpoint_manager.py', logging.WARNING, True),
+    ('tensorflow_datasets/core/features/image_feature.py', logging.WARNING, False),  # OpenCV
+    ('tensorflow_datasets/core/features/image_feature.py', logging.ERROR, True),
+    ('jax/_src/xla_bridge.py', logging.INFO, False),
+    ('flax/linen/module.py', logging.INFO, True),  # a library not listed keeps its level
+])
+def test_library_levels_filter_absl_records_by_the_package_that_logged(package, level, shown):
+  # scripts/geometry.py and train.py install it with quiet_libraries(); records of our own files
+  # (even under a folder named like a library) pass.
+  def record(path):
+    return logging.LogRecord('absl', level, path, 1, 'message', None, None)
+  keep = loop._LibraryLevels().filter  # pylint: disable=protected-access
+  assert keep(record(f'/venv/lib/python3.11/site-packages/{package}')) == shown
+  assert keep(record(f'/home/orbax/jax/softmax_jax/train/{os.path.basename(package)}'))
