@@ -12,6 +12,10 @@ Both builders skip the global TFDS registry (their data lives in `data_dir/<name
 `tfds.data_source(name, data_dir=...)` still reads it once prepared) and keep generation order
 (`disable_shuffling=True`), so record `i` of a split is example `i` of its source.
 
+Stock TFDS datasets (mnist, cifar10, lm1b, ...) need a network the first time: `prepare_stock`
+probes it for a few seconds first and fails with one line saying how to get the data, instead of
+TFDS retrying the download for minutes.
+
 Preparation holds an exclusive lock (`preparation_lock`, a `flock` on `data_dir/.<name>.lock`), so
 two first runs on a fresh data_dir do not race: the second waits, then finds the data prepared.
 """
@@ -20,6 +24,9 @@ import contextlib
 import gzip
 import io
 import os
+import threading
+import urllib.error
+import urllib.request
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
@@ -237,6 +244,60 @@ def prepare_once(make_builder: Callable[[], tfds.core.DatasetBuilder], prepare: 
     if not builder.is_prepared():
       prepare(builder)
   return builder
+
+
+# Where TFDS downloads stock data from first (its GCS mirror), and how long to wait for it.
+NETWORK_PROBE_URL = 'https://storage.googleapis.com/'
+NETWORK_PROBE_TIMEOUT_S = 4.0
+
+
+class NoNetworkError(ConnectionError):
+  """A stock dataset is not prepared and its download host cannot be reached."""
+
+
+def network_reachable(timeout: Optional[float] = None) -> bool:
+  """Whether an HTTPS request to TFDS's download host gets any answer within `timeout` s.
+
+  A real request (through the proxy of the environment, as TFDS's downloads go), not a bare
+  TCP connect, which a sandbox's interceptor may accept without anything behind it. It runs in
+  a daemon thread, so neither a hanging name lookup nor a silent proxy outlasts `timeout`
+  (None: `NETWORK_PROBE_TIMEOUT_S`).
+  """
+  timeout = NETWORK_PROBE_TIMEOUT_S if timeout is None else timeout
+  ok = []
+
+  def request():
+    try:
+      urllib.request.urlopen(NETWORK_PROBE_URL, timeout=timeout).close()
+      ok.append(True)
+    except urllib.error.HTTPError:  # an answer (e.g. 403): the network is there
+      ok.append(True)
+    except (OSError, ValueError):  # URLError, timeouts, TLS errors, a malformed proxy
+      pass
+  thread = threading.Thread(target=request, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  return bool(ok)
+
+
+def prepare_stock(builder: tfds.core.DatasetBuilder) -> None:
+  """Downloads and prepares stock TFDS dataset `builder`, failing fast when offline.
+
+  For `prepare_once(lambda: tfds.builder(name, data_dir=...), prepare_stock)`.
+
+  Raises:
+    NoNetworkError: the download host cannot be reached within `NETWORK_PROBE_TIMEOUT_S`; the
+      one-line message says where the data is looked for and how to get it.
+  """
+  if not network_reachable():
+    raise NoNetworkError(
+        f'{builder.name} is not prepared in {builder.data_dir_root} and downloading it needs a '
+        f'network ({NETWORK_PROBE_URL} gave no answer within {NETWORK_PROBE_TIMEOUT_S:g} s): run once '
+        f'where there is one (python -c "import tensorflow_datasets as tfds; '
+        f'tfds.builder(\'{builder.name}\', data_dir=\'{builder.data_dir_root}\')'
+        f'.download_and_prepare()"), then copy that data_dir here and set config.data.data_dir '
+        f'to it.')
+  builder.download_and_prepare()
 
 
 def prepare(name: str, *, data_dir: Optional[str] = None,

@@ -147,7 +147,8 @@ def load_dataset(config: Any) -> Dataset:
   """Loads a dataset into host memory with train/validation/test splits.
 
   Local builders (`digits`, `fashion_mnist_idx`) are built into `data_dir` on first use; stock
-  datasets are read with TFDS data sources (`tfds.data_source`), downloaded if not prepared.
+  datasets are read with TFDS data sources (`tfds.data_source`), downloaded if not prepared
+  (`builders.prepare_stock`: offline, that fails in seconds with one line on how to get them).
   A split named 'validation' is used when the source has one; otherwise `validation_fraction` of
   train is carved off with `split_seed`. Labels of every source split are checked on the host.
 
@@ -168,6 +169,7 @@ def load_dataset(config: Any) -> Dataset:
   Raises:
     ValueError: unknown name, a label outside `[0, num_classes)`, or a bad imbalance option.
     FileNotFoundError: fashion_mnist_idx files missing (says how to install them).
+    builders.NoNetworkError: a stock dataset not prepared in `data_dir`, and no network.
   """
   name = _field(config, 'name')
   data_dir = _field(config, 'data_dir')
@@ -177,7 +179,7 @@ def load_dataset(config: Any) -> Dataset:
   elif name in STOCK_SPLITS:
     # Downloaded and prepared once, also when several first runs share a fresh data_dir.
     builder = builders.prepare_once(lambda: tfds.builder(name, data_dir=data_dir),
-                                    lambda b: b.download_and_prepare())
+                                    builders.prepare_stock)
     split_names = STOCK_SPLITS[name]
   else:
     raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(KNOWN_DATASETS)}')

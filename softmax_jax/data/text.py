@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from softmax_jax.data.builders import prepare_once
+from softmax_jax.data.builders import prepare_once, prepare_stock
 from softmax_jax.data.vocab import (DEFAULT_SOURCE_ROOT, SOURCE_FILES, SPECIALS, build_vocab,
                                     check_fingerprints, encode, file_fingerprint, line_tokens,
                                     read_lines, source_paths, tinyshakespeare_bounds)
@@ -157,7 +157,7 @@ def _source_lines(source, start: int = 0, stop: Optional[int] = None) -> Iterato
 
 
 def _lm1b_lines(data_dir: Optional[str]) -> Dict[str, Iterator[str]]:
-  prepare_once(lambda: tfds.builder('lm1b', data_dir=data_dir), lambda b: b.download_and_prepare())
+  prepare_once(lambda: tfds.builder('lm1b', data_dir=data_dir), prepare_stock)  # fails fast offline
   train = tfds.data_source('lm1b', split='train', data_dir=data_dir)
   test = tfds.data_source('lm1b', split='test', data_dir=data_dir)
   n = len(train)
