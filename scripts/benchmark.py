@@ -52,7 +52,9 @@ their `PRESETS['tpu']` when they have none (`add_tpu_presets`).
 
 Writes OUT.json and (but for `loop`) OUT.png (`--out`, default bench_out/SUITE_PRESET, the preset
 resolved) and prints markdown tables.
-Timings wait (up to `--wait_s`) for the 1-minute load to fall below `--max_load`.
+Timing starts at once; every row records the 1-minute load it ran under (the `load` column).
+To time on a quiet machine, `--max_load=1.3` waits (up to `--wait_s`) for the load to fall
+below it before each point (default 0: never waits).
 """
 
 import datetime
@@ -102,8 +104,10 @@ flags.DEFINE_integer('chunk_size', None, 'Vocabulary chunk of the fused op (defa
 flags.DEFINE_integer('token_chunk_size', None, 'Token chunk of the fused op (default: its own).')
 flags.DEFINE_float('max_run_gib', None, 'Compile only (no run) above this much memory '
                    '(default: 12 on CPU presets, 60 on gpu).')
-flags.DEFINE_float('max_load', 1.3, 'Wait for a 1-minute load below this before timing; 0: never.')
-flags.DEFINE_integer('wait_s', 900, 'Longest wait for a quiet machine, seconds.')
+flags.DEFINE_float('max_load', 0.0, 'Wait (up to --wait_s) for a 1-minute load below this '
+                   'before timing each point; 0 (default): start at once, the load is still '
+                   'printed beside each row.')
+flags.DEFINE_integer('wait_s', 900, 'Longest wait for a quiet machine per point, seconds (only with --max_load).')
 FLAGS = flags.FLAGS
 MiB = bench_utils.MiB
 

@@ -63,3 +63,14 @@ def test_heads_sub_grid_overrides_the_preset(monkeypatch):
   finally:
     benchmark.FLAGS.unparse_flags()
     benchmark.bench_heads.PRESETS.pop('custom', None)
+
+
+def test_timing_starts_at_once_by_default_and_waits_only_when_asked(monkeypatch):
+  import bench_utils  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  assert flags.FLAGS['max_load'].default == 0.0  # no waiting unless --max_load is given
+  sleeps = []
+  monkeypatch.setattr(bench_utils.time, 'sleep', sleeps.append)
+  monkeypatch.setattr(bench_utils, 'load', lambda: 5.0)  # a busy machine
+  assert bench_utils.wait_quiet(0.0, 900) == 5.0 and not sleeps  # the load is still reported
+  assert bench_utils.wait_quiet(1.3, 120) == 5.0 and sleeps == [60, 60]  # asked: waits, bounded
