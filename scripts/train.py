@@ -58,11 +58,13 @@ flags.DEFINE_string('workdir', os.path.join(_REPO, 'workdirs', 'digits'),
 
 
 def summary_table(metrics) -> str:
-  """Final metrics as a two-column text table; integers (num_params) print as integers."""
+  """Final metrics as a two-column text table; integers (num_params) print as integers, None
+  (an empty bucket's accuracy) as '-'."""
+  def fmt(v):
+    return '-' if v is None else f'{v:d}' if isinstance(v, int) else f'{v:.4f}'
   width = max(len(k) for k in metrics)
   lines = [f"{'metric':<{width}}  value", f"{'-' * width}  --------"]
-  lines += [f'{k:<{width}}  {v:d}' if isinstance(v, int) else f'{k:<{width}}  {v:.4f}'
-            for k, v in sorted(metrics.items())]
+  lines += [f'{k:<{width}}  {fmt(v)}' for k, v in sorted(metrics.items())]
   return '\n'.join(lines)
 
 

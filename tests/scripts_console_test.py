@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from softmax_jax.train import loop
+from softmax_jax.train import loop, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,3 +119,14 @@ def test_library_levels_filter_absl_records_by_the_package_that_logged(package, 
   keep = loop._LibraryLevels().filter  # pylint: disable=protected-access
   assert keep(record(f'/venv/lib/python3.11/site-packages/{package}')) == shown
   assert keep(record(f'/home/orbax/jax/softmax_jax/train/{os.path.basename(package)}'))
+
+
+def test_key_metrics_pick_the_shown_ones_in_order_and_skip_empty_buckets():
+  metrics = {'validation/ece': 0.01, 'validation/few_accuracy': None, 'validation/accuracy': 0.98765,
+             'validation/nll': 0.07, 'test/accuracy': 0.5}
+  line = runner.metrics_line(100, 1500, 'validation', runner.key_metrics(metrics, 'validation'))
+  assert line == 'step 100/1500 validation: accuracy 0.9877, nll 0.07, ece 0.01'
+  sparse = {'validation/support_size': 3.0, 'validation/few_accuracy': None}  # none of the shown
+  assert runner.key_metrics(sparse, 'validation') == {'support_size': 3.0}
+  assert runner.metrics_line(5, 9, 'train', {'loss': 2.0, 'examples/s': 123456.7}) == (
+      'step 5/9 train: loss 2, examples/s 123457')

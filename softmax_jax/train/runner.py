@@ -138,8 +138,12 @@ SHOWN_METRICS = ('accuracy', 'nll', 'perplexity', 'ece', 'fy_loss')
 
 
 def key_metrics(metrics: Dict[str, float], split: str) -> Dict[str, float]:
-  """The `SHOWN_METRICS` among `metrics` keyed f'{split}/{name}', by name (all, if none of them)."""
-  values = {k[len(split) + 1:]: float(v) for k, v in metrics.items() if k.startswith(f'{split}/')}
+  """The `SHOWN_METRICS` among `metrics` keyed f'{split}/{name}', by name (all, if none of them).
+
+  None values (an empty bucket's accuracy) are left out.
+  """
+  values = {k[len(split) + 1:]: float(v) for k, v in metrics.items()
+            if k.startswith(f'{split}/') and v is not None}
   return {k: values[k] for k in SHOWN_METRICS if k in values} or dict(sorted(values.items()))
 
 
