@@ -6,7 +6,6 @@ Every task (classification, language modelling; `train/task.py`) runs through th
 same shut-down (final evaluation, `final_metrics.json`).
 """
 
-import json
 import logging
 import os
 from typing import Dict
@@ -23,7 +22,7 @@ from softmax_jax.train.runner import finished, restore, run_steps
 from softmax_jax.train.state import make_optimizer
 from softmax_jax.train.task import build_task
 from softmax_jax.train.workdir import WorkdirLock, atomic_write, check_config
-from softmax_jax.train.writer import MetricWriter
+from softmax_jax.train.writer import MetricWriter, to_json
 
 
 # Per library, the lowest level the scripts' console shows (`quiet_libraries`): this hides orbax's
@@ -129,5 +128,5 @@ def train_and_evaluate(config, workdir: str, *, dataset=None) -> Dict[str, float
         writer.close()
     finally:
       ckpt.close()
-    atomic_write(os.path.join(workdir, 'final_metrics.json'), json.dumps(final, indent=2, sort_keys=True))
+    atomic_write(os.path.join(workdir, 'final_metrics.json'), to_json(final, indent=2, sort_keys=True))
   return final
