@@ -43,6 +43,13 @@ Suites (`--suite`):
 
   taskset -c 1 python scripts/benchmark.py --suite=decode --preset=cpu  # K in {10k, 50k, 200k}
 
+  generate  tokens/s, ms per token and first-call (compile) seconds of whole-sequence generation
+         (`decode.generate`, greedy and sample, batch 1 and 16): the Transformer through its
+         key/value cache, the same Transformer rerunning its window each token, and an LSTM of
+         about its size (scripts/bench_generate.py).
+
+  taskset -c 1 python scripts/benchmark.py --suite=generate --preset=cpu  # K=10k, 16 + 100 tokens
+
 Presets: `--preset=auto` picks `cpu`, `gpu` or `tpu` from `jax.default_backend()` (`resolve_preset`).
 Every suite has the three; `tpu` (sizes for one TPU v5e chip, 16 GiB of HBM: Colab's TPU runtime)
 is `PRESETS['tpu']` for the fused suite and `TPU_PRESETS` for the others, whose modules get it as
@@ -77,13 +84,15 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 import bench_ce  # pylint: disable=g-import-not-at-top
 import bench_decode  # pylint: disable=g-import-not-at-top
+import bench_generate  # pylint: disable=g-import-not-at-top
 import bench_heads  # pylint: disable=g-import-not-at-top
 import bench_loop  # pylint: disable=g-import-not-at-top
 import bench_utils  # pylint: disable=g-import-not-at-top
 from softmax_jax import ops  # pylint: disable=g-import-not-at-top
 from softmax_jax.ops import fused  # pylint: disable=g-import-not-at-top
 
-flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'ce', 'loop', 'decode'], 'Which suite (see the docstring).')
+flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'ce', 'loop', 'decode', 'generate'],
+                  'Which suite (see the docstring).')
 flags.DEFINE_list('heads', None, 'heads suite: only these heads (default: all), e.g. dense,adaptive.')
 flags.DEFINE_enum('preset', 'cpu_target', ['auto', 'cpu', 'cpu_small', 'cpu_target', 'gpu', 'tpu'],
                   'Grid; auto: cpu, gpu or tpu from jax.default_backend().')
@@ -139,7 +148,8 @@ TPU_PRESETS = {
     'ce': dict(K=[10_000, 50_000, 200_000], N=4096),
     'loop': dict(digits=2000, fashion_mnist=1000, ptb=1000),
 }
-SUITE_MODULES = {'heads': bench_heads, 'ce': bench_ce, 'loop': bench_loop, 'decode': bench_decode}
+SUITE_MODULES = {'heads': bench_heads, 'ce': bench_ce, 'loop': bench_loop, 'decode': bench_decode,
+                 'generate': bench_generate}
 
 
 def add_tpu_presets() -> None:
@@ -490,8 +500,17 @@ def decode_suite(preset_name, out):
   return dict(rows=rows, markdown=table, doc=bench_decode.__doc__)
 
 
+def generate_suite(preset_name, out):
+  rows = bench_generate.generate_suite(preset_name, repeats=FLAGS.repeats,
+                                       max_load=FLAGS.max_load, wait_s=FLAGS.wait_s)
+  table = bench_generate.table(rows)
+  print(table)
+  bench_generate.plot(rows, out + '.png')
+  return dict(rows=rows, markdown=table, doc=bench_generate.__doc__)
+
+
 SUITES = {'fused': fused_suite, 'heads': heads_suite, 'ce': ce_suite, 'loop': loop_suite,
-          'decode': decode_suite}
+          'decode': decode_suite, 'generate': generate_suite}
 
 
 def main(argv):
