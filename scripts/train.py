@@ -13,11 +13,17 @@ The console: a line of validation metrics at each evaluation (above the progress
 with --config.progress=False, which also logs the train loss at each log step), 'Resuming from
 <checkpoint> at step N of M' on a rerun, the final metrics and the files the run wrote. --verbosity
 (-v) sets absl's level (default here: INFO); orbax, JAX and TFDS are kept to warnings or errors.
+
+--print_config prints the config that would train (its file's defaults with the overrides applied,
+and the options of the model and head it picks) and exits without training. The configs follow.
 """
 
+import ast
+import dataclasses
 import os
 import shlex
 import sys
+import textwrap
 
 from absl import app
 from absl import flags
@@ -32,6 +38,40 @@ from softmax_jax.train.interrupt import TrainingInterrupted  # pylint: disable=g
 from softmax_jax.train.workdir import WorkdirError  # pylint: disable=g-import-not-at-top
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIGS = os.path.join(_REPO, 'configs')
+
+
+def configs_help(configs_dir: str = _CONFIGS) -> str:
+  """Every `configs_dir/*.py` with its docstring's summary line and the `:arg` its `get_config` takes.
+
+  The arguments are the module docstring's paragraph that starts with `get_config(`, else the
+  docstring of `get_config`; the files are parsed (ast), not imported, so this costs milliseconds.
+  """
+  lines = [f'configs (--config=configs/FILE.py[:ARG], in {configs_dir}):']
+  for name in sorted(f for f in os.listdir(configs_dir) if f.endswith('.py') and not f.startswith('_')):
+    with open(os.path.join(configs_dir, name)) as f:
+      tree = ast.parse(f.read())
+    doc = ast.get_docstring(tree) or ''
+    summary = doc.split('\n', 1)[0].strip() or '(no docstring)'
+    get_config = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == 'get_config'),
+                      None)
+    args = next((p for p in doc.split('\n\n') if p.lstrip().startswith('`get_config(')), None)
+    if args is None and get_config is not None:
+      args = ast.get_docstring(get_config)
+    default = ''
+    if get_config is not None and get_config.args.defaults:
+      node = get_config.args.defaults[-1]
+      default = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ''
+    lines.append(f'  {name}  {summary}')
+    if args:
+      lines.append(textwrap.indent(textwrap.dedent(args).strip(), ' ' * 6))
+    if default:
+      lines.append(f'      (no :ARG means :{default})')
+  return '\n'.join(lines)
+
+
+# absl's --help prints the main module's docstring, formatting any '%' in it: hence '%%'.
+__doc__ += '\n' + configs_help().replace('%', '%%') + '\n'  # pylint: disable=redefined-builtin
 
 
 def check_overrides(argv):
@@ -52,9 +92,53 @@ if __name__ == '__main__':  # config_flags applies --config.* overrides as soon 
   sys.argv, _FREE_OVERRIDES = check_overrides(sys.argv)
 
 config_flags.DEFINE_config_file(
-    'config', os.path.join(_REPO, 'configs', 'digits.py'), 'Experiment config file.', lock_config=True)
+    'config', os.path.join(_REPO, 'configs', 'digits.py'),
+    'Experiment config file[:ARG] (the configs and their ARG are listed above).', lock_config=True)
 flags.DEFINE_string('workdir', os.path.join(_REPO, 'workdirs', 'digits'),
                     'Checkpoints, metrics.jsonl, TensorBoard events; reused to resume.')
+flags.DEFINE_bool('print_config', False,
+                  'Print the config with the overrides applied (one KEY = VALUE a line, and the '
+                  'defaults of the model and head options it leaves unset), then exit without training.')
+
+
+def format_config(config, *, source: str = '') -> str:
+  """`config` as sorted `key = value` lines (nested keys dotted), then the options of the model and
+  head modules that `config.model.name` and `config.head.name` pick and the config leaves unset,
+  with their defaults (any of them can be set with `--config.model.KEY=` / `--config.head.KEY=`)."""
+  # pylint: disable=g-import-not-at-top
+  from softmax_jax.data.text import LM_DATASETS
+  from softmax_jax.heads import HEADS
+  from softmax_jax.models import BACKBONES, LM_BACKBONES
+  import numpy as np
+
+  def text(value):  # a dtype class such as jnp.float32 as its name, as --config.model.dtype takes it
+    if not isinstance(value, (str, int, float, tuple, list, type(None))):
+      try:
+        return repr(np.dtype(value).name)
+      except TypeError:
+        pass
+    return repr(value)
+
+  def flat(node, prefix=''):
+    for key, value in sorted(node.items()):
+      if hasattr(value, 'items'):
+        yield from flat(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+  lines = [f'# {source or "the config"}, overrides applied; change a key with --config.KEY=VALUE']
+  lines += [f'{key} = {text(value)}' for key, value in flat(config)]
+  backbones = LM_BACKBONES if config.data.name in LM_DATASETS else BACKBONES
+  for section, registry in (('model', backbones), ('head', HEADS)):
+    cls = registry.get(config[section].get('name'))
+    if cls is None:
+      continue
+    unset = [(f.name, f.default) for f in dataclasses.fields(cls)
+             if f.name not in config[section] and f.default is not dataclasses.MISSING
+             and f.name not in ('parent', 'name', 'num_classes', 'class_counts', 'vocab_size')]
+    if unset:
+      lines.append(f'# {section}: {cls.__name__} options left at their defaults')
+      lines += [f'{section}.{key} = {text(value)}' for key, value in unset]
+  return '\n'.join(lines)
 
 
 def summary_table(metrics) -> str:
@@ -103,6 +187,9 @@ def main(argv):
   quiet_libraries()
   config = flags.FLAGS.config
   override_free_form(config, _FREE_OVERRIDES)
+  if flags.FLAGS.print_config:
+    print(format_config(config, source=f'--config={config_flags.get_config_filename(flags.FLAGS["config"])}'))
+    return
   workdir = flags.FLAGS.workdir
   try:
     metrics = train_and_evaluate(config, workdir)
