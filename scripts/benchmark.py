@@ -48,7 +48,7 @@ Suites (`--suite`):
          key/value cache, the same Transformer rerunning its window each token, and an LSTM of
          about its size (scripts/bench_generate.py).
 
-  taskset -c 1 python scripts/benchmark.py --suite=generate --preset=cpu  # K=10k, 16 + 100 tokens
+  taskset -c 1 python scripts/benchmark.py --suite=generate --preset=cpu  # K=10k, 16 + 100 tokens, ~8 min
 
 Presets: `--preset=auto` picks `cpu`, `gpu` or `tpu` from `jax.default_backend()` (`resolve_preset`).
 Every suite has the three; `tpu` (sizes for one TPU v5e chip, 16 GiB of HBM: Colab's TPU runtime)
