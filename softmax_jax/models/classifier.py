@@ -8,50 +8,19 @@ per-example statistics (nothing of shape `[B, K]` leaves the head). Any backbone
 
 import dataclasses
 import difflib
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from softmax_jax.heads import HEADS
 from softmax_jax.models import BACKBONES
+from softmax_jax.models.headed import HeadedModel
 
 
-class Classifier(nn.Module):
-  """Images `[B, ...]` -> backbone features `[B, d]` -> head."""
-  backbone: nn.Module
-  head: nn.Module
-
-  def __call__(self, images: jnp.ndarray, labels: jnp.ndarray, *, train: bool,
-               step: Optional[jnp.ndarray] = None) -> jnp.ndarray:
-    """Per-example loss `[B]` for `images: [B, ...]`, `labels: [B] int`.
-
-    `step` (the training step, [] int) reaches heads whose class sets `uses_step = True`
-    (schedules inside a loss, e.g. SphereFace's lambda); other heads never see it.
-    """
-    kwargs = {'step': step} if step is not None and getattr(type(self.head), 'uses_step', False) else {}
-    return self.head(self.backbone(images, train=train), labels, train=train, **kwargs)
-
-  def features(self, images: jnp.ndarray) -> jnp.ndarray:
-    """Backbone features `[B, d]` in evaluation mode (the embeddings the head scores)."""
-    return self.backbone(images, train=False)
-
-  def log_prob(self, images: jnp.ndarray) -> jnp.ndarray:
-    """Exact normalized log-probabilities `[B, K]` (evaluation mode)."""
-    return self.head.log_prob(self.backbone(images, train=False))
-
-  def predict(self, images: jnp.ndarray) -> jnp.ndarray:
-    """Most probable class `[B] int32`, the argmax of `log_prob`."""
-    return self.head.predict(self.backbone(images, train=False))
-
-  def eval_stats(self, images: jnp.ndarray, labels: jnp.ndarray, **options) -> Dict[str, jnp.ndarray]:
-    """The head's per-example evaluation statistics (evaluation mode), `labels: [B] int`.
-
-    `options` (keyword-only: `temperatures`, `log_prior`, `chunk_size`) go to the head's
-    `eval_stats`: 'prediction', 'label_rank' `[B]` int32, 'label_log_prob', 'confidence'
-    `[B, G]` float32 (and 'adjusted_*' with `log_prior`).
-    """
-    return self.head.eval_stats(self.backbone(images, train=False), labels, **options)
+class Classifier(HeadedModel):
+  """Images `[B, ...]` -> backbone features `[B, d]` -> head: a `HeadedModel` whose backbone and
+  head the trainer builds by name from the config (`build_classifier`); same methods, same
+  parameter tree."""
 
 
 def build_module(registry: Mapping[str, type], cfg: Mapping[str, Any], where: str, **fixed) -> nn.Module:
