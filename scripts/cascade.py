@@ -89,6 +89,10 @@ def main(argv):
     raise app.UsageError(f'--workdirs needs at least 2 runs, cheapest first; got {FLAGS.workdirs}.')
   if FLAGS.target is not None and FLAGS.budget is not None:
     raise app.UsageError('Give --target or --budget, not both.')
+  if FLAGS.target is not None and not 0 < FLAGS.target <= 1:
+    raise app.UsageError(f'--target is an accuracy in (0, 1]; got {FLAGS.target}.')
+  if FLAGS.budget is not None and not FLAGS.budget > 0:
+    raise app.UsageError(f'--budget is a fraction > 0 of the last stage\'s cost; got {FLAGS.budget}.')
   for w in FLAGS.workdirs:
     if not os.path.isdir(w):
       raise app.UsageError(f'--workdirs: {w!r} does not exist.')

@@ -19,6 +19,7 @@ Only per-example statistics (`[N]`) leave the devices: prediction and the three 
 import time
 from typing import Dict, List, Optional, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,12 +32,18 @@ CONFIDENCES = ('max_prob', 'margin', 'entropy')
 def confidence_stats(log_probs: jnp.ndarray) -> Dict[str, jnp.ndarray]:
   """Per-example prediction and confidences of normalized log-probabilities `[B, K]` (K >= 2).
 
+  Raises:
+    AssertionError (chex): `log_probs` not `[B, K]` with K >= 2.
+
   Returns:
     {'prediction': [B] int32, 'max_prob', 'margin', 'entropy': [B] float32}: the top probability,
     the top-1 minus top-2 probability, and the negative entropy `sum p log p` (<= 0; 0 is sure).
     A NaN row gives NaN confidences (and never passes a threshold).
   """
-  log_probs = log_probs.astype(jnp.float32)
+  chex.assert_rank(log_probs, 2, custom_message='confidence_stats: `log_probs` must be [B, K]')
+  chex.assert_axis_dimension_gteq(log_probs, 1, 2, custom_message='confidence_stats: `log_probs` '
+                                  'must be [B, K] with K >= 2 (a margin needs two classes)')
+  log_probs = jnp.asarray(log_probs).astype(jnp.float32)
   top2, idx = jax.lax.top_k(log_probs, 2)
   probs = jnp.exp(log_probs)
   p_log_p = jnp.where(probs > 0, probs * log_probs, 0.0)  # 0 log 0 = 0 (sparse heads)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -99,6 +100,19 @@ def test_script_on_two_digits_runs_writes_table_json_and_plot(tmp_path):
   assert 0 < flops[0] < flops[1]  # the small MLP is the cheap one
   assert sum(result['test_fractions']) == pytest.approx(1.0)
   assert os.path.getsize(tmp_path / 'cascade.png') > 0
+
+
+def test_bad_log_probs_and_script_flags_are_named():
+  with pytest.raises(AssertionError, match='must be \\[B, K\\]'):
+    cascade.confidence_stats(jnp.zeros((4,)))
+  with pytest.raises(AssertionError, match='K >= 2'):
+    cascade.confidence_stats(jnp.zeros((4, 1)))
+  script = os.path.join(REPO, 'scripts', 'cascade.py')
+  for flag, match in (('--target=1.5', r'--target is an accuracy in \(0, 1\]; got 1.5'),
+                      ('--budget=0', r'--budget is a fraction > 0.*got 0.0')):
+    bad = subprocess.run([sys.executable, script, '--workdirs=a,b', flag], capture_output=True,
+                         text=True, cwd=REPO)
+    assert bad.returncode != 0 and re.search(match, bad.stderr + bad.stdout), bad.stderr[-500:]
 
 
 def test_stages_on_other_data_are_refused():
