@@ -34,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
       imbalance_ratio=1.0,                          # > 1: long-tailed train split, n_max / n_min (1: unchanged)
       imbalance_profile='exponential',              # exponential | step (Cao 2019)
       imbalance_seed=0,                             # which train examples the long-tailed cut keeps
-      sampling='instance',                          # instance | class | sqrt | progressive | over | under
+      sampling='instance',                          # instance | class | sqrt | progressive | over | under | smote
+      smote_neighbors=5,                            # sampling='smote': k of the k-nearest neighbours (imbalanced-learn)
       # Language modelling, name ptb | tinyshakespeare | lm1b (data/text.py, train/language_model.py):
       vocab_size=0,                                 # 0: every word of train; else the most frequent (data/text.py)
       lowercase=ml_collections.FieldReference(None, field_type=bool),  # None: tinyshakespeare only
@@ -82,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment = ml_collections.ConfigDict(dict(
       crop_padding=0,           # > 0: zero-pad (normalized) images by this, random crop back to H x W
       flip=False,               # random horizontal flip, probability 1/2
+      rotation_degrees=0.0,     # > 0: rotate by an angle uniform in [-r, r] degrees (dm-pix)
+      brightness=0.0,           # > 0: add a uniform delta in [-b, b] (grayscale-safe colour jitter)
+      contrast=0.0,             # > 0: scale contrast by a factor uniform in [1 - c, 1 + c]
   ))
   # Knowledge distillation (train/distill.py, issue 19): with a teacher workdir, the loss is
   # alpha * (the head's loss) + (1 - alpha) * ops.kd_loss(student, teacher, temperature).
