@@ -14,10 +14,11 @@ import runpy
 import sys
 from typing import NoReturn, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder above this package: the clone, when installed editable (private: its value is a local path).
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def script_path(name: str, *, repo: str = REPO) -> str:
+def script_path(name: str, *, repo: Optional[str] = None) -> str:
   """The path of `scripts/<name>.py` in the source tree `repo`.
 
   Args:
@@ -31,7 +32,7 @@ def script_path(name: str, *, repo: str = REPO) -> str:
   Raises:
     FileNotFoundError: `repo` has no such script (an install from a wheel), saying what to do.
   """
-  path = os.path.join(repo, 'scripts', f'{name}.py')
+  path = os.path.join(_REPO if repo is None else repo, 'scripts', f'{name}.py')
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f'softmax-jax-{name} runs scripts/{name}.py of a source checkout, and there is none at {path} '
