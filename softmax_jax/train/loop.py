@@ -70,6 +70,19 @@ def final_evaluation(task, driver, state, workdir: str) -> Dict[str, float]:
   return task.final_evaluation(driver, state, workdir)
 
 
+def final_row(final: Dict[str, float], rate: str) -> Dict[str, float]:
+  """The final metrics as the last row of metrics.jsonl and TensorBoard.
+
+  The steady rate of the whole invocation, `final[f'train/{rate}']`, is logged as
+  f'train/steady_{rate}': the last log step already wrote the rate of its own window as
+  f'train/{rate}' at the same step, and a tag takes one value per step.
+  """
+  row = dict(final)
+  if f'train/{rate}' in row:
+    row[f'train/steady_{rate}'] = row.pop(f'train/{rate}')
+  return row
+
+
 def train_and_evaluate(config, workdir: str, *, dataset=None) -> Dict[str, float]:
   """Trains `config` in `workdir` (resuming from its newest intact checkpoint) and evaluates.
 
@@ -81,7 +94,8 @@ def train_and_evaluate(config, workdir: str, *, dataset=None) -> Dict[str, float
 
   Args:
     config: `base_config()` with overrides (configs/*.py).
-    workdir: config.json, metrics.jsonl, TensorBoard events, checkpoints, final_metrics.json.
+    workdir: config.json, metrics.jsonl, TensorBoard events (scalars, the config as text and
+      hparams, end-of-run images: train/writer.py), checkpoints, final_metrics.json.
     dataset: a dataset to use instead of loading `config.data` (tests, notebooks).
 
   Returns:
@@ -115,6 +129,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None) -> Dict[str, float
       state = driver.put_state(host_state)
       writer = MetricWriter(workdir, start_step)
       try:
+        writer.write_config(start_step, config)
         state, final = run_steps(
             config, driver, state, task.train_batches(start_step), start_step=start_step,
             writer=writer, ckpt=ckpt, evaluate=lambda s: task.evaluate(driver, s, 'validation'),
@@ -123,7 +138,8 @@ def train_and_evaluate(config, workdir: str, *, dataset=None) -> Dict[str, float
         finished(interrupts, ckpt, config.num_steps)
         final['num_params'] = num_params  # an int: the summary prints it as one
         final.update(final_evaluation(task, driver, state, workdir))
-        writer.write_final(config.num_steps, final)
+        writer.write_final(config.num_steps, final_row(final, task.rate))
+        writer.write_figures(config.num_steps, per_class=getattr(task, 'per_class', None))
       finally:
         writer.close()
     finally:

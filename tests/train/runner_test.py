@@ -251,3 +251,13 @@ def test_metric_writer_writes_strict_json_and_no_nonfinite_tensorboard_scalars(t
   assert _strict(text) == {'a': None, 'b': 2.0, 'n': 3, 'c': None}
   with pytest.raises(ValueError):  # a NaN the flat clean-up cannot see still fails loudly
     writer_lib.to_json({'nested': [float('nan')]})
+
+
+def test_the_final_row_writes_no_tag_the_last_log_step_wrote(monkeypatch):
+  from softmax_jax.train.loop import final_row  # pylint: disable=g-import-not-at-top
+  _, timing, rows, _, _, _ = run(monkeypatch)
+  last = {k for step, r in rows if step == 12 for k in r}
+  assert 'train/tokens_per_second' in last and 'train/tokens_per_second' in timing
+  row = final_row(dict(timing, **{'test/accuracy': 0.5}), 'tokens_per_second')
+  assert not last & set(row)  # two values of one tag at one step, before loop.final_row
+  assert row['train/steady_tokens_per_second'] == timing['train/tokens_per_second']
