@@ -1,5 +1,6 @@
 r"""Plots a workdir's metrics.jsonl (training loss, gradient norms, learning rate, validation
-accuracy), or the learned 2-D features of several workdirs side by side.
+accuracy, or perplexity for a language model), titled with the run's name, or the learned 2-D
+features of several workdirs side by side.
 
   python scripts/plot.py --workdir=workdirs/digits            # writes workdirs/digits/curves.png
   python scripts/plot.py --features=workdirs/softmax,workdirs/arcface   # .../softmax/features.png
@@ -37,12 +38,44 @@ def _series(rows, key):
   return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def run_name(workdir):
+  """'NAME (head HEAD, model MODEL)': the workdir's basename and, from config.json, the names."""
+  name = os.path.basename(os.path.normpath(os.path.abspath(workdir)))
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      config = json.load(f)
+    parts = [f'{k} {config[k]["name"]}' for k in ('head', 'model', 'data')
+             if isinstance(config.get(k), dict) and config[k].get('name')]
+    if parts:
+      name += f' ({", ".join(parts)})'
+  return name
+
+
+def is_language_model(workdir, rows):
+  """True when the rows hold perplexities or config.json names a corpus of data.text."""
+  if any('validation/perplexity' in r or 'train/perplexity' in r for r in rows):
+    return True
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    name = json.load(f).get('data', {}).get('name')
+  from softmax_jax.data.text import LM_DATASETS  # pylint: disable=g-import-not-at-top
+  return name in LM_DATASETS
+
+
 def plot_curves(workdir, out=None):
-  """Writes the training-curve figure of `workdir` to `out` (default WORKDIR/curves.png)."""
+  """Writes the training-curve figure of `workdir` to `out` (default WORKDIR/curves.png).
+
+  Titled with `run_name`; the last panel is validation accuracy, or for a language model
+  (`is_language_model`) validation perplexity on a log scale.
+  """
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   layer_keys = sorted({k for r in rows for k in r if k.startswith('train/grad_norm/')})
-  fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+  lm = is_language_model(workdir, rows)
+  fig, axes = plt.subplots(1, 4, figsize=(18, 4.1))
   axes[0].plot(*_series(rows, 'train/loss'), label='train loss')
   axes[0].plot(*_series(rows, 'validation/nll'), 'o-', label='validation NLL')
   axes[0].set_yscale('log')
@@ -51,13 +84,17 @@ def plot_curves(workdir, out=None):
     axes[1].plot(*_series(rows, key), lw=1, label=key[len('train/grad_norm/'):])
   axes[1].set_yscale('log')
   axes[2].plot(*_series(rows, 'train/learning_rate'))
-  axes[3].plot(*_series(rows, 'validation/accuracy'), 'o-', label='validation')
-  axes[3].plot(*_series(rows, 'test/accuracy'), 's', label='test (final)')
-  for ax, title in zip(axes, ['loss', 'gradient norm (before clipping)', 'learning rate', 'accuracy']):
+  last = 'perplexity' if lm else 'accuracy'
+  axes[3].plot(*_series(rows, f'validation/{last}'), 'o-', label='validation')
+  axes[3].plot(*_series(rows, f'test/{last}'), 's', label='test (final)')
+  if lm:
+    axes[3].set_yscale('log')
+  for ax, title in zip(axes, ['loss', 'gradient norm (before clipping)', 'learning rate', last]):
     ax.set_title(title)
     ax.set_xlabel('step')
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
+  fig.suptitle(run_name(workdir))
   fig.tight_layout()
   out = out or os.path.join(workdir, 'curves.png')
   fig.savefig(out, dpi=110)

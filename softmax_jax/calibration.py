@@ -267,11 +267,14 @@ def apply_temperature(logits, temperature):
   return _log_softmax(z / float(temperature))
 
 
-def reliability_diagram(ax, log_probs, labels, *, num_bins=15, where=None, label=None):
+def reliability_diagram(ax, log_probs, labels, *, num_bins=15, where=None, label=None,
+                        counts_ax=None):
   """Draws a reliability diagram (Guo et al. 2017, Fig. 1) on a matplotlib Axes.
 
-  Bars: per-bin accuracy over confidence bins `(b/B, (b+1)/B]`; shaded: the gap from each
-  bar's top to the bin's mean confidence; dashed: the diagonal of perfect calibration. The
+  Bars: per-bin accuracy over confidence bins `(b/B, (b+1)/B]`, more opaque the more examples
+  the bin holds, its count written above it; outlined red: the gap from each bar's top to the
+  bin's mean confidence; dashed: the diagonal of perfect calibration; on `counts_ax`, a strip of
+  the per-bin counts (log scale), as sklearn's CalibrationDisplay draws below its curve. The
   numbers are `metrics.reliability_bins` and the legend's ECE `metrics.expected_calibration_error`,
   so the picture and the metric agree (ECE = count-weighted mean height of the shading).
 
@@ -282,6 +285,7 @@ def reliability_diagram(ax, log_probs, labels, *, num_bins=15, where=None, label
     num_bins: int B >= 1.
     where: [N] bool or None; False rows are excluded.
     label: str or None, names the accuracy bars in the legend.
+    counts_ax: matplotlib.axes.Axes or None; where given, the per-bin counts are drawn on it.
 
   Returns: float, the ECE drawn in the legend.
   """
@@ -295,35 +299,49 @@ def reliability_diagram(ax, log_probs, labels, *, num_bins=15, where=None, label
   bins = metrics.reliability_bins(log_probs, labels, num_bins=num_bins, where=where)
   ece = float(metrics.expected_calibration_error(log_probs, labels, num_bins=num_bins,
                                                  where=where))
-  return _draw(ax, bins, ece, num_bins, label)
+  return _draw(ax, bins, ece, num_bins, label, counts_ax)
 
 
 def reliability_diagram_from_stats(ax, confidence, correct, *, num_bins=15, where=None,
-                                   label=None):
+                                   label=None, counts_ax=None):
   """`reliability_diagram` from per-example statistics: `confidence: [N]` float (the largest
   probability, a head's `eval_stats` 'confidence' column) and `correct: [N]` bool (prediction ==
   label); the bins are `metrics.reliability_bins_from_stats`. Returns the ECE drawn."""
   bins = metrics.reliability_bins_from_stats(confidence, correct, num_bins=num_bins, where=where)
   count = np.asarray(bins["count"], np.float64)
   gap = np.abs(np.asarray(bins["accuracy"], np.float64) - np.asarray(bins["confidence"]))
-  return _draw(ax, bins, float(np.sum(count * gap) / np.sum(count)), num_bins, label)
+  return _draw(ax, bins, float(np.sum(count * gap) / np.sum(count)), num_bins, label, counts_ax)
 
 
-def _draw(ax, bins, ece, num_bins, label):  # the bars of both diagrams; returns ece
+def _draw(ax, bins, ece, num_bins, label, counts_ax=None):  # the bars of both diagrams; returns ece
+  """Accuracy bars (opacity grows with the bin's count, the count written above), outlined red
+  gap bars from accuracy to mean confidence, the diagonal; with `counts_ax`, the count strip."""
   bins = {k: np.asarray(v) for k, v in bins.items()}
   left, width, shown = bins["edges"][:-1], 1.0 / num_bins, bins["count"] > 0
-  acc, conf = bins["accuracy"][shown], bins["confidence"][shown]
-  ax.bar(left[shown], acc, width=width, align="edge", color="tab:blue", edgecolor="black",
+  acc, conf, count = bins["accuracy"][shown], bins["confidence"][shown], bins["count"][shown]
+  weight = np.sqrt(count / count.max()) if count.size else count  # a 1-example bin is faint
+  colours = [(0.12, 0.47, 0.71, 0.25 + 0.75 * w) for w in weight]
+  ax.bar(left[shown], acc, width=width, align="edge", color=colours, edgecolor="black",
          linewidth=0.5, label=f"{label or 'accuracy'} (ECE = {ece:.4f})")
-  ax.bar(left[shown], conf - acc, bottom=acc, width=width, align="edge", color="tab:red",
-         alpha=0.3, hatch="//", edgecolor="tab:red", linewidth=0.5, label="gap to confidence")
+  ax.bar(left[shown] + 0.2 * width, conf - acc, bottom=acc, width=0.6 * width, align="edge",
+         color=(0.84, 0.15, 0.16, 0.45), edgecolor="darkred", linewidth=1.2,
+         label="gap to mean confidence")
+  for x, top, n in zip(left[shown], np.maximum(acc, conf), count):
+    ax.text(x + width / 2, min(top + 0.01, 0.93), f"{int(n)}", ha="center", va="bottom",
+            fontsize=5.5 if num_bins > 10 else 7, rotation=90 if num_bins > 10 else 0)
   ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", aspect="equal")
+  ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", aspect="equal" if counts_ax is None else "auto")
+  ax.set_xlabel("confidence" if counts_ax is None else "")
   ax.legend(loc="upper left", fontsize="small")
+  if counts_ax is not None:
+    counts_ax.bar(left[shown], count, width=width, align="edge", color="0.55", edgecolor="black",
+                  linewidth=0.5)
+    counts_ax.set(xlim=(0, 1), xlabel="confidence", ylabel="count")
+    counts_ax.set_yscale("log")
   return ece
 
 
-def save_reliability_figure(path, panels, *, num_bins=15, where=None):
+def save_reliability_figure(path, panels, *, num_bins=15, where=None, title=None):
   """Writes one reliability diagram per panel side by side (Agg backend, format from `path`).
 
   Args:
@@ -332,15 +350,18 @@ def save_reliability_figure(path, panels, *, num_bins=15, where=None):
       {'before': (lp, y), 'after temperature scaling': (apply_temperature(lp, t), y)}.
     num_bins: int B >= 1.
     where: [N] bool or None, applied to every panel.
+    title: str or None, the figure's title (the run's name); None: the name of the folder
+      holding `path` (the workdir, for WORKDIR/reliability.png); '' for none. Each panel is
+      titled with its key and its ECE; below it, a strip of the per-bin counts.
 
   Returns: path.
   """
   _check_panels(panels, "log_probs, labels")
-  return _figure(path, panels, lambda ax, pair: reliability_diagram(
-      ax, *pair, num_bins=num_bins, where=where))
+  return _figure(path, panels, lambda ax, pair, counts_ax: reliability_diagram(
+      ax, *pair, num_bins=num_bins, where=where, counts_ax=counts_ax), title)
 
 
-def save_reliability_figure_from_stats(path, panels, *, where=None, num_bins=15):
+def save_reliability_figure_from_stats(path, panels, *, where=None, num_bins=15, title=None):
   """`save_reliability_figure` from per-example statistics (no [N, K] on the host).
 
   Args:
@@ -351,12 +372,13 @@ def save_reliability_figure_from_stats(path, panels, *, where=None, num_bins=15)
       from a head's `eval_stats` (temperature scaling keeps the prediction).
     where: [N] bool or None, applied to every panel.
     num_bins: int B >= 1.
+    title: str or None, as in `save_reliability_figure`.
 
   Returns: path.
   """
   _check_panels(panels, "confidence, correct")
-  return _figure(path, panels, lambda ax, pair: reliability_diagram_from_stats(
-      ax, *pair, num_bins=num_bins, where=where))
+  return _figure(path, panels, lambda ax, pair, counts_ax: reliability_diagram_from_stats(
+      ax, *pair, num_bins=num_bins, where=where, counts_ax=counts_ax), title)
 
 
 def _check_panels(panels, pair: str) -> None:  # a non-empty dict of title -> 2-tuple
@@ -368,14 +390,20 @@ def _check_panels(panels, pair: str) -> None:  # a non-empty dict of title -> 2-
                        f"{type(value).__name__}.")
 
 
-def _figure(path, panels, draw):  # one panel per item, side by side; writes path
+def _figure(path, panels, draw, title):  # one panel per item, side by side; writes path
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(4.2 * len(panels), 4.4), layout="constrained")
+  fig = Figure(figsize=(4.2 * len(panels), 5.4), layout="constrained")
   FigureCanvasAgg(fig)
-  for ax, (title, pair) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
-    draw(ax, pair)
-    ax.set_title(str(title))
+  axes = fig.subplots(2, len(panels), squeeze=False, sharex="col",
+                      gridspec_kw={"height_ratios": [4, 1]})
+  for ax, counts_ax, (name, pair) in zip(axes[0], axes[1], panels.items()):
+    ece = draw(ax, pair, counts_ax)
+    ax.set_title(f"{name}: ECE {ece:.4f}")
+  if title is None:
+    title = os.path.basename(os.path.dirname(os.path.abspath(path)))
+  if title:
+    fig.suptitle(title)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
   return path

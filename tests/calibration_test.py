@@ -1,5 +1,6 @@
 """Tests for softmax_jax.calibration: temperature scaling against float64 NumPy references."""
 
+import os
 import warnings
 
 import jax.numpy as jnp
@@ -173,6 +174,36 @@ def test_reliability_diagram_draws_the_metric():
   np.testing.assert_allclose([b.get_y() + b.get_height() for b in gaps],
                              np.asarray(bins["confidence"])[shown], rtol=1e-6)
   np.testing.assert_allclose([b.get_x() for b in bars], np.flatnonzero(shown) / 10)
+  counts = np.asarray(bins["count"])[shown]
+  assert [t.get_text() for t in ax.texts] == [str(int(c)) for c in counts]  # per-bin counts
+  alphas = [b.get_facecolor()[3] for b in bars]  # opacity grows with the count
+  assert alphas[int(np.argmax(counts))] == pytest.approx(1.0)
+  assert np.all(np.diff(np.array(alphas)[np.argsort(counts)]) >= -1e-12)
+  assert all(g.get_facecolor()[:3] != b.get_facecolor()[:3] and g.get_linewidth() >= 1
+             for g, b in zip(gaps, bars))  # a distinct, outlined gap bar
+
+
+def test_reliability_figure_shows_counts_run_name_and_ece(tmp_path, monkeypatch):
+  z, y = _tempered(2.0, n=500, k=5)
+  lp = log_softmax(z, axis=-1)
+  fig = Figure()
+  FigureCanvasAgg(fig)
+  ax, counts_ax = fig.subplots(2)
+  calibration.reliability_diagram(ax, lp, y, num_bins=8, counts_ax=counts_ax)
+  bins = metrics.reliability_bins(lp, y, num_bins=8)
+  count = np.asarray(bins["count"])
+  np.testing.assert_array_equal([b.get_height() for b in counts_ax.containers[0]], count[count > 0])
+  saved = []
+  savefig = Figure.savefig
+  monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k)))
+  path = str(tmp_path / "digits_arcface" / "reliability.png")
+  calibration.save_reliability_figure(path, {"test": (lp, y)}, num_bins=8)
+  calibration.save_reliability_figure(str(tmp_path / "b.png"), {"t": (lp, y)}, title="")
+  ece = float(metrics.expected_calibration_error(lp, y, num_bins=8))
+  assert saved[0].get_suptitle() == "digits_arcface" and saved[1].get_suptitle() == ""
+  assert saved[0].axes[0].get_title() == f"test: ECE {ece:.4f}"
+  assert saved[0].axes[1].get_yscale() == "log"  # the count strip below the diagram
+  assert os.path.getsize(path) > 10_000
 
 
 def test_save_reliability_figure(tmp_path):

@@ -1,10 +1,14 @@
 """Smoke tests of scripts/plot.py --features: a figure from two fake workdirs, and its errors."""
 
+import functools
+import importlib.util
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,3 +49,34 @@ def test_features_errors(tmp_path):
   for both_or_neither in ([f'--features={bad}', f'--workdir={bad}'], []):
     result = _plot(*both_or_neither)
     assert result.returncode != 0 and 'Pass exactly one of --workdir' in result.stderr
+
+
+@functools.lru_cache(maxsize=None)  # once: the script defines absl flags at import
+def _load_plot():
+  spec = importlib.util.spec_from_file_location('plot_script', os.path.join(_REPO, 'scripts', 'plot.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('lm', [True, False])
+def test_curves_title_and_last_panel(tmp_path, monkeypatch, lm):
+  workdir = tmp_path / ('ptb_lstm' if lm else 'digits')
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(json.dumps(
+      {'data': {'name': 'ptb' if lm else 'digits'}, 'head': {'name': 'adaptive'},
+       'model': {'name': 'lstm'}}))
+  rows = [{'step': s, 'train/loss': 5.0 / s, 'train/learning_rate': 1e-3} for s in (1, 2, 3)]
+  rows += [{'step': 3, 'validation/nll': 4.0, 'validation/accuracy': 0.3}]  # no perplexity key
+  (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  plot = _load_plot()
+  saved = []
+  monkeypatch.setattr(plot.plt.Figure, 'savefig', lambda fig, out, **k: saved.append((fig, out)))
+  plot.plot_curves(str(workdir))
+  fig, out = saved[0]
+  assert out == str(workdir / 'curves.png')
+  name = workdir.name
+  assert fig.get_suptitle() == f'{name} (head adaptive, model lstm, data {"ptb" if lm else "digits"})'
+  last = fig.axes[3]
+  assert last.get_title() == ('perplexity' if lm else 'accuracy')
+  assert last.get_yscale() == ('log' if lm else 'linear')
