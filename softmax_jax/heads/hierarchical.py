@@ -19,7 +19,7 @@ NaN loss).
 """
 
 import functools
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -83,6 +83,7 @@ class HierarchicalSoftmax(nn.Module):
   use_bias: bool = True
   dtype: Any = None
   node_init: Callable = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)
+  sparse_param: ClassVar[str] = 'node_vectors'  # the table `row_loss` reads rows of
 
   def _tree(self) -> hs.Tree:
     return build_tree(self.num_classes, self.tree, self.class_counts)
@@ -112,6 +113,52 @@ class HierarchicalSoftmax(nn.Module):
     del train
     tree, x, labels, vectors, bias = self._prepare(features, labels)
     return hs.hierarchical_loss(x, labels, vectors, tree, node_bias=bias)
+
+  def row_loss(self, features: jnp.ndarray, labels: jnp.ndarray,
+               row_delta: Optional[jnp.ndarray] = None) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    """The training loss `__call__(features, labels, train=True)` read from the touched rows only.
+
+    The loss reads the R = N D node vectors on the labels' paths (N = labels.size, D the depth).
+    Their distinct ids are `row_ids` (sorted, padded with K - 1); the loss reads
+    `rows = stop_gradient(node_vectors[row_ids]) + row_delta`, so `grad(loss, row_delta)` is the
+    gradient of `node_vectors` at `row_ids` with duplicates summed (zero at the padding), and no
+    `[K - 1, d]` gradient is formed. Same values and, up to float summation order, the same
+    gradients as `ops.hierarchical_loss`; the training step uses it for
+    `config.optimizer.sparse_output` (`softmax_jax.train.sparse`).
+
+    Args:
+      features: [..., d] float.
+      labels: [...] int in [0, K).
+      row_delta: [R, d] float32, or None (zeros).
+
+    Returns:
+      `(loss [...], row_ids [R] int32)`.
+    """
+    _checks.compute_dtype(type(self).__name__, self.dtype)
+    tree = self._tree()
+    features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
+                                                   num_classes=self.num_classes)
+    vectors, bias = self._weights(features.shape[-1])
+    dtype = self.dtype or features.dtype
+    x = features.astype(dtype)
+    acc = jnp.promote_types(jnp.result_type(x.dtype, dtype), jnp.float32)
+    k, rows_k = self.num_classes, self.num_classes - 1
+    # As ops.hierarchical_loss: one [K, D] table `code * (node + 1)`, 0 at padding.
+    signed = np.where(tree.mask, np.asarray(tree.codes, np.int32) * (np.asarray(tree.paths) + 1), 0)
+    in_range = (labels >= 0) & (labels < k)
+    entry = jnp.asarray(signed, jnp.int32)[jnp.where(in_range, labels, 0)]  # [..., D]
+    node, sign = jnp.maximum(jnp.abs(entry) - 1, 0), jnp.sign(entry).astype(acc)
+    row_ids, inverse = jnp.unique(node.reshape(-1), size=node.size, fill_value=rows_k,
+                                  return_inverse=True)
+    rows = jax.lax.stop_gradient(jnp.take(vectors, row_ids, axis=0, mode='fill', fill_value=0))
+    if row_delta is not None:
+      rows = rows + row_delta
+    w = jnp.take(rows.astype(dtype), inverse.reshape(node.shape), axis=0)  # [..., D, d]
+    z = jnp.einsum('...d,...jd->...j', x, w, preferred_element_type=acc)
+    if bias is not None:
+      z = z + jnp.take(bias, node).astype(acc)
+    nll = -jnp.sum(jnp.where(sign != 0, jax.nn.log_sigmoid(sign * z), 0), -1)
+    return jnp.where(in_range, nll, jnp.nan), row_ids.astype(jnp.int32)
 
   def log_prob(self, features: jnp.ndarray) -> jnp.ndarray:
     """Exact normalized log-probabilities `[..., K]` (logsumexp over the last axis is 0)."""

@@ -17,9 +17,10 @@ head, so the error names `labels` (not the sampler's `true_classes`); traced out
 give a NaN loss.
 """
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -65,6 +66,7 @@ class SampledSoftmax(nn.Module):
   class_counts: Optional[Tuple[int, ...]] = None
   use_bias: bool = True
   dtype: Any = None
+  sparse_param: ClassVar[str] = 'embedding'  # the table `row_loss` reads rows of
 
   def _config(self):
     """Validates the attributes; returns (num_sampled, counts or None)."""
@@ -123,17 +125,62 @@ class SampledSoftmax(nn.Module):
     if not train:
       return cross_entropy(self.logits(features), labels)
     embedding, bias = self._weights(features.shape[-1])
-    key = self.make_rng('sample')
-    kw = dict(unique=self.unique, true_classes=labels)
-    if self.sampler == 'uniform':
-      values = sampled_ops.uniform_sampler(key, s, self.num_classes, **kw)
-    elif self.sampler == 'log_uniform':
-      values = sampled_ops.log_uniform_sampler(key, s, self.num_classes, **kw)
-    else:
-      values = sampled_ops.unigram_sampler(key, s, counts, distortion=self.distortion, **kw)
+    values = self._sample(labels, s, counts)
     dtype = self.dtype or features.dtype
     return LOSSES[self.loss](features.astype(dtype), embedding.astype(dtype), labels, values,
                              bias=bias, remove_accidental_hits=self.remove_accidental_hits)
+
+  def _sample(self, labels, s, counts):
+    """One shared sample of `s` classes from the rng stream 'sample' (one draw per call)."""
+    key = self.make_rng('sample')
+    kw = dict(unique=self.unique, true_classes=labels)
+    if self.sampler == 'uniform':
+      return sampled_ops.uniform_sampler(key, s, self.num_classes, **kw)
+    if self.sampler == 'log_uniform':
+      return sampled_ops.log_uniform_sampler(key, s, self.num_classes, **kw)
+    return sampled_ops.unigram_sampler(key, s, counts, distortion=self.distortion, **kw)
+
+  def row_loss(self, features: jnp.ndarray, labels: jnp.ndarray,
+               row_delta: Optional[jnp.ndarray] = None) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    """The training loss `__call__(features, labels, train=True)` read from the touched rows only.
+
+    The loss reads R = N + S rows of `embedding` (N = labels.size, S = num_sampled): the labels'
+    and the sample's. Their distinct ids are `row_ids` (sorted, padded with K); the loss reads
+    `rows = stop_gradient(embedding[row_ids]) + row_delta`, so `grad(loss, row_delta)` is the
+    gradient of `embedding` at `row_ids` with duplicates summed (zero at the padding), and no
+    `[K, d]` gradient is formed. Same sample (one draw from 'sample'), same values and, up to
+    float summation order, the same gradients as `__call__(..., train=True)`; the training step
+    uses it for `config.optimizer.sparse_output` (`softmax_jax.train.sparse`).
+
+    Args:
+      features: [..., d] float.
+      labels: [...] int in [0, K).
+      row_delta: [R, d] float32, or None (zeros).
+
+    Returns:
+      `(loss [...], row_ids [R] int32)`.
+    """
+    s, counts = self._config()
+    features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
+                                                   num_classes=self.num_classes)
+    embedding, bias = self._weights(features.shape[-1])
+    values = self._sample(labels, s, counts)
+    k, n = self.num_classes, labels.size
+    ids = jnp.concatenate([labels.reshape(-1), values.sampled]).astype(jnp.int32)
+    ids = jnp.where((ids >= 0) & (ids < k), ids, k)  # a traced out-of-range label: padding
+    row_ids, inverse = jnp.unique(ids, size=n + s, fill_value=k, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    rows = jax.lax.stop_gradient(jnp.take(embedding, row_ids, axis=0, mode='fill', fill_value=0))
+    if row_delta is not None:
+      rows = rows + row_delta
+    in_range = (labels >= 0) & (labels < k)
+    local = jnp.where(in_range, inverse[:n].reshape(labels.shape), n + s)  # out of range: NaN
+    values = values._replace(sampled=inverse[n:])
+    local_bias = None if bias is None else jnp.take(bias, row_ids, mode='fill', fill_value=0)
+    dtype = self.dtype or features.dtype
+    loss = LOSSES[self.loss](features.astype(dtype), rows.astype(dtype), local, values,
+                             bias=local_bias, remove_accidental_hits=self.remove_accidental_hits)
+    return loss, row_ids.astype(jnp.int32)
 
   def log_prob(self, features: jnp.ndarray) -> jnp.ndarray:
     """Exact normalized log-probabilities `[..., K]` of the full softmax."""

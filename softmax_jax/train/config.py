@@ -78,6 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
       momentum=0.9, nesterov=True,  # sgd
       clip_global_norm=0.0,     # > 0: clip the gradient by its global norm
       clip_value=0.0,           # > 0: clip each gradient entry to [-v, v]
+      # Row-sparse gradients and lazy updates of the head's table (train/sparse.py, issue 23;
+      # sampled and hierarchical heads): True forces them (lazy momentum / Adam moments / weight
+      # decay on touched rows only), False never, None (auto) where they equal the dense
+      # update: those heads with sgd, momentum=0, weight_decay=0.
+      sparse_output=config_dict.placeholder(bool),
   ))
   # On-device augmentation of image batches in the train step (data/augment.py); off by default.
   c.augment = ml_collections.ConfigDict(dict(

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from softmax_jax.train import sparse
+
 # {'step': int32[], 'params', 'model_state', 'opt_state', 'rng': uint32[2]}; 'model_state' holds the
 # mutable collections of the model other than 'params' (BatchNorm's 'batch_stats'), {} for most.
 TrainState = Dict[str, Any]
@@ -46,6 +48,9 @@ def make_optimizer(opt_cfg, num_steps: int) -> Tuple[optax.Schedule, optax.Gradi
 
   Schedules ('cosine', 'constant', 'step') all start with a linear warmup from 0; 'step' then
   multiplies the rate by `decay_factor` at each fraction `decay_at` of `num_steps` (`step_schedule`).
+  The chain comes as a `train.sparse.SparseOutputTransformation` carrying
+  `opt_cfg.sparse_output` (row-sparse lazy updates of a sampled or hierarchical head's table,
+  decided by the train step; see `train/sparse.py`).
   """
   lr, warmup = opt_cfg.learning_rate, min(opt_cfg.warmup_steps, num_steps)
   if opt_cfg.schedule == 'cosine':
@@ -79,7 +84,7 @@ def make_optimizer(opt_cfg, num_steps: int) -> Tuple[optax.Schedule, optax.Gradi
     chain.append(optax.sgd(schedule, momentum=opt_cfg.momentum or None, nesterov=opt_cfg.nesterov))
   else:
     raise ValueError(f"config.optimizer.name must be 'adamw' or 'sgd', got {opt_cfg.name!r}.")
-  return schedule, optax.chain(*chain)
+  return schedule, sparse.with_sparse_output(optax.chain(*chain), opt_cfg)
 
 
 def init_state(model, tx, input_shape, seed: int) -> TrainState:

@@ -6,6 +6,7 @@ import chex
 import jax
 import optax
 
+from softmax_jax.train import sparse
 from softmax_jax.train.state import TrainState, layer_grad_norms
 
 
@@ -26,6 +27,11 @@ def train_step(state: TrainState, batch, *, task, tx, schedule, axis_name: Optio
   under jit over a mesh the batch is global and XLA inserts the reduction. Per-step randomness
   is `fold_in(rng, step)` (and the device index under pmap), which the task splits.
 
+  Row-sparse updates (`config.optimizer.sparse_output`, `train/sparse.py`): when `tx` asks for
+  them and the model's head has a `row_loss`, the head's table gets its gradient as
+  `(row_ids, row_grads)` (under pmap all-gathered from the devices, duplicates summed) and `tx`
+  updates only those rows (lazily); the gradient norms are the dense ones.
+
   Mutable model collections (`state['model_state']`, e.g. BatchNorm's 'batch_stats') are updated
   by the forward pass. Under jit over a mesh BatchNorm normalizes with the statistics of the
   global batch (XLA reduces across devices), so any device count gives the same result; under
@@ -37,7 +43,7 @@ def train_step(state: TrainState, batch, *, task, tx, schedule, axis_name: Optio
     batch: the task's batch (this device's shard under pmap).
     task: a task of `train.task.TASKS`: `task.loss(params, state, batch, rng) -> (loss, updates)`,
       `updates` the new values of state keys other than params (at least 'model_state').
-    tx: the optax transformation.
+    tx: the optax transformation (a `sparse.SparseOutputTransformation` from `make_optimizer`).
     schedule: the learning-rate schedule (logged only).
     axis_name: the pmap axis, or None under jit.
 
@@ -49,13 +55,24 @@ def train_step(state: TrainState, batch, *, task, tx, schedule, axis_name: Optio
   rng = jax.random.fold_in(state['rng'], state['step'])
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  loss_fn = lambda params: task.loss(params, state, batch, rng)
-  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  plan = sparse.plan_rows(tx, task.loss, state['params'], state, batch, rng)
+  if plan is None:
+    loss_fn = lambda params: task.loss(params, state, batch, rng)
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  else:  # row-sparse: the table's gradient is (row_ids, row_grads), never [rows, d]
+    (loss, updates), grads, rows = sparse.value_and_row_grad(task.loss, plan, state['params'],
+                                                             state, batch, rng)
   model_state = updates['model_state']
   if axis_name is not None:
     loss, grads, model_state = jax.lax.pmean((loss, grads, model_state), axis_name)
-  opt_updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], opt_updates)
+  if plan is None:
+    opt_updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], opt_updates)
+  else:
+    if axis_name is not None:
+      rows = sparse.all_gather_rows(rows, axis_name, plan)
+    params, opt_state, grads = sparse.apply_row_updates(tx, grads, rows, state['opt_state'],
+                                                        state['params'], plan)
   check_updated_state(state, params, model_state)
   metrics = dict(loss=loss, learning_rate=schedule(state['step']), **layer_grad_norms(grads))
   new_state = {**state, **updates, 'step': state['step'] + 1, 'params': params,
