@@ -18,7 +18,8 @@ STOCK_SPLITS = {name: ('train', 'test') for name in ('mnist', 'fashion_mnist', '
 KNOWN_DATASETS = tuple(builders.LOCAL_BUILDERS) + tuple(STOCK_SPLITS)
 _LOCAL_SPLITS = ('train', 'test')
 _READ_CHUNK = 4096
-SAMPLING = longtail.CLASS_SAMPLING + longtail.RESAMPLING
+# 'smote': batches as for 'instance' from a train split balanced once by `smote.smote_dataset`.
+SAMPLING = longtail.CLASS_SAMPLING + longtail.RESAMPLING + ('smote',)
 
 
 @dataclasses.dataclass
@@ -26,7 +27,8 @@ class Split:
   """One split in host memory.
 
   Attributes:
-    images: `[n, H, W, C]` uint8, raw pixels.
+    images: `[n, H, W, C]` uint8, raw pixels; float32 pixel values in [0, 255] for a train split
+      with SMOTE's synthetic examples (`smote.smote_dataset`).
     labels: `[n]` int32 class ids in `[0, num_classes)`.
   """
   images: np.ndarray
@@ -48,6 +50,7 @@ class Dataset:
     mean: `[C]` float32 per-channel mean of train pixels scaled to [0, 1].
     std: `[C]` float32 per-channel standard deviation of the same (1 where it is 0).
     class_names: K names, or None.
+    num_synthetic: how many of the last train examples are synthetic (`smote.smote_dataset`).
   """
   name: str
   num_classes: int
@@ -56,16 +59,18 @@ class Dataset:
   mean: np.ndarray
   std: np.ndarray
   class_names: Optional[List[str]] = None
+  num_synthetic: int = 0
 
   def normalize(self, images_uint8: np.ndarray) -> np.ndarray:
-    """Maps uint8 pixels `[..., H, W, C]` to float32 `(x / 255 - mean) / std`, same shape."""
+    """Maps pixels `[..., H, W, C]` (uint8, or float in [0, 255]) to float32 `(x / 255 - mean) / std`."""
     x = np.asarray(images_uint8, np.float32) * np.float32(1.0 / 255.0)
     return (x - self.mean) / self.std
 
   @property
   def class_counts(self) -> np.ndarray:
-    """`[K]` int64 number of training examples of each class."""
-    return np.bincount(self.splits['train'].labels, minlength=self.num_classes)
+    """`[K]` int64 number of real training examples of each class (synthetic ones left out)."""
+    labels = self.splits['train'].labels
+    return np.bincount(labels[:len(labels) - self.num_synthetic], minlength=self.num_classes)
 
 
 check_labels = builders.check_labels
@@ -232,7 +237,8 @@ def train_indices(dataset: Dataset, batch_size: int, *, seed: int, start_step: i
                   sampling: str = 'instance', num_steps: Optional[int] = None) -> Iterator[np.ndarray]:
   """Infinite training batches as example indices; the batch of step `s` depends only on `(seed, s)`.
 
-  'instance' (and 'over', 'under' over their resampled index list of length n): step `s` is
+  'instance' (and 'over', 'under' over their resampled index list of length n, and 'smote' over
+  the train split that `smote.smote_dataset` balanced, its synthetic examples included): step `s` is
   batch `s % steps_per_epoch` of epoch `e = s // steps_per_epoch` under the permutation
   `np.random.default_rng([seed, e]).permutation(n)`, `steps_per_epoch = n // B` (the remainder
   of each epoch is dropped). 'over'/'under' first resample the train split once with
@@ -246,11 +252,15 @@ def train_indices(dataset: Dataset, batch_size: int, *, seed: int, start_step: i
     batch_size: B, at most the number of training examples (after resampling).
     seed: non-negative shuffling seed.
     start_step: first step to yield (resume).
-    sampling: one of `SAMPLING` ('instance', 'class', 'sqrt', 'progressive', 'over', 'under').
+    sampling: one of `SAMPLING` ('instance', 'class', 'sqrt', 'progressive', 'over', 'under',
+      'smote').
     num_steps: T, the length of training; required by 'progressive'.
 
   Yields:
     `[B]` int indices into the train split, one array per step.
+
+  Raises:
+    ValueError: a bad option; 'smote' on a train split that `smote.smote_dataset` did not balance.
   """
   train = dataset.splits['train']
   if sampling not in SAMPLING:
@@ -260,7 +270,13 @@ def train_indices(dataset: Dataset, batch_size: int, *, seed: int, start_step: i
   if seed < 0 or start_step < 0:
     raise ValueError(f'seed and start_step must be >= 0, got {seed} and {start_step}')
   pool = None
-  if sampling == 'instance':
+  if sampling == 'smote':
+    counts = np.bincount(train.labels)
+    if len(set(counts[counts > 0].tolist())) > 1:
+      raise ValueError(f"sampling='smote' draws from a train split balanced by "
+                       f'softmax_jax.data.smote.smote_dataset (ClassificationTask applies it); '
+                       f"'{dataset.name}' has class counts {counts.tolist()}")
+  if sampling in ('instance', 'smote'):
     pool = np.arange(len(train))
   elif sampling in longtail.RESAMPLING:
     pool = longtail.resampled_indices(train.labels, sampling, seed=seed)

@@ -27,14 +27,15 @@ from softmax_jax import calibration
 from softmax_jax import data
 from softmax_jax import metrics as metrics_lib
 from softmax_jax import ops
-from softmax_jax.data.augment import random_crop_flip
+from softmax_jax.data.augment import augment_images
+from softmax_jax.data.smote import smote_dataset
 from softmax_jax.models.classifier import build_classifier
 from softmax_jax.train.parallel import check_divisible
 from softmax_jax.train.state import init_state
 
-# Folded into the per-step key for augmentation, so the dropout and sample keys (a split of the
-# per-step key) are those of runs without augmentation.
-_AUGMENT_STREAM = 1 << 20
+# Augmentation draws from keys folded into the per-step key (`data.augment.augment_images`), so the
+# dropout and sample keys (a split of the per-step key) are those of runs without augmentation.
+AUGMENT_KEYS = ('crop_padding', 'flip', 'rotation_degrees', 'brightness', 'contrast')
 # Train splits up to this size (float32, normalized) stay on the devices; steps gather their batch there.
 RESIDENT_BYTES = 256 << 20
 
@@ -50,19 +51,20 @@ def check_classifier_batch(batch) -> None:
 
 
 def classifier_loss(model, params, state, batch, rng, *, crop_padding: int = 0, flip: bool = False,
+                    rotation_degrees: float = 0.0, brightness: float = 0.0, contrast: float = 0.0,
                     method=None):
   """`(mean loss, {'model_state': ...})` of a `Classifier` on `batch` {'image', 'label'} (traced).
 
-  `rng` is split into the 'dropout' and 'sample' streams; with `crop_padding` > 0 or `flip`, the
-  images are augmented on device first (`data.augment.random_crop_flip`) with a key folded from it.
+  `rng` is split into the 'dropout' and 'sample' streams; with any of `crop_padding` > 0, `flip`,
+  `rotation_degrees`, `brightness`, `contrast` > 0, the images are augmented on device first
+  (`data.augment.augment_images`, keys folded from `rng`; crop and flip draw as they always did).
   `method` (None: `Classifier.__call__`) is a function `(module, images, labels, *, train, step)
   -> [B]` losses applied in its place, e.g. distillation's (`train/distill.py`).
   """
   dropout_rng, sample_rng = jax.random.split(rng)
   images = batch['image']
-  if crop_padding or flip:
-    images = random_crop_flip(jax.random.fold_in(rng, _AUGMENT_STREAM), images, padding=crop_padding,
-                              flip=flip)
+  images = augment_images(rng, images, crop_padding=crop_padding, flip=flip,
+                          rotation_degrees=rotation_degrees, brightness=brightness, contrast=contrast)
   model_state = state['model_state']
   kwargs = dict(train=True, step=state['step'], rngs={'dropout': dropout_rng, 'sample': sample_rng},
                 method=method)
@@ -101,8 +103,26 @@ def eval_step(variables, carry, batch, *, model, temperatures, log_prior=None):
   return dict(stats, label=batch['label'], mask=batch['mask']), carry
 
 
+def _check_augment(augment) -> None:
+  """Raises ValueError naming the `config.augment` key whose value the augmentations refuse."""
+  for key in ('rotation_degrees', 'brightness', 'contrast'):
+    value = augment.get(key, 0.0)
+    if not (isinstance(value, (int, float)) and 0 <= value < float('inf')):
+      raise ValueError(f'config.augment.{key} must be a finite number >= 0 (0: off), got {value!r}.')
+  if augment.get('contrast', 0.0) > 1:
+    raise ValueError(f"config.augment.contrast must be in [0, 1] (contrast factors in [1 - c, 1 + c]), "
+                     f"got {augment['contrast']!r}.")
+
+
 class ClassificationTask:
-  """Image classification on a `data.Dataset` with a `Classifier` (see `train.task`)."""
+  """Image classification on a `data.Dataset` with a `Classifier` (see `train.task`).
+
+  With `config.data.sampling='smote'` the train split is oversampled once here, before anything
+  else sees it (`data.smote.smote_dataset`, seed `config.seed`, `k = config.data.smote_neighbors`):
+  the batches come from the balanced split (real then synthetic examples) as for 'instance', while
+  `dataset.class_counts`, and so the heads' class priors and margins (LDAM, logit adjustment, CB
+  weights), the many/medium/few buckets and post-hoc adjustment, stay those of the real examples.
+  """
   rate = 'examples_per_second'
   row_state_keys = ()
   log_perplexity = False
@@ -110,12 +130,16 @@ class ClassificationTask:
   def __init__(self, config, dataset=None):
     self.config = config
     self.dataset = data.load_dataset(config.data) if dataset is None else dataset
+    if config.data.sampling == 'smote':
+      self.dataset = smote_dataset(self.dataset, k_neighbors=config.data.smote_neighbors,
+                                   seed=config.seed)
     self.model = build_classifier(config.model, config.head, self.dataset.num_classes,
                                   self.dataset.class_counts)
     # Many/medium/few-shot accuracy and post-hoc adjustment only for long-tailed runs.
     self.class_counts = self.dataset.class_counts if config.data.imbalance_ratio > 1 else None
     self.items_per_step = config.batch_size
-    self.augment = dict(config.augment)
+    self.augment = {k: v for k, v in dict(config.augment).items() if k in AUGMENT_KEYS}
+    _check_augment(self.augment)
     self._eval_fns = {}
     self._logged_sparse = False
 
@@ -136,9 +160,7 @@ class ClassificationTask:
   check_batch = staticmethod(check_classifier_batch)
 
   def loss(self, params, state, batch, rng):
-    return classifier_loss(self.model, params, state, batch, rng,
-                           crop_padding=self.augment.get('crop_padding', 0),
-                           flip=self.augment.get('flip', False))
+    return classifier_loss(self.model, params, state, batch, rng, **self.augment)
 
   @functools.cached_property
   def resident(self):

@@ -8,6 +8,7 @@ from scipy import stats
 
 from softmax_jax import data
 from softmax_jax.data import longtail
+from softmax_jax.data.smote import smote_dataset
 
 _COUNTS = (40, 20, 10, 5, 2)  # A long-tailed toy train split, 77 examples.
 
@@ -209,7 +210,8 @@ def test_resampled_indices_ignore_absent_classes_and_name_bad_modes():
 @pytest.mark.parametrize('sampling', data.SAMPLING)
 @pytest.mark.parametrize('start_step', [1, 5, 11])
 def test_resume_sees_the_same_batches_in_every_mode(sampling, start_step):
-  dataset = _toy()
+  # 'smote' draws from the split SMOTE balanced (class 4 has 2 examples: one neighbour).
+  dataset = smote_dataset(_toy(), k_neighbors=1, seed=0) if sampling == 'smote' else _toy()
   kwargs = dict(sampling=sampling, num_steps=10, batch_size=4, seed=7)
   fresh = _batches(dataset, 14, **kwargs)
   resumed = _batches(dataset, 14 - start_step, start_step=start_step, **kwargs)
@@ -231,7 +233,7 @@ def test_instance_sampling_is_the_default_epoch_permutation(digits):
 def test_train_batches_errors():
   dataset = _toy()
   with pytest.raises(ValueError, match=r"sampling must be one of \('instance', 'class', 'sqrt', "
-                                       r"'progressive', 'over', 'under'\), got 'balanced'"):
+                                       r"'progressive', 'over', 'under', 'smote'\), got 'balanced'"):
     next(data.train_batches(dataset, 4, seed=0, sampling='balanced'))
   with pytest.raises(ValueError, match="sampling='progressive' needs num_steps >= 1, got None"):
     next(data.train_batches(dataset, 4, seed=0, sampling='progressive'))
