@@ -194,8 +194,9 @@ def per_class_f1_image(f1, support, class_names=None) -> np.ndarray:
   def draw(fig):
     ax = fig.subplots()
     ax.bar(np.arange(k), f1, color='tab:blue', edgecolor='black', linewidth=0.5)
+    mean = f1[support > 0].mean() if (support > 0).any() else 0.0
     ax.set(ylim=(0, 1.08), xlabel='class', ylabel='F1',
-           title=f'per-class F1 (test), macro {f1[support > 0].mean() if (support > 0).any() else 0:.3f}')
+           title=f'per-class F1 (test), mean over present classes {mean:.3f}')
     if k <= 40:
       ax.set_xticks(np.arange(k), names, rotation=90 if k > 12 else 0, fontsize=7)
       for i in range(k):
