@@ -111,6 +111,12 @@ def adaptive_cutoffs(class_counts, *, head_mass: float = 0.8, growth: float = 4.
 
   Returns:
     a tuple of ints valid for `check_cutoffs(..., K)`.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> ops.adaptive_cutoffs(np.array([500, 200, 100, 50, 20, 10, 5, 5, 2, 1, 1, 1]))
+    (3,)
   """
   counts = np.asarray(class_counts, np.float64)
   if counts.ndim != 1 or counts.size < 2:
@@ -315,6 +321,16 @@ def adaptive_log_softmax(features, head_kernel, tail_kernels, *, cutoffs, head_b
   Raises:
     ValueError (`ArgumentError`): a shape, rank or dtype that does not fit (always, also under
       `jit`).
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> x = np.sin(np.arange(8.0)).reshape(2, 4)
+    >>> head = np.cos(np.arange(12.0)).reshape(4, 2 + 1)
+    >>> tails = [(np.ones((4, 2)), np.sin(np.arange(6.0)).reshape(2, 3))]
+    >>> lp = ops.adaptive_log_softmax(x, head, tails, cutoffs=(2,))
+    >>> lp.shape, bool(np.allclose(ops.logsumexp(lp), 0.0, atol=1e-5))
+    ((2, 5), True)
   """
   features, cutoffs, k = _check(features, head_kernel, tail_kernels, cutoffs, head_bias)
   lead, s = features.shape[:-1], cutoffs[0]
@@ -351,6 +367,19 @@ def adaptive_softmax_loss(features, labels, head_kernel, tail_kernels, *, cutoff
     ValueError (`ArgumentError`): a shape, rank or dtype that does not fit or an `ignore_index`
       that is not None or an int (always, also under `jit`); with concrete labels, a label
       (other than `ignore_index`) outside [0, K) (traced ones give NaN instead).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> x = np.sin(np.arange(8.0)).reshape(2, 4)
+    >>> head = np.cos(np.arange(12.0)).reshape(4, 2 + 1)
+    >>> tails = [(np.ones((4, 2)), np.sin(np.arange(6.0)).reshape(2, 3))]
+    >>> y = jnp.array([0, 4])
+    >>> loss = ops.adaptive_softmax_loss(x, y, head, tails, cutoffs=(2,))
+    >>> lp = ops.adaptive_log_softmax(x, head, tails, cutoffs=(2,))
+    >>> bool(np.allclose(loss, -lp[np.arange(2), y], atol=1e-5))
+    True
   """
   features, cutoffs, k = _check(features, head_kernel, tail_kernels, cutoffs, head_bias)
   lead, s = features.shape[:-1], cutoffs[0]
@@ -389,6 +418,17 @@ def adaptive_predict(features, head_kernel, tail_kernels, *, cutoffs, head_bias=
   Raises:
     ValueError (`ArgumentError`): a shape, rank or dtype that does not fit (always, also under
       `jit`).
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> x = np.sin(np.arange(8.0)).reshape(2, 4)
+    >>> head = np.cos(np.arange(12.0)).reshape(4, 2 + 1)
+    >>> tails = [(np.ones((4, 2)), np.sin(np.arange(6.0)).reshape(2, 3))]
+    >>> pred = ops.adaptive_predict(x, head, tails, cutoffs=(2,))
+    >>> lp = ops.adaptive_log_softmax(x, head, tails, cutoffs=(2,))
+    >>> pred.tolist() == lp.argmax(-1).tolist()
+    True
   """
   features, cutoffs, _ = _check(features, head_kernel, tail_kernels, cutoffs, head_bias)
   lead, s = features.shape[:-1], cutoffs[0]

@@ -194,6 +194,15 @@ def top_k_mask(logits: ArrayLike, k: ArrayLike, *, where: Optional[ArrayLike] = 
 
   References:
     Fan et al., "Hierarchical neural story generation", ACL 2018.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from softmax_jax import ops
+    >>> mask = ops.top_k_mask(jnp.array([[1.0, 3.0, 2.0, 0.0]]), 2)
+    >>> mask.tolist()
+    [[False, True, True, False]]
+    >>> int(mask.sum())
+    2
   """
   x, keep = _prepare(logits, where)
   kk = _check_k(k, x)
@@ -224,6 +233,15 @@ def top_p_mask(logits: ArrayLike, p: ArrayLike, *, temperature: ArrayLike = 1.0,
 
   References:
     Holtzman et al., "The curious case of neural text degeneration", ICLR 2020.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from softmax_jax import ops
+    >>> log_p = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+    >>> ops.top_p_mask(log_p, 0.6).tolist()
+    [[True, True, False]]
+    >>> ops.top_p_mask(log_p, 0.4).tolist()
+    [[True, False, False]]
   """
   x, keep = _prepare(logits, where)
   pp, t = _check_p(p, x), _temperature(temperature, x)
@@ -252,6 +270,15 @@ def min_p_mask(logits: ArrayLike, min_p: ArrayLike, *, temperature: ArrayLike = 
   References:
     Nguyen et al., "Turning up the heat: min-p sampling for creative and coherent LLM outputs",
     arXiv:2407.01082, 2024.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from softmax_jax import ops
+    >>> log_p = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+    >>> ops.min_p_mask(log_p, 0.5).tolist()
+    [[True, True, False]]
+    >>> ops.min_p_mask(log_p, 0.1).tolist()
+    [[True, True, True]]
   """
   x, keep = _prepare(logits, where)
   mp, t = _check_min_p(min_p, x), _temperature(temperature, x)
@@ -276,6 +303,14 @@ def greedy(logits: ArrayLike, *, where: Optional[ArrayLike] = None) -> Array:
   Raises:
     ValueError: if `logits` is not `[..., K]` or `where` not a bool mask broadcasting to it
       (always); for concrete values, if a row has no candidate.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from softmax_jax import ops
+    >>> ops.greedy(jnp.array([[0.1, 2.0, 0.3], [1.0, 1.0, 0.0]])).tolist()
+    [1, 0]
+    >>> ops.greedy(jnp.array([[0.1, 2.0, 0.3]]), where=jnp.array([True, False, True])).tolist()
+    [2]
   """
   x, keep = _prepare(logits, where)
   return _argmax(x, keep & ~_nan_rows(x, keep))
@@ -312,6 +347,15 @@ def sample(key: Array, logits: ArrayLike, *, temperature: ArrayLike = 1.0,
   References:
     Fan et al. 2018 (top-k); Holtzman et al. 2020 (top-p); Nguyen et al. 2024 (min-p); HF
     transformers `generation/utils.py` (filter order).
+
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from softmax_jax import ops
+    >>> z = jnp.array([[0.1, 2.0, 0.3], [3.0, 1.0, 0.0]])
+    >>> key = jax.random.key(0)
+    >>> ops.sample(key, z, top_k=1).tolist() == ops.greedy(z).tolist()
+    True
   """
   x, keep = _prepare(logits, where)
   t = _temperature(temperature, x)
@@ -373,6 +417,17 @@ def beam_search(step_fn: Callable[[Array, Any], Tuple[Array, Any]], init_state: 
   References:
     Wu et al., "Google's neural machine translation system", arXiv:1609.08144, 2016 (eq. 14).
     t5x `decoding.py` (`beam_search`, `brevity_penalty`), read for the structure only.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from softmax_jax import ops
+    >>> table = jnp.log(jnp.array([[0.1, 0.5, 0.4], [0.6, 0.1, 0.3], [0.0, 0.0, 1.0]]))
+    >>> step_fn = lambda tokens, state: (table[tokens], state)
+    >>> seqs, scores = ops.beam_search(step_fn, jnp.zeros((1, 1)), beam_size=1, max_len=3, eos_id=2)
+    >>> seqs.tolist()
+    [[[1, 0, 1]]]
+    >>> [int(jnp.argmax(table[0])), int(jnp.argmax(table[1])), int(jnp.argmax(table[0]))]
+    [1, 0, 1]
   """
   beam = _checks.static_int('beam_size', beam_size, 1)
   max_len = _checks.static_int('max_len', max_len, 1)

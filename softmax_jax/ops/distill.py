@@ -101,9 +101,13 @@ def kd_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
     limit).
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> from softmax_jax import ops
     >>> s = jnp.array([[2.0, 0.0, -1.0]])
-    >>> float(kd_loss(s, s, temperature=4.0)[0])
+    >>> float(ops.kd_loss(s, s, temperature=4.0)[0])
     0.0
+    >>> round(float(ops.kd_loss(s, jnp.array([[0.0, 2.0, -1.0]]), temperature=2.0)[0]), 4)
+    1.5892
   """
   s, t = jnp.asarray(student_logits), jnp.asarray(teacher_logits)
   _checks.last_dim_at_least(s, 1, 'student_logits', '[..., K]', 'K')

@@ -115,6 +115,20 @@ def linear_cross_entropy(x, w, labels, *, bias=None, logit_offsets=None, ignore_
     Wijmans et al. 2024, Cut Your Losses in Large-Vocabulary Language Models, arXiv:2411.09009.
     Hsu et al. 2024, Liger Kernel, arXiv:2410.10989. Chowdhery et al. 2022 (PaLM, z-loss).
     Menon et al. 2021, Long-tail learning via logit adjustment, arXiv:2007.07314.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> x = np.sin(np.arange(8.0)).reshape(2, 4)
+    >>> w = np.cos(np.arange(20.0)).reshape(4, 5)
+    >>> y = jnp.array([3, 0])
+    >>> loss = ops.linear_cross_entropy(x, w, y)
+    >>> bool(np.allclose(loss, ops.cross_entropy(x @ w, y), atol=1e-5))
+    True
+    >>> mean = ops.linear_cross_entropy(x, w, y, reduction='mean')
+    >>> bool(np.allclose(mean, loss.mean(), atol=1e-5))
+    True
   """
   if where is not None:
     raise _checks.ArgumentError(

@@ -65,6 +65,16 @@ class Tree(NamedTuple):
       `sigmoid(z_node)`, fastText's `binary = true` child) or -1 (`sigmoid(-z_node)`); 0 at
       padding. word2vec's bit `c` is the opposite convention, `s = 1 - 2c`.
     mask: [K, D] bool, True on the valid (non-padding) entries; `mask.sum(1)` is the depth.
+
+  Example:
+    >>> from softmax_jax import ops
+    >>> tree = ops.balanced_tree(3)
+    >>> type(tree).__name__, tree.paths.shape
+    ('Tree', (3, 2))
+    >>> tree.mask.sum(1).tolist()
+    [1, 2, 2]
+    >>> tree.codes.tolist()
+    [[1, 0], [-1, -1], [-1, 1]]
   """
   paths: np.ndarray
   codes: np.ndarray
@@ -149,6 +159,12 @@ def huffman_tree(class_counts) -> Tree:
     Huffman, "A method for the construction of minimum-redundancy codes", Proc. IRE 1952;
     Mikolov et al., "Distributed representations of words and phrases and their
     compositionality", NIPS 2013.
+
+  Example:
+    >>> from softmax_jax import ops
+    >>> tree = ops.huffman_tree([10, 5, 1, 1])
+    >>> tree.mask.sum(1).tolist()
+    [1, 2, 3, 3]
   """
   if _checks.is_traced(class_counts):
     raise _checks.ArgumentError('`class_counts` must be concrete (NumPy array, list or tuple) to '
@@ -192,6 +208,14 @@ def balanced_tree(num_classes: int) -> Tree:
 
   Raises:
     ValueError: `num_classes` is not a Python int (a traced one included) or is < 2.
+
+  Example:
+    >>> from softmax_jax import ops
+    >>> tree = ops.balanced_tree(4)
+    >>> tree.paths.tolist()
+    [[0, 1], [0, 1], [0, 2], [0, 2]]
+    >>> tree.codes.tolist()
+    [[-1, -1], [-1, 1], [1, -1], [1, 1]]
   """
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
     raise _checks.ArgumentError(f'`num_classes` must be an int (concrete, not traced); got '
@@ -266,6 +290,16 @@ def hierarchical_log_prob(features, node_vectors, tree, *, node_bias=None):
 
   References:
     Morin & Bengio, "Hierarchical probabilistic neural network language model", AISTATS 2005.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> tree = ops.balanced_tree(4)
+    >>> x = np.sin(np.arange(6.0)).reshape(2, 3)
+    >>> nodes = np.cos(np.arange(9.0)).reshape(4 - 1, 3)
+    >>> lp = ops.hierarchical_log_prob(x, nodes, tree)
+    >>> lp.shape, bool(np.allclose(ops.logsumexp(lp), 0.0, atol=1e-5))
+    ((2, 4), True)
   """
   x, w, bias, k, acc = _check(features, node_vectors, tree, node_bias)
   z = jnp.einsum('...d,nd->...n', x, w, preferred_element_type=acc)
@@ -311,6 +345,19 @@ def hierarchical_loss(features, labels, node_vectors, tree, *, node_bias=None, i
   References:
     Mikolov et al., "Distributed representations of words and phrases and their
     compositionality", NIPS 2013 (hierarchical softmax with a Huffman tree).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> tree = ops.huffman_tree([10, 5, 1, 1])
+    >>> x = np.sin(np.arange(6.0)).reshape(2, 3)
+    >>> nodes = np.cos(np.arange(9.0)).reshape(4 - 1, 3)
+    >>> y = jnp.array([0, 3])
+    >>> loss = ops.hierarchical_loss(x, y, nodes, tree)
+    >>> lp = ops.hierarchical_log_prob(x, nodes, tree)
+    >>> bool(np.allclose(loss, -lp[np.arange(2), y], atol=1e-5))
+    True
   """
   x, w, bias, k, acc = _check(features, node_vectors, tree, node_bias)
   labels, ignored = _checks.labels_or_ignored(labels, k, x.shape[:-1], ignore_index, 'features')
@@ -351,6 +398,16 @@ def hierarchical_predict(features, node_vectors, tree, *, node_bias=None):
 
   References:
     Joulin et al., "Bag of tricks for efficient text classification", EACL 2017 (fastText).
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> tree = ops.balanced_tree(4)
+    >>> x = np.sin(np.arange(6.0)).reshape(2, 3)
+    >>> nodes = np.cos(np.arange(9.0)).reshape(4 - 1, 3)
+    >>> pred = ops.hierarchical_predict(x, nodes, tree)
+    >>> pred.tolist() == ops.hierarchical_log_prob(x, nodes, tree).argmax(-1).tolist()
+    True
   """
   return jnp.argmax(hierarchical_log_prob(features, node_vectors, tree, node_bias=node_bias),
                     axis=-1).astype(jnp.int32)

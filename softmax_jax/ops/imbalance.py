@@ -86,6 +86,13 @@ def class_balanced_weights(class_counts, beta=0.9999, *, normalize=True):
       not finite and > 0; if `beta` is traced or not in [0, 1). All of it is computed on the
       host from concrete values, so nothing here runs under `jit` (call it outside, or close
       over the counts).
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> w = ops.class_balanced_weights(np.array([100, 10, 1]), beta=0.99)
+    >>> [round(float(v), 4) for v in w]
+    [0.0422, 0.28, 2.6777]
   """
   counts = _counts(class_counts)
   if not _is_concrete(beta):
@@ -131,6 +138,17 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None, ignore_inde
       values only, if a label (other than `ignore_index`) is outside [0, C), `gamma` is not
       finite and >= 0 or `alpha` is not finite and >= 0. Traced labels are not range-checked:
       an out-of-range one gives a NaN loss.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = jnp.array([[1.0, 2.0, 3.0]])
+    >>> y = jnp.array([2])
+    >>> bool(np.allclose(ops.focal_loss(z, y, gamma=0.0), ops.cross_entropy(z, y)))
+    True
+    >>> bool(ops.focal_loss(z, y, gamma=2.0)[0] < ops.cross_entropy(z, y)[0])
+    True
   """
   x, mask = _norm.prepare(logits, where, 'logits')
   num_classes = x.shape[-1]
@@ -179,6 +197,12 @@ def ldam_margins(class_counts, max_margin=0.5):
       not finite and > 0; if `max_margin` is traced or not > 0. All of it is computed on the
       host from concrete values, so nothing here runs under `jit` (call it outside, or close
       over the counts).
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> [round(float(m), 4) for m in ops.ldam_margins(np.array([10000, 100, 1]))]
+    [0.05, 0.1581, 0.5]
   """
   counts = _counts(class_counts)
   if not _is_concrete(max_margin):
@@ -219,6 +243,17 @@ def ldam_loss(logits, labels, *, class_counts, max_margin=0.5, scale=30.0, class
       (other than `ignore_index`) is outside [0, C), `scale` or `max_margin` is not finite and
       > 0, or a class weight is not finite and >= 0. Traced labels are not range-checked: an
       out-of-range one gives a NaN loss.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = jnp.array([[0.2, 0.5, 0.1]])
+    >>> y = jnp.array([1])
+    >>> m = ops.ldam_margins(jnp.array([100, 10, 1]))
+    >>> loss = ops.ldam_loss(z, y, class_counts=jnp.array([100, 10, 1]), scale=30.0)
+    >>> bool(np.allclose(loss, ops.cross_entropy(30.0 * (z - m[1] * jnp.eye(3)[1]), y)))
+    True
   """
   x, _ = _norm.prepare(logits, None, 'logits')
   num_classes = x.shape[-1]
@@ -249,6 +284,16 @@ def drw_class_weights(step, *, class_counts, start_step, beta=0.9999):
     ValueError: always (also under `jit`) if `step` is not a scalar or `start_step` is not a
       Python int >= 0; and as `class_balanced_weights` for `class_counts` and `beta`, which must
       be concrete. A traced `step` is fine: the switch is a `jnp.where`.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> counts = np.array([100, 10, 1])
+    >>> ops.drw_class_weights(5, class_counts=counts, start_step=10).tolist()
+    [1.0, 1.0, 1.0]
+    >>> w = ops.drw_class_weights(10, class_counts=counts, start_step=10, beta=0.99)
+    >>> bool(np.allclose(w, ops.class_balanced_weights(counts, beta=0.99)))
+    True
   """
   if (not isinstance(start_step, (int, np.integer)) or isinstance(start_step, bool)
       or start_step < 0):
@@ -273,6 +318,12 @@ def log_prior(class_counts):
     ValueError: if `class_counts` is traced, not a non-empty 1-D array, or has an entry that is
       not finite and > 0. All of it is computed on the host from concrete values, so nothing
       here runs under `jit` (call it outside, or close over the counts).
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> [round(float(v), 4) for v in ops.log_prior(np.array([3, 1]))]
+    [-0.2877, -1.3863]
   """
   counts = _counts(class_counts)
   return jnp.asarray(np.log(counts) - np.log(np.sum(counts)), jnp.float32)
@@ -304,6 +355,17 @@ def logit_adjusted_cross_entropy(logits, labels, *, log_prior, tau=1.0, where=No
       values only, if a label (other than `ignore_index`) is outside [0, C), `log_prior` is not
       finite or `tau` is not finite and >= 0. Traced labels are not range-checked: an
       out-of-range one gives a NaN loss.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = jnp.array([[1.0, 2.0, 3.0]])
+    >>> y = jnp.array([0])
+    >>> lp = ops.log_prior(jnp.array([10, 30, 60]))
+    >>> loss = ops.logit_adjusted_cross_entropy(z, y, log_prior=lp, tau=1.0)
+    >>> bool(np.allclose(loss, ops.cross_entropy(z + lp, y)))
+    True
   """
   x, _ = _norm.prepare(logits, where, 'logits')
   lp = _check_class_vector('log_prior', log_prior, x.shape[-1], x.dtype)
@@ -332,6 +394,17 @@ def posthoc_logit_adjustment(logits, *, log_prior, tau=1.0):
     ValueError: always (from shapes, so also under `jit`/`vmap`/`grad`) if `logits` is not
       `[..., C]` with C >= 1, `log_prior` is not `[C]` or `tau` is not a scalar; for concrete
       values only, if `log_prior` is not finite or `tau` < 0.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = np.array([[2.0, 1.0]])
+    >>> lp = ops.log_prior(np.array([90, 10]))
+    >>> adjusted = ops.posthoc_logit_adjustment(z, log_prior=lp)
+    >>> bool(np.allclose(adjusted, z - lp))
+    True
+    >>> int(z.argmax()), int(adjusted.argmax())
+    (0, 1)
   """
   x, _ = _norm.prepare(logits, None, 'logits')
   lp = _check_class_vector('log_prior', log_prior, x.shape[-1], x.dtype)

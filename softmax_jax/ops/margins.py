@@ -112,6 +112,13 @@ def l2_normalize(x, axis=-1):
   Raises:
     ValueError: always (from the shape, so also under `jit`/`vmap`/`grad`) if `x` is a scalar
       or has no axis `axis`. Nothing depends on the values.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> u = ops.l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    >>> [round(float(v), 4) for v in u[0]], u[1].tolist()
+    ([0.6, 0.8], [0.0, 0.0])
   """
   x = _float(x)
   _checks.rank_at_least(x, 1, 'x', '[..., d]')
@@ -143,6 +150,16 @@ def cosine_logits(features, weights, *, scale=1.0):
       `[..., d]`, `weights` is not `[d, C]` or `[d, C, k]` with the same d, or `scale` is
       neither a scalar nor `features.shape[:-1]`; for a concrete `scale` only, if it is not
       finite and > 0.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> x = np.array([[3.0, 4.0]])
+    >>> w = np.array([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    >>> [round(float(c), 4) for c in ops.cosine_logits(x, w)[0]]
+    [0.6, 0.8, -0.6]
+    >>> [round(float(c), 4) for c in ops.cosine_logits(x, w, scale=10.0)[0]]
+    [6.0, 8.0, -6.0]
   """
   features, weights = jnp.asarray(features), jnp.asarray(weights)
   _checks.rank_at_least(features, 1, 'features', '[..., d]')
@@ -181,6 +198,14 @@ def cosface_logits(cos, labels, *, scale=64.0, margin=0.35):
       outside [0, 2).
       Traced values are not checked: a traced out-of-range label leaves its row without a margin
       (and its cross-entropy is NaN).
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> cos = np.array([[0.6, 0.8]])
+    >>> out = ops.cosface_logits(cos, np.array([1]), scale=10.0, margin=0.35)
+    >>> [round(float(v), 4) for v in out[0]]
+    [6.0, 4.5]
   """
   cos, onehot = _prepare(cos, labels)
   _check_scale(scale, cos.shape[:-1])
@@ -214,6 +239,16 @@ def arcface_logits(cos, labels, *, scale=64.0, margin=0.5, easy_margin=False):
       outside [0, pi/2).
       Traced values are not checked: a traced out-of-range label leaves its row without a margin
       (and its cross-entropy is NaN).
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> cos = np.array([[0.6, 0.8]])
+    >>> out = ops.arcface_logits(cos, np.array([1]), scale=1.0, margin=0.5)
+    >>> round(float(out[0, 0]), 4), round(float(out[0, 1]), 4)
+    (0.6, 0.4144)
+    >>> round(float(np.cos(np.arccos(0.8) + 0.5)), 4)
+    0.4144
   """
   cos, onehot = _prepare(cos, labels)
   _check_scale(scale, cos.shape[:-1])
@@ -256,6 +291,18 @@ def combined_margin_logits(cos, labels, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0):
       `m1`, `m2` or `m3` is out of its range.
       Traced values are not checked: a traced out-of-range label leaves its row without a margin
       (and its cross-entropy is NaN).
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> cos = np.array([[0.6, 0.8]])
+    >>> y = np.array([1])
+    >>> both = ops.combined_margin_logits(cos, y, scale=10.0, m1=1.0, m2=0.0, m3=0.35)
+    >>> bool(np.allclose(both, ops.cosface_logits(cos, y, scale=10.0, margin=0.35)))
+    True
+    >>> arc = ops.combined_margin_logits(cos, y, scale=10.0, m1=1.0, m2=0.5, m3=0.0)
+    >>> bool(np.allclose(arc, ops.arcface_logits(cos, y, scale=10.0, margin=0.5)))
+    True
   """
   cos, onehot = _prepare(cos, labels)
   _check_scale(scale, cos.shape[:-1])
@@ -287,6 +334,12 @@ def sphereface_psi(cos, *, margin=4):
   Raises:
     ValueError: always (also under `jit`) if `margin` is not a Python integer m >= 1. Any
       shape of `cos` is accepted.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> [round(float(v), 4) for v in ops.sphereface_psi(np.array([1.0, 0.0, -1.0]), margin=4)]
+    [1.0, -3.0, -7.0]
   """
   m = _check_integer_margin(margin)
   c = _float(cos)
@@ -326,6 +379,11 @@ def sphereface_lambda(step, *, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.
     ValueError: always (from the shape, so also under `jit`) if `step` or an option is not a
       scalar (`jax.vmap` it for several steps); for concrete options only, if `base`, `gamma`,
       `power` or `lambda_min` is negative or not finite. The value of `step` is not checked.
+
+  Example:
+    >>> from softmax_jax import ops
+    >>> float(ops.sphereface_lambda(0)), float(ops.sphereface_lambda(10**6))
+    (1000.0, 5.0)
   """
   _checks.rank(step, 0, 'step', '[]')
   for name, value in (('base', base), ('gamma', gamma), ('power', power),
@@ -360,6 +418,16 @@ def sphereface_logits(cos, labels, *, scale=1.0, margin=4, lambda_=0.0):
       `scale` is not finite and > 0 or `lambda_` < 0.
       Traced values are not checked: a traced out-of-range label leaves its row without a margin
       (and its cross-entropy is NaN).
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> cos = np.array([[0.6, 0.8]])
+    >>> out = ops.sphereface_logits(cos, np.array([1]), margin=4, lambda_=0.0)
+    >>> round(float(out[0, 0]), 4)
+    0.6
+    >>> bool(np.isclose(out[0, 1], ops.sphereface_psi(np.array(0.8), margin=4)))
+    True
   """
   cos, onehot = _prepare(cos, labels)
   _check_scale(scale, cos.shape[:-1])

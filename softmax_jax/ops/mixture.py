@@ -62,6 +62,18 @@ def sigsoftmax(logits: Array, *, where: Optional[Array] = None) -> Array:
 
   References:
     Kanai et al., "Sigsoftmax: Reanalysis of the softmax bottleneck", NeurIPS 2018.
+
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = jnp.array([[1.0, 2.0, -3.0]])
+    >>> p = ops.sigsoftmax(z)
+    >>> round(float(p.sum()), 4)
+    1.0
+    >>> bool(np.allclose(p, ops.softmax(z + jax.nn.log_sigmoid(z))))
+    True
   """
   x, where = _norm.prepare(logits, where, 'logits')
   return _norm.normalize(_sig_scores(x, where), None)[0].astype(_norm.out_dtype(logits, x))
@@ -85,6 +97,14 @@ def log_sigsoftmax(logits: Array, *, where: Optional[Array] = None) -> Array:
 
   References:
     Kanai et al., "Sigsoftmax: Reanalysis of the softmax bottleneck", NeurIPS 2018.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = jnp.array([[1.0, 2.0, -3.0]])
+    >>> bool(np.allclose(ops.log_sigsoftmax(z), jnp.log(ops.sigsoftmax(z))))
+    True
   """
   x, where = _norm.prepare(logits, where, 'logits')
   return _norm.normalize(_sig_scores(x, where), None)[1].astype(_norm.out_dtype(logits, x))
@@ -124,6 +144,18 @@ def mixture_log_softmax(logits: Array, prior_logits: Array, *, where: Optional[A
   References:
     Yang et al., "Breaking the softmax bottleneck: a high-rank RNN language model", ICLR 2018.
     Kanai et al., "Sigsoftmax: Reanalysis of the softmax bottleneck", NeurIPS 2018.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> logits = jnp.array([[[1.0, 2.0, 3.0], [3.0, 0.0, 0.0]]])
+    >>> prior = jnp.array([[0.0, 0.0]])
+    >>> lp = ops.mixture_log_softmax(logits, prior)
+    >>> round(float(ops.logsumexp(lp)[0]), 4)
+    0.0
+    >>> bool(np.allclose(jnp.exp(lp), ops.softmax(logits).mean(-2)))
+    True
   """
   x, prior = jnp.asarray(logits), jnp.asarray(prior_logits)
   _checks.rank_at_least(x, 2, 'logits', '[..., M, K]')
@@ -192,6 +224,14 @@ def linear_logsumexp(x: Array, w: Array, *, bias: Optional[Array] = None,
   Raises:
     ValueError: always (static checks) if `w` is not a float `[d, K]`, `x` not a float `[..., d]`,
       `bias` not a float `[K]`, `where` not a bool `[K]`, or `chunk_size` not a positive int.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> x = np.sin(np.arange(8.0)).reshape(2, 4)
+    >>> w = np.cos(np.arange(20.0)).reshape(4, 5)
+    >>> bool(np.allclose(ops.linear_logsumexp(x, w), ops.logsumexp(x @ w), atol=1e-5))
+    True
   """
   x, w = jnp.asarray(x), jnp.asarray(w)
   bias, where = (None if a is None else jnp.asarray(a) for a in (bias, where))
@@ -242,6 +282,19 @@ def mixture_cross_entropy(contexts: Array, prior_logits: Array, w: Array, labels
   References:
     Yang et al., "Breaking the softmax bottleneck: a high-rank RNN language model", ICLR 2018.
     Wijmans et al., "Cut your losses in large-vocabulary language models", 2024 (the chunking).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> contexts = np.sin(np.arange(24.0)).reshape(2, 3, 4)
+    >>> prior = jnp.zeros((2, 3))
+    >>> w = np.cos(np.arange(20.0)).reshape(4, 5)
+    >>> y = jnp.array([0, 4])
+    >>> loss = ops.mixture_cross_entropy(contexts, prior, w, y)
+    >>> lp = ops.mixture_log_softmax(contexts @ w, prior)
+    >>> bool(np.allclose(loss, -lp[np.arange(2), y], atol=1e-5))
+    True
   """
   c, prior, w = jnp.asarray(contexts), jnp.asarray(prior_logits), jnp.asarray(w)
   bias, where = (None if a is None else jnp.asarray(a) for a in (bias, where))

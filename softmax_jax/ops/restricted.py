@@ -58,6 +58,19 @@ def topk_log_softmax(logits: Array, k: int, *, where: Optional[Array] = None
   Raises:
     ValueError: `logits` is not a float array of rank >= 1; `k` is not an int in [1, K]; `where`
       is not a bool mask broadcastable to `logits`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = jnp.array([[1.0, 3.0, 2.0, 0.0]])
+    >>> log_p, ids, dropped = ops.topk_log_softmax(z, 2)
+    >>> ids.tolist()
+    [[1, 2]]
+    >>> round(float(ops.logsumexp(log_p)[0]), 4)
+    0.0
+    >>> bool(np.allclose(dropped, ops.softmax(z)[0, jnp.array([0, 3])].sum()))
+    True
   """
   _checks.last_dim_at_least(logits, 1, 'logits', '[..., num_classes]')
   _checks.dtype(logits, float, 'logits', 'be a float array [..., num_classes]')
@@ -111,6 +124,17 @@ def shortlist_log_softmax(features: Array, w: Array, shortlist_ids: Array, *,
   Raises:
     ValueError: a shape or dtype does not fit the above (always); concrete ids out of [0, K) or
       repeated within a row.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> x = np.sin(np.arange(8.0)).reshape(2, 4)
+    >>> w = np.cos(np.arange(24.0)).reshape(4, 6)
+    >>> ids = jnp.array([5, 0, 2])
+    >>> lp = ops.shortlist_log_softmax(x, w, ids)
+    >>> bool(np.allclose(lp, ops.log_softmax((x @ w)[:, ids]), atol=1e-5))
+    True
   """
   _checks.last_dim_at_least(features, 1, 'features', '[..., d]', dim='d')
   _checks.dtype(features, float, 'features', 'be a float array [..., d]')

@@ -51,7 +51,18 @@ from softmax_jax.ops.softmax import logsumexp
 
 
 class SampledValues(NamedTuple):
-  """A sampler's output, TF's `sampled_values` triple."""
+  """A sampler's output, TF's `sampled_values` triple.
+
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from softmax_jax import ops
+    >>> sv = ops.uniform_sampler(jax.random.key(0), 2, 4, true_classes=jnp.array([1, 3]))
+    >>> type(sv).__name__, sv._fields
+    ('SampledValues', ('sampled', 'true_expected_count', 'sampled_expected_count'))
+    >>> sv.sampled.shape, sv.true_expected_count.tolist(), sv.sampled_expected_count.tolist()
+    ((2,), [0.5, 0.5], [0.5, 0.5])
+  """
   sampled: jnp.ndarray  # [S] int32 class ids.
   true_expected_count: Optional[jnp.ndarray]  # [...] float32 (None without true_classes).
   sampled_expected_count: jnp.ndarray  # [S] float32.
@@ -185,6 +196,16 @@ def uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_classes=
 
   References:
     TF `tf.random.uniform_candidate_sampler`; "Candidate sampling algorithms reference".
+
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from softmax_jax import ops
+    >>> sv = ops.uniform_sampler(jax.random.key(0), 2, 4, true_classes=jnp.array([1]))
+    >>> len(set(sv.sampled.tolist()))  # unique=True: two distinct ids
+    2
+    >>> sv.true_expected_count.tolist(), sv.sampled_expected_count.tolist()
+    ([0.5], [0.5, 0.5])
   """
   k = _check_int('num_classes', num_classes, 2 if unique else 1)
   s = _check_num_sampled(num_sampled, k, unique)
@@ -206,6 +227,13 @@ def log_uniform_probs(num_classes: int) -> np.ndarray:
 
   Raises:
     ValueError: `num_classes` is not a Python int >= 1 (a traced K included).
+
+  Example:
+    >>> from softmax_jax import ops
+    >>> [round(float(v), 4) for v in ops.log_uniform_probs(3)]
+    [0.5, 0.2925, 0.2075]
+    >>> round(float(ops.log_uniform_probs(3).sum()), 4)
+    1.0
   """
   k = _check_int('num_classes', num_classes, 1)
   return np.log1p(1.0 / np.arange(1.0, k + 1.0)) / np.log(k + 1.0)
@@ -224,6 +252,16 @@ def log_uniform_sampler(key, num_sampled, num_classes, *, unique=True, true_clas
 
   References:
     TF `tf.random.log_uniform_candidate_sampler`.
+
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from softmax_jax import ops
+    >>> sv = ops.log_uniform_sampler(jax.random.key(0), 3, 10, true_classes=jnp.array([0, 9]))
+    >>> sv.sampled.shape, len(set(sv.sampled.tolist()))
+    ((3,), 3)
+    >>> bool(sv.true_expected_count[0] > sv.true_expected_count[1])
+    True
   """
   k = _check_int('num_classes', num_classes, 2 if unique else 1)
   s = _check_num_sampled(num_sampled, k, unique)
@@ -250,6 +288,13 @@ def unigram_probs(counts, distortion=0.75):
   Raises:
     ValueError: `counts` traced, not 1-D, empty, negative, non-finite or all zero;
       `distortion` traced, non-finite or < 0.
+
+  Example:
+    >>> from softmax_jax import ops
+    >>> [round(float(v), 4) for v in ops.unigram_probs([3, 1], distortion=1.0)]
+    [0.75, 0.25]
+    >>> [round(float(v), 4) for v in ops.unigram_probs([3, 1, 0], distortion=0.0)]
+    [0.5, 0.5, 0.0]
   """
   if _checks.is_traced(counts):
     raise _checks.ArgumentError(
@@ -285,6 +330,13 @@ def unigram_sampler(key, num_sampled, counts, *, distortion=0.75, unique=True,
 
   References:
     TF `tf.random.fixed_unigram_candidate_sampler`; Mikolov et al. 2013 (word2vec).
+
+  Example:
+    >>> import jax
+    >>> from softmax_jax import ops
+    >>> sv = ops.unigram_sampler(jax.random.key(0), 2, [5, 0, 3, 2])
+    >>> 1 in sv.sampled.tolist(), sv.sampled.shape
+    (False, (2,))
   """
   p = unigram_probs(counts, distortion)
   s = _check_num_sampled(num_sampled, int(np.sum(p > 0)), unique,
@@ -414,6 +466,17 @@ def sampled_softmax_loss(features, kernel, labels, sampled_values, *, bias=None,
   References:
     TF `tf.nn.sampled_softmax_loss`; Jean et al., "On using very large target vocabulary for
     neural machine translation", ACL 2015 (arXiv:1412.2007).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> x = np.sin(np.arange(6.0)).reshape(2, 3)
+    >>> kernel = np.cos(np.arange(12.0)).reshape(4, 3)
+    >>> y = jnp.array([1, 2])
+    >>> loss = ops.sampled_softmax_loss(x, kernel, y, jnp.arange(4), subtract_log_q=False)
+    >>> bool(np.allclose(loss, ops.cross_entropy(x @ kernel.T, y), atol=1e-5))
+    True
   """
   z_t, z_s, keep, finish = _sampled_logits(features, kernel, labels, sampled_values, bias,
                                            remove_accidental_hits, subtract_log_q, ignore_index)
@@ -446,6 +509,19 @@ def nce_loss(features, kernel, labels, sampled_values, *, bias=None,
     TF `tf.nn.nce_loss`; Gutmann & Hyvärinen, "Noise-contrastive estimation", AISTATS 2010;
     Mnih & Teh, "A fast and simple algorithm for training neural probabilistic language
     models", ICML 2012.
+
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> x = np.sin(np.arange(3.0)).reshape(1, 3)
+    >>> kernel = np.cos(np.arange(12.0)).reshape(4, 3)
+    >>> z = x @ kernel.T
+    >>> loss = ops.nce_loss(x, kernel, jnp.array([1]), jnp.array([3]), subtract_log_q=False)
+    >>> ref = -jax.nn.log_sigmoid(z[:, 1]) - jax.nn.log_sigmoid(-z[:, 3])
+    >>> bool(np.allclose(loss, ref, atol=1e-5))
+    True
   """
   return _logistic_loss(features, kernel, labels, sampled_values, bias,
                         remove_accidental_hits, subtract_log_q, ignore_index)
@@ -466,6 +542,19 @@ def negative_sampling_loss(features, kernel, labels, sampled_values, *, bias=Non
   References:
     Mikolov et al., "Distributed representations of words and phrases and their
     compositionality", NIPS 2013 (eq. 4).
+
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> x = np.sin(np.arange(3.0)).reshape(1, 3)
+    >>> kernel = np.cos(np.arange(12.0)).reshape(4, 3)
+    >>> z = x @ kernel.T
+    >>> loss = ops.negative_sampling_loss(x, kernel, jnp.array([1]), jnp.array([0, 3]))
+    >>> ref = -jax.nn.log_sigmoid(z[:, 1]) - jax.nn.log_sigmoid(-z[:, [0, 3]]).sum(-1)
+    >>> bool(np.allclose(loss, ref, atol=1e-5))
+    True
   """
   return _logistic_loss(features, kernel, labels, sampled_values, bias,
                         remove_accidental_hits, False, ignore_index)

@@ -82,6 +82,16 @@ def logsumexp(x, *, where=None, temperature=1.0):
       `temperature` does not broadcast to `x`; and, for a concrete `temperature` only, if it is
       not finite and >= 0 (> 0 per class). A traced one is not checked: a traced per-class 0
       gives NaN, a traced negative T divides as written.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> round(float(ops.logsumexp(jnp.array([0.0, 0.0]))), 4)
+    0.6931
+    >>> z = jnp.array([[1.0, 2.0, 3.0]])
+    >>> bool(np.allclose(ops.log_softmax(z), z - ops.logsumexp(z)[..., None]))
+    True
   """
   xc, where = _norm.prepare(x, where, 'x')
   _check_temperature(temperature, xc, 'x')
@@ -111,6 +121,18 @@ def softmax(x, *, where=None, temperature=1.0):
       `temperature` does not broadcast to `x`; and, for a concrete `temperature` only, if it is
       not finite and >= 0 (> 0 per class). A traced one is not checked: a traced per-class 0
       gives NaN, a traced negative T divides as written.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = jnp.array([[1.0, 2.0, 3.0]])
+    >>> round(float(ops.softmax(z).sum()), 4)
+    1.0
+    >>> ops.softmax(z, where=jnp.array([True, True, False]))[0, 2].tolist()
+    0.0
+    >>> bool(np.allclose(ops.softmax(z, temperature=2.0), ops.softmax(z / 2.0)))
+    True
   """
   xc, where = _norm.prepare(x, where, 'x')
   _check_temperature(temperature, xc, 'x')
@@ -139,6 +161,16 @@ def log_softmax(x, *, where=None, temperature=1.0):
       `temperature` does not broadcast to `x`; and, for a concrete `temperature` only, if it is
       not finite and >= 0 (> 0 per class). A traced one is not checked: a traced per-class 0
       gives NaN, a traced negative T divides as written.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = jnp.array([[1.0, 2.0, 3.0]])
+    >>> bool(np.allclose(ops.log_softmax(z), jnp.log(ops.softmax(z))))
+    True
+    >>> round(float(ops.log_softmax(z)[0, 2]), 4)
+    -0.4076
   """
   xc, where = _norm.prepare(x, where, 'x')
   _check_temperature(temperature, xc, 'x')
@@ -182,6 +214,20 @@ def cross_entropy(logits, labels, *, where=None, label_smoothing=0.0, class_weig
       outside [0, K), `label_smoothing` outside [0, 1) or a class weight is not finite and
       >= 0. Traced values are not checked: an out-of-range label gives a NaN loss, a NaN class
       weight a NaN loss for the examples of that class, a negative one a negative loss.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = jnp.array([[1.0, 2.0, 3.0], [2.0, 0.0, 0.0]])
+    >>> labels = jnp.array([2, 0])
+    >>> loss = ops.cross_entropy(z, labels)
+    >>> bool(np.allclose(loss, -ops.log_softmax(z)[np.arange(2), labels]))
+    True
+    >>> [round(float(l), 4) for l in loss]
+    [0.4076, 0.2395]
+    >>> ops.cross_entropy(z, jnp.array([2, -1]), ignore_index=-1)[1].tolist()
+    0.0
   """
   x, where = _norm.prepare(logits, where, 'logits')
   num_classes = x.shape[-1]
@@ -234,6 +280,17 @@ def soft_cross_entropy(logits, targets, *, where=None):
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `logits`
       is not `[..., K]` with K >= 1, `targets` does not have the shape of `logits`, or `where`
       is not a bool mask that broadcasts to `logits`. The values of `targets` are not checked.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = jnp.array([[1.0, 2.0, 3.0]])
+    >>> one_hot = jnp.array([[0.0, 0.0, 1.0]])
+    >>> bool(np.allclose(ops.soft_cross_entropy(z, one_hot), ops.cross_entropy(z, jnp.array([2]))))
+    True
+    >>> round(float(ops.soft_cross_entropy(z, jnp.array([[0.5, 0.0, 0.5]]))[0]), 4)
+    1.4076
   """
   x, where = _norm.prepare(logits, where, 'logits')
   targets = jnp.asarray(targets)

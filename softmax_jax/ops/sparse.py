@@ -193,6 +193,15 @@ def sparsemax(logits: ArrayLike, *, where: Optional[ArrayLike] = None) -> Array:
   References:
     Martins & Astudillo, "From softmax to sparsemax: a sparse model of attention and multi-label
     classification", ICML 2016.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> p = ops.sparsemax(np.array([[1.0, 0.5, -1.0]]))
+    >>> [round(float(v), 4) for v in p[0]]
+    [0.75, 0.25, 0.0]
+    >>> (p == 0).tolist()
+    [[False, False, True]]
   """
   x = _prepare(logits, where)
   return _map('sparsemax', 0, x, jnp.full(x.shape[:-1] + (1,), 2.0, x.dtype))
@@ -217,6 +226,15 @@ def entmax15(logits: ArrayLike, *, where: Optional[ArrayLike] = None) -> Array:
 
   References:
     Peters, Niculae & Martins, "Sparse sequence-to-sequence models", ACL 2019.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> p = ops.entmax15(np.array([[2.0, 1.0, -2.0]]))
+    >>> [round(float(v), 4) for v in p[0]]
+    [0.8307, 0.1693, 0.0]
+    >>> (p == 0).tolist()
+    [[False, False, True]]
   """
   x = _prepare(logits, where)
   return _map('entmax15', 0, x, jnp.full(x.shape[:-1] + (1,), 1.5, x.dtype))
@@ -248,6 +266,15 @@ def entmax_bisect(logits: ArrayLike, *, alpha: ArrayLike = 1.5, n_iter: int = 50
   References:
     Peters, Niculae & Martins, "Sparse sequence-to-sequence models", ACL 2019.
     Blondel, Martins & Niculae, "Learning with Fenchel-Young losses", JMLR 2020.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = np.array([[2.0, 1.0, -2.0]])
+    >>> bool(np.allclose(ops.entmax_bisect(z, alpha=1.5), ops.entmax15(z), atol=1e-5))
+    True
+    >>> bool(np.allclose(ops.entmax_bisect(z, alpha=2.0), ops.sparsemax(z), atol=1e-5))
+    True
   """
   x = _prepare(logits, where)
   return _map('bisect', _n_iter(n_iter), x, _alpha(alpha, x))
@@ -327,10 +354,40 @@ _LOSS_DOC = """Per-example Fenchel-Young loss of {name}: `<p, z - z_y> + H(p)`, 
   References:
     Blondel, Martins & Niculae, "Learning with Fenchel-Young losses", JMLR 2020.
     {ref}
+
+  Example:
+{example}
   """
 
 _SPARSEMAX_REF = 'Martins & Astudillo, "From softmax to sparsemax", ICML 2016.'
 _ENTMAX_REF = 'Peters, Niculae & Martins, "Sparse sequence-to-sequence models", ACL 2019.'
+
+_SPARSEMAX_LOSS_EXAMPLE = '''\
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = np.array([[2.0, 1.0, -1.0], [2.0, 1.0, -1.0]])
+    >>> [round(float(l), 4) for l in ops.sparsemax_loss(z, np.array([0, 1]))]
+    [0.0, 1.0]'''
+
+_ENTMAX15_LOSS_EXAMPLE = '''\
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = np.array([[2.0, 1.0, -2.0]])
+    >>> y = np.array([1])
+    >>> round(float(ops.entmax15_loss(z, y)[0]), 4)
+    1.0617
+    >>> bisect = ops.entmax_bisect_loss(z, y, alpha=1.5)
+    >>> bool(np.allclose(ops.entmax15_loss(z, y), bisect, atol=1e-5))
+    True'''
+
+_ENTMAX_BISECT_LOSS_EXAMPLE = '''\
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> z = np.array([[2.0, 1.0, -2.0]])
+    >>> y = np.array([1])
+    >>> loss = ops.entmax_bisect_loss(z, y, alpha=2.0)
+    >>> bool(np.allclose(loss, ops.sparsemax_loss(z, y), atol=1e-5))
+    True'''
 
 
 def sparsemax_loss(logits: ArrayLike, labels: ArrayLike, *, where: Optional[ArrayLike] = None,
@@ -350,11 +407,12 @@ def entmax_bisect_loss(logits: ArrayLike, labels: ArrayLike, *, alpha: ArrayLike
 
 
 sparsemax_loss.__doc__ = _LOSS_DOC.format(name='sparsemax', alpha=2, extra='', raises='',
-                                          ref=_SPARSEMAX_REF)
+                                          ref=_SPARSEMAX_REF,
+                                          example=_SPARSEMAX_LOSS_EXAMPLE)
 entmax15_loss.__doc__ = _LOSS_DOC.format(name='entmax15', alpha=1.5, extra='', raises='',
-                                         ref=_ENTMAX_REF)
+                                         ref=_ENTMAX_REF, example=_ENTMAX15_LOSS_EXAMPLE)
 entmax_bisect_loss.__doc__ = _LOSS_DOC.format(
-    name='entmax_bisect', alpha='`alpha`', ref=_ENTMAX_REF,
+    name='entmax_bisect', alpha='`alpha`', ref=_ENTMAX_REF, example=_ENTMAX_BISECT_LOSS_EXAMPLE,
     extra=('\n    alpha: scalar or array broadcastable to `logits.shape[:-1]`, > 1 (a traced'
            ' alpha <= 1: NaN).\n    n_iter: Python int >= 1, bisection steps.'),
     raises=', `alpha` not broadcastable or (concrete) not finite and > 1, `n_iter` not an int >= 1')

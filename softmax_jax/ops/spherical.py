@@ -60,6 +60,13 @@ def spherical_softmax(x, *, eps=0.0, where=None):
     ValueError: always (from shapes and dtypes, so also under `jit`/`vmap`/`grad`) if `x` is not
       `[..., K]` with K >= 1, `where` is not a bool mask that broadcasts to `x`, or `eps` is not
       a scalar; for a concrete `eps` only, if it is < 0 (a traced one is not checked).
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> p = ops.spherical_softmax(np.array([[1.0, -1.0, 2.0]]))
+    >>> [round(float(v), 4) for v in p[0]]
+    [0.1667, 0.1667, 0.6667]
   """
   x = _check_x(x)
   _checks.rank(eps, 0, 'eps', '[]')
@@ -88,6 +95,15 @@ def taylor_softmax(x, *, order=2, where=None):
     ValueError: always (from shapes, dtypes and the Python `order`, so also under `jit`/`vmap`/
       `grad`) if `x` is not `[..., K]` with K >= 1, `where` is not a bool mask that broadcasts
       to `x`, or `order` is not an even Python int >= 2. No value of `x` is checked.
+
+  Example:
+    >>> import numpy as np
+    >>> from softmax_jax import ops
+    >>> p = ops.taylor_softmax(np.array([[1.0, 0.0, -1.0]]), order=2)
+    >>> [round(float(v), 4) for v in p[0]]
+    [0.625, 0.25, 0.125]
+    >>> round(float(p.sum()), 4)
+    1.0
   """
   if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 2 or order % 2:
     raise ValueError(f'`order` must be an even integer >= 2 (odd orders can be negative); '
