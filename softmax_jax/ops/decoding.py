@@ -309,8 +309,6 @@ def greedy(logits: ArrayLike, *, where: Optional[ArrayLike] = None) -> Array:
     >>> from softmax_jax import ops
     >>> ops.greedy(jnp.array([[0.1, 2.0, 0.3], [1.0, 1.0, 0.0]])).tolist()
     [1, 0]
-    >>> ops.greedy(jnp.array([[0.1, 2.0, 0.3]]), where=jnp.array([True, False, True])).tolist()
-    [2]
   """
   x, keep = _prepare(logits, where)
   return _argmax(x, keep & ~_nan_rows(x, keep))

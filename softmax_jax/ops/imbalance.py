@@ -143,11 +143,11 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, where=None, ignore_inde
     >>> import jax.numpy as jnp
     >>> import numpy as np
     >>> from softmax_jax import ops
-    >>> z = jnp.array([[1.0, 2.0, 3.0]])
-    >>> y = jnp.array([2])
+    >>> z = jnp.array([[1.0, 2.0, 3.0], [2.0, 0.0, 0.0]])
+    >>> y = jnp.array([2, 0])
     >>> bool(np.allclose(ops.focal_loss(z, y, gamma=0.0), ops.cross_entropy(z, y)))
     True
-    >>> bool(ops.focal_loss(z, y, gamma=2.0)[0] < ops.cross_entropy(z, y)[0])
+    >>> bool(np.all(ops.focal_loss(z, y, gamma=2.0) < ops.cross_entropy(z, y)))
     True
   """
   x, mask = _norm.prepare(logits, where, 'logits')

@@ -61,7 +61,6 @@ def topk_log_softmax(logits: Array, k: int, *, where: Optional[Array] = None
 
   Example:
     >>> import jax.numpy as jnp
-    >>> import numpy as np
     >>> from softmax_jax import ops
     >>> z = jnp.array([[1.0, 3.0, 2.0, 0.0]])
     >>> log_p, ids, dropped = ops.topk_log_softmax(z, 2)
@@ -69,8 +68,8 @@ def topk_log_softmax(logits: Array, k: int, *, where: Optional[Array] = None
     [[1, 2]]
     >>> round(float(ops.logsumexp(log_p)[0]), 4)
     0.0
-    >>> bool(np.allclose(dropped, ops.softmax(z)[0, jnp.array([0, 3])].sum()))
-    True
+    >>> round(float(dropped[0]), 4)  # the softmax mass of classes 0 and 3
+    0.1192
   """
   _checks.last_dim_at_least(logits, 1, 'logits', '[..., num_classes]')
   _checks.dtype(logits, float, 'logits', 'be a float array [..., num_classes]')
