@@ -129,6 +129,8 @@ class ClassificationTask:
 
   def __init__(self, config, dataset=None):
     self.config = config
+    self.augment = {k: v for k, v in dict(config.augment).items() if k in AUGMENT_KEYS}
+    _check_augment(self.augment)  # before the data: a bad value fails in seconds
     self.dataset = data.load_dataset(config.data) if dataset is None else dataset
     if config.data.sampling == 'smote':
       self.dataset = smote_dataset(self.dataset, k_neighbors=config.data.smote_neighbors,
@@ -138,8 +140,6 @@ class ClassificationTask:
     # Many/medium/few-shot accuracy and post-hoc adjustment only for long-tailed runs.
     self.class_counts = self.dataset.class_counts if config.data.imbalance_ratio > 1 else None
     self.items_per_step = config.batch_size
-    self.augment = {k: v for k, v in dict(config.augment).items() if k in AUGMENT_KEYS}
-    _check_augment(self.augment)
     self._eval_fns = {}
     self._logged_sparse = False
 
