@@ -178,9 +178,7 @@ class DistillTask:
       return self._mix(module.head(features, labels, train=train, **_step_kwargs(module, step)),
                        module.head.log_prob(features), target)
 
-    augment = dict(self.config.augment)
-    return classifier_loss(self.model, params, state, batch, rng, method=method,
-                           crop_padding=augment.get('crop_padding', 0), flip=augment.get('flip', False))
+    return classifier_loss(self.model, params, state, batch, rng, method=method, **self.base.augment)
 
   def _lm_loss(self, params, state, batch, rng):
     target, teacher_carry = self.teacher.apply(
