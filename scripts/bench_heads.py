@@ -18,11 +18,22 @@ and the compiled temporary memory (`memory_analysis().temp_size_in_bytes`). Head
                 `ops.mixture_cross_entropy` over vocabulary chunks (1024 classes), no [N, M, K]
   mos materialized  the same head with streamed=False: `[N, M, K]` logits, `mixture_log_softmax`
 
+Full training steps (`train_step_suite`, the preset's `train_K`): `train/step.py`'s step, optimizer
+included, of the sampled and hierarchical heads over a learned `[d]` feature scale (so the
+features get their gradient too), with dense updates (optax on the whole `[K, d]` table) against
+row-sparse ones (`config.optimizer.sparse_output`, train/sparse.py: gradient and update of the
+touched rows only), for SGD (no momentum or decay: the two are equal) and AdamW (lazy moments).
+The state is donated, as the drivers do. `peers_suite` (`--suite=peers`): our sampled step (loss
+and gradient w.r.t. the weights, biases and features) beside TF's `tf.nn.sampled_softmax_loss`
+when TensorFlow is importable (not a project requirement: otherwise its rows are skipped).
+
 A preset's `mos_timed_max_k` caps the K at which the two MoS rows are timed (the CPU presets:
 50k; a MoS step costs M times a dense one); above it they are compiled for their memory only.
 """
 
 import functools
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +43,15 @@ import numpy as np
 import bench_utils
 
 PRESETS = {
-    'cpu': dict(K=[10_000, 50_000, 200_000], N=2048, d=512, mos_timed_max_k=50_000),
-    'cpu_target': dict(K=[200_000], N=2048, d=512, mos_timed_max_k=50_000),
-    'cpu_small': dict(K=[10_000], N=2048, d=512, mos_timed_max_k=50_000),
-    'gpu': dict(K=[10_000, 50_000, 200_000, 1_000_000], N=8192, d=1024),
+    'cpu': dict(K=[10_000, 50_000, 200_000], N=2048, d=512, mos_timed_max_k=50_000,
+                train_K=[50_000, 200_000]),
+    'cpu_target': dict(K=[200_000], N=2048, d=512, mos_timed_max_k=50_000, train_K=[200_000]),
+    'cpu_small': dict(K=[10_000], N=2048, d=512, mos_timed_max_k=50_000, train_K=[10_000]),
+    'gpu': dict(K=[10_000, 50_000, 200_000, 1_000_000], N=8192, d=1024,
+                train_K=[50_000, 200_000, 1_000_000]),
 }
+TRAIN_HEADS = ('sampled', 'hierarchical')  # heads with row-sparse updates (train/sparse.py)
+TRAIN_OPTIMIZERS = ('sgd', 'adamw')
 CUTOFFS = (2000, 10_000, 50_000)
 NUM_SAMPLED = 1024
 VMAP_GROUPS = 8
@@ -172,3 +187,159 @@ def plot(rows, path: str) -> None:
       ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
+
+
+class _FeatureScale:
+  """The trainer's task interface over `head(features * scale)`, `scale: [d]` learned."""
+  row_state_keys = ()
+  resident = None
+
+  def __init__(self, head):
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+    class Model(nn.Module):
+      head: nn.Module
+
+      @nn.compact
+      def __call__(self, x, labels, *, train):
+        scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        return self.head(x * scale, labels, train=train)
+    self.model = Model(head)
+
+  def check_batch(self, batch):
+    del batch
+
+  def loss(self, params, state, batch, rng):
+    del state
+    losses = self.model.apply({'params': params}, batch['x'], batch['y'], train=True,
+                              rngs={'sample': rng})
+    return jnp.mean(losses.astype(jnp.float32)), {'model_state': {}}
+
+
+def _optimizer(name: str, sparse: bool):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from softmax_jax.train.config import base_config  # pylint: disable=g-import-not-at-top
+  from softmax_jax.train.state import make_optimizer  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(base_config().optimizer.to_dict())
+  c.update(name=name, momentum=0.0, weight_decay=0.0 if name == 'sgd' else 1e-4,
+           schedule='constant', warmup_steps=0, learning_rate=0.1, sparse_output=sparse)
+  return make_optimizer(c, 1000)
+
+
+def train_step_suite(preset_name: str, *, repeats: int, max_load: float, wait_s: int,
+                     only=None, optimizers=TRAIN_OPTIMIZERS):
+  """Rows {K, N, d, head, optimizer, updates, temp_mib, time_s, speedup, loss, load}: the full
+  training step (forward, backward, optimizer) with dense and with row-sparse updates."""
+  from softmax_jax.train.step import train_step  # pylint: disable=g-import-not-at-top
+  p = PRESETS[preset_name]
+  n, d = p['N'], p['d']
+  rng = np.random.default_rng(0)
+  rows = []
+  for k in p.get('train_K', p['K']):
+    batch = dict(x=jax.random.normal(jax.random.key(1), (n, d), jnp.float32),
+                 y=jnp.asarray(zipf_labels(rng, n, k)))
+    for name in TRAIN_HEADS:
+      if only and name not in only:
+        continue
+      task = _FeatureScale(make_heads(k)[name]())
+      for opt in optimizers:
+        for updates in ('dense', 'sparse'):
+          schedule, tx = _optimizer(opt, updates == 'sparse')
+          step = jax.jit(functools.partial(train_step, task=task, tx=tx, schedule=schedule),
+                         donate_argnums=(0,))
+          params = jax.jit(functools.partial(task.model.init, train=False))(
+              {'params': jax.random.key(0)}, batch['x'], batch['y'])['params']
+          state = dict(step=jnp.zeros((), jnp.int32), params=params, model_state={},
+                       opt_state=tx.init(params), rng=jax.random.PRNGKey(3))
+          compiled = step.lower(state, batch).compile()
+          row = dict(K=k, N=n, d=d, head=name, optimizer=opt, updates=updates,
+                     temp_mib=compiled.memory_analysis().temp_size_in_bytes / bench_utils.MiB)
+          row['load'] = bench_utils.wait_quiet(max_load, wait_s)
+          state, metrics = compiled(state, batch)  # warm-up
+          jax.block_until_ready(state)
+          times = []
+          for _ in range(repeats):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - start)
+          row['time_s'], row['loss'] = statistics.median(times), float(metrics['loss'])
+          rows.append(row)
+          print(train_table([row]).splitlines()[-1], flush=True)
+          del state, compiled, step
+  for row in rows:
+    base = next(r for r in rows if (r['K'], r['head'], r['optimizer'], r['updates']) ==
+                (row['K'], row['head'], row['optimizer'], 'dense'))
+    row['speedup'] = base['time_s'] / row['time_s']
+  return rows
+
+
+def train_table(rows) -> str:
+  lines = ['| K | N | d | head | optimizer | updates | temp MiB | step s | speed-up | loss | load |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f"| {r['K']} | {r['N']} | {r['d']} | {r['head']} | {r['optimizer']} | "
+                 f"{r['updates']} | {r['temp_mib']:.1f} | {r['time_s']:.4f} | "
+                 f"{_fmt(r.get('speedup'), '{:.1f}x')} | {r['loss']:.3f} | {r['load']:.2f} |")
+  return '\n'.join(lines)
+
+
+def peers_suite(preset_name: str, *, repeats: int, max_load: float, wait_s: int):
+  """Rows {K, N, d, framework, time_s, load} of one sampled-softmax loss + gradient (w.r.t. the
+  weights, biases and features), ours and TF's `tf.nn.sampled_softmax_loss` (1024 log-uniform
+  samples, unique) when TensorFlow is importable; `(rows, note)`, the note saying what was
+  skipped. Each framework runs in this process one after the other (TF's threads idle meanwhile)."""
+  p = PRESETS[preset_name]
+  n, d = p['N'], p['d']
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    tf, note = None, 'tensorflow is not importable here: its rows are skipped (not a requirement).'
+  else:
+    note = f'tensorflow {tf.__version__}'
+  rng = np.random.default_rng(0)
+  rows = []
+  for k in p.get('train_K', p['K']):
+    labels = zipf_labels(rng, n, k)
+    x = np.asarray(jax.random.normal(jax.random.key(1), (n, d), jnp.float32))
+    head = make_heads(k)['sampled']()
+    key = jax.random.key(2)
+    params = jax.jit(functools.partial(head.init, train=True))(
+        {'params': jax.random.key(0), 'sample': key}, x, labels)['params']
+    compiled, _, _ = bench_utils.compile_fn(_step_fn(head), params, x, labels, key)
+    load = bench_utils.wait_quiet(max_load, wait_s)
+    t, _ = bench_utils.time_fn(compiled, (params, jnp.asarray(x), jnp.asarray(labels), key), repeats)
+    rows.append(dict(K=k, N=n, d=d, framework='softmax_jax SampledSoftmax', time_s=t, load=load))
+    print(peers_table(rows[-1:]).splitlines()[-1], flush=True)
+    if tf is None:
+      continue
+    w = tf.Variable(np.asarray(params['embedding']))
+    b = tf.Variable(np.asarray(params['bias']))
+    xt, yt = tf.constant(x), tf.constant(labels.astype(np.int64)[:, None])
+
+    @tf.function
+    def tf_step():
+      with tf.GradientTape() as tape:
+        tape.watch(xt)
+        loss = tf.reduce_mean(tf.nn.sampled_softmax_loss(
+            w, b, yt, xt, num_sampled=NUM_SAMPLED, num_classes=k, remove_accidental_hits=True))
+      return loss, tape.gradient(loss, [w, b, xt])
+    tf_step()  # trace and warm up
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      loss, grads = tf_step()
+      _ = loss.numpy(), [g.values.numpy() if hasattr(g, 'values') else g.numpy() for g in grads]
+      times.append(time.perf_counter() - start)
+    rows.append(dict(K=k, N=n, d=d, framework=f'tf.nn.sampled_softmax_loss (TF {tf.__version__})',
+                     time_s=statistics.median(times), load=bench_utils.load()))
+    print(peers_table(rows[-1:]).splitlines()[-1], flush=True)
+  return rows, note
+
+
+def peers_table(rows) -> str:
+  lines = ['| K | N | d | framework | step s | load |', '|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f"| {r['K']} | {r['N']} | {r['d']} | {r['framework']} | {r['time_s']:.4f} | "
+                 f"{r['load']:.2f} |")
+  return '\n'.join(lines)

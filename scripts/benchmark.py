@@ -24,6 +24,15 @@ Suites (`--suite`):
   python scripts/benchmark.py --suite=heads --preset=cpu          # K in {10k, 50k, 200k}, N=2048, d=512
   python scripts/benchmark.py --suite=heads --preset=cpu_target   # K=200k only
   python scripts/benchmark.py --suite=heads --preset=cpu --K=4000,16000 --N=256 --d=64  # a sub-grid
+         With --train_steps (default), also the full training step (optimizer included) of the
+         sampled and hierarchical heads with dense against row-sparse updates (issue 23) at the
+         preset's train_K (cpu: 50k, 200k; --K overrides it too).
+  taskset -c 1 python scripts/benchmark.py --suite=heads --preset=cpu --heads=sampled,hierarchical --repeats=3
+
+  peers  our sampled-softmax step (loss and gradient) beside TF's `tf.nn.sampled_softmax_loss` when
+         TensorFlow is importable (an optional peer, not a requirement: otherwise skipped with a
+         note), at the heads preset's train_K (scripts/bench_heads.py `peers_suite`).
+  taskset -c 1 python scripts/benchmark.py --suite=peers --preset=cpu
 
   ce     `ops.cross_entropy` of given logits [N, K] against optax's (and the formulation before
          issue 15): value_and_grad w.r.t. the logits, float32 (`--dtype` to change)
@@ -91,9 +100,11 @@ import bench_utils  # pylint: disable=g-import-not-at-top
 from softmax_jax import ops  # pylint: disable=g-import-not-at-top
 from softmax_jax.ops import fused  # pylint: disable=g-import-not-at-top
 
-flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'ce', 'loop', 'decode', 'generate'],
+flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'peers', 'ce', 'loop', 'decode', 'generate'],
                   'Which suite (see the docstring).')
 flags.DEFINE_list('heads', None, 'heads suite: only these heads (default: all), e.g. dense,adaptive.')
+flags.DEFINE_boolean('train_steps', True, 'heads suite: also time the full training step with dense '
+                     'and row-sparse updates (sampled, hierarchical; the preset\'s train_K).')
 flags.DEFINE_enum('preset', 'cpu_target', ['auto', 'cpu', 'cpu_small', 'cpu_target', 'gpu', 'tpu'],
                   'Grid; auto: cpu, gpu or tpu from jax.default_backend().')
 flags.DEFINE_list('dtype', None, 'Override the preset dtypes, e.g. float32,bfloat16.')
@@ -448,7 +459,7 @@ def _heads_grid(preset_name: str) -> str:
     return preset_name
   grid = dict(bench_heads.PRESETS[preset_name])
   if FLAGS.K:
-    grid['K'] = [int(k) for k in FLAGS.K]
+    grid['K'] = grid['train_K'] = [int(k) for k in FLAGS.K]
   for key in ('N', 'd'):
     if FLAGS[key].value:
       if len(FLAGS[key].value) != 1:
@@ -467,7 +478,23 @@ def heads_suite(preset_name, out):
   table = bench_heads.table(rows)
   print(table)
   bench_heads.plot(rows, out + '.png')
-  return dict(rows=rows, markdown=table, labels='log-uniform (Zipf)', doc=bench_heads.__doc__)
+  result = dict(rows=rows, markdown=table, labels='log-uniform (Zipf)', doc=bench_heads.__doc__)
+  if FLAGS.train_steps:
+    train_rows = bench_heads.train_step_suite(
+        _heads_grid(preset_name), repeats=FLAGS.repeats, max_load=FLAGS.max_load,
+        wait_s=FLAGS.wait_s, only=FLAGS.heads)
+    result.update(train_rows=train_rows, train_markdown=bench_heads.train_table(train_rows))
+    print(result['train_markdown'])
+  return result
+
+
+def peers_suite(preset_name, out):
+  del out
+  rows, note = bench_heads.peers_suite(_heads_grid(preset_name), repeats=FLAGS.repeats,
+                                       max_load=FLAGS.max_load, wait_s=FLAGS.wait_s)
+  table = bench_heads.peers_table(rows)
+  print(table + '\n' + note)
+  return dict(rows=rows, markdown=table, note=note, doc=bench_heads.peers_suite.__doc__)
 
 
 def ce_suite(preset_name, out):
@@ -509,7 +536,7 @@ def generate_suite(preset_name, out):
   return dict(rows=rows, markdown=table, doc=bench_generate.__doc__)
 
 
-SUITES = {'fused': fused_suite, 'heads': heads_suite, 'ce': ce_suite, 'loop': loop_suite,
+SUITES = {'fused': fused_suite, 'heads': heads_suite, 'peers': peers_suite, 'ce': ce_suite, 'loop': loop_suite,
           'decode': decode_suite, 'generate': generate_suite}
 
 

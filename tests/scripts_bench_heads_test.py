@@ -50,3 +50,19 @@ def test_untimed_rows_have_memory_only(monkeypatch):
                                  max_run_gib=1.0, only=['dense', 'sampled'])
   assert [r['head'] for r in rows] == ['dense', 'sampled']
   assert all('time_s' not in r and 'speedup' not in r and r['temp_mib'] > 0 for r in rows)
+
+
+def test_train_step_rows_dense_and_sparse_and_peers(monkeypatch):
+  monkeypatch.setitem(bench_heads.PRESETS, 'tiny', dict(K=[2000], N=32, d=16, train_K=[2000]))
+  rows = bench_heads.train_step_suite('tiny', repeats=1, max_load=0, wait_s=0, optimizers=('sgd',))
+  assert [(r['head'], r['updates']) for r in rows] == [
+      ('sampled', 'dense'), ('sampled', 'sparse'), ('hierarchical', 'dense'),
+      ('hierarchical', 'sparse')]
+  for dense, sparse in (rows[:2], rows[2:]):
+    # SGD without momentum or decay: the same first step (the loss is before the update).
+    np.testing.assert_allclose(sparse['loss'], dense['loss'], rtol=1e-6)
+    assert dense['speedup'] == 1.0 and sparse['time_s'] > 0
+  assert bench_heads.train_table(rows).count('\n') == len(rows) + 1
+  peers, note = bench_heads.peers_suite('tiny', repeats=1, max_load=0, wait_s=0)
+  assert peers[0]['framework'] == 'softmax_jax SampledSoftmax' and peers[0]['time_s'] > 0
+  assert note
