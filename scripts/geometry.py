@@ -9,7 +9,8 @@ For each workdir (its latest checkpoint) it embeds the test split with the backb
   - closed-set verification on test pairs of the trained classes (LFW protocol, 10 folds);
   - open-set verification when the run was trained on `data.classes`: every pair of test images of
     the held-out classes is scored by cosine; accuracy (10-fold threshold) and TAR at FAR=--far.
-It writes WORKDIR/geometry.json and WORKDIR/embeddings.npz, and prints a markdown table row per
+It writes WORKDIR/geometry.json and WORKDIR/embeddings.npz (and, for 2-D features, their scatter plot
+to the run's TensorBoard as images/features), and prints a markdown table row per
 workdir.
 """
 
@@ -21,11 +22,13 @@ from absl import app
 from absl import flags
 import jax
 import numpy as np
+import tensorboardX
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from softmax_jax import data  # pylint: disable=g-import-not-at-top
 from softmax_jax import geometry  # pylint: disable=g-import-not-at-top
 from softmax_jax.train import load_trained  # pylint: disable=g-import-not-at-top
+from softmax_jax.train import writer  # pylint: disable=g-import-not-at-top
 from softmax_jax.train.loop import quiet_libraries  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_list('workdir', None, 'Workdirs of scripts/train.py (comma-separated).', required=True)
@@ -85,6 +88,10 @@ def analyse(workdir: str):
   with open(os.path.join(workdir, 'geometry.json'), 'w') as f:
     json.dump(result, f, indent=2)
   np.savez_compressed(os.path.join(workdir, 'embeddings.npz'), **arrays)
+  if emb.shape[1] == 2:  # the learned features beside the run's curves in TensorBoard
+    with tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard')) as tb:
+      tb.add_image('images/features', writer.features_image(emb, test.labels), config.num_steps,
+                   dataformats='HWC')
   return result
 
 

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from softmax_jax.train import base_config, load_trained, train_and_evaluate
+from softmax_jax.train.writer import read_events
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,6 +47,9 @@ def test_margin_run_then_geometry_and_feature_plot(tmp_path):
   assert arrays['embeddings'].shape == (len(dataset.splits['test']), 2)
   assert arrays['heldout_embeddings'].shape == (71, 2)
   assert set(np.unique(arrays['heldout_labels'])) == {8, 9}
+  images = {(tag, step) for step, tag, kind in read_events(os.path.join(workdir, 'tensorboard'))
+            if kind == 'image'}
+  assert ('images/features', 100) in images and ('images/reliability', 100) in images, images
 
   out = str(tmp_path / 'features.png')
   result = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'plot.py'),

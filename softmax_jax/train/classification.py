@@ -30,6 +30,7 @@ from softmax_jax import ops
 from softmax_jax.data.augment import augment_images
 from softmax_jax.data.smote import smote_dataset
 from softmax_jax.models.classifier import build_classifier
+from softmax_jax.train import writer
 from softmax_jax.train.parallel import check_divisible
 from softmax_jax.train.state import init_state
 
@@ -245,6 +246,10 @@ class ClassificationTask:
         os.path.join(workdir, 'reliability.png'),
         {'test': (test['confidence'][:, 0], correct),
          f'test, temperature {t:.2f}': (test['confidence'][:, 1], correct)}, where=test['mask'])
+    # Test F1 of each class, for the run's TensorBoard image (train/loop.py: `task.per_class`).
+    self.per_class = dict(writer.per_class_f1(test['prediction'], test['label'],
+                                              num_classes=self.dataset.num_classes, where=test['mask']),
+                          class_names=self.dataset.class_names)
     if adjust:
       out.update(self.summary(test, 'test_posthoc/', adjusted=True))
     return out

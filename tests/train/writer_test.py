@@ -96,4 +96,5 @@ def test_a_run_writes_config_hparams_images_and_each_tag_once(tmp_path):
   events = _events(workdir)  # the last log step's rate and the run's steady rate: two tags
   assert events[(4, 'train/examples_per_second')] == events[(4, 'train/steady_examples_per_second')]
   assert {(0, 'config/text_summary'), (0, '_hparams_/session_start_info'),
-          (4, '_hparams_/experiment'), (4, 'images/reliability'), (4, 'test/accuracy')} <= set(events)
+          (4, '_hparams_/experiment'), (4, 'images/reliability'), (4, 'images/per_class_f1'),
+          (4, 'test/accuracy')} <= set(events)
