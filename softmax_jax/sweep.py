@@ -209,14 +209,24 @@ def direction_of(metric: str, direction: Optional[str] = None) -> str:
   raise SweepError(f'--metric={metric}: give --direction=maximize|minimize.')
 
 
+class _GridSampler(optuna.samplers.GridSampler):
+  """GridSampler that also takes a trial rerun by `requeue_stale` (an enqueued trial, without a
+  grid id: optuna 5.0's `after_trial` raises KeyError on one when one grid point is left)."""
+
+  def after_trial(self, study, trial, state, values) -> None:
+    if 'grid_id' in study._storage.get_trial_system_attrs(trial._trial_id):  # pylint: disable=protected-access
+      super().after_trial(study, trial, state, values)
+    elif not self._get_unvisited_grid_ids(study):
+      study.stop()
+
+
 def make_sampler(name: str, space: Sequence[Param], seed: int) -> optuna.samplers.BaseSampler:
   """Optuna's GridSampler ('grid': every key a choice), RandomSampler or TPESampler, seeded."""
   if name == 'grid':
     bad = [p.key for p in space if p.kind != 'choice']
     if bad:
       raise SweepError(f'--sampler=grid needs choice(...) or [...] for every key; not for {bad}.')
-    return optuna.samplers.GridSampler(
-        {p.key: [_choice_value(v) for v in p.values] for p in space}, seed=seed)
+    return _GridSampler({p.key: [_choice_value(v) for v in p.values] for p in space}, seed=seed)
   if name == 'random':
     return optuna.samplers.RandomSampler(seed=seed)
   if name == 'tpe':
@@ -409,9 +419,10 @@ def make_objective(*, sweep_dir: str, config_spec: str, fixed: Sequence[str], sp
           stopped[0] = True
           return True
         trial.report(float(row[metric]), int(row['step']))
+        if trial.should_prune():  # after each report: pruners compare at that step
+          stopped[0] = True
+          break
       seen[0] = len(evals)
-      if evals and trial.should_prune():
-        stopped[0] = True
       return stopped[0]
 
     try:

@@ -17,7 +17,7 @@ from softmax_jax import sweep
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'digits.py')
 TINY = ['--config.num_steps=20', '--config.eval_every=10', '--config.log_every=10',
-        '--config.checkpoint_every=10', '--config.model.hidden=(32,)']
+        '--config.checkpoint_every=10', '--config.model.hidden=(32,)', '--config.num_devices=1']
 
 
 def _validation(workdir, metric='validation/accuracy'):
@@ -35,20 +35,32 @@ def _run(tmp, space, **kwargs):
   return out, lines
 
 
+def _study(tmp, sampler=None):
+  return optuna.load_study(study_name='sweep', sampler=sampler, storage=optuna.storages.JournalStorage(
+      optuna.storages.journal.JournalFileBackend(os.path.join(tmp, 'optuna.journal'))))
+
+
 def test_grid_sweep_resumes_and_chooses_on_validation(tmp_path):
-  space = 'optimizer.learning_rate=[1e-3,1e-2];model.dropout=[0.0,0.3]'
+  # Seeds only: one compiled program (the test's compilation cache serves the other trials).
+  space = 'seed=[0,1,2,3]'
   out, lines = _run(tmp_path, space, sampler='grid', num_trials=2)
   assert [r['state'] for r in out['rows']] == ['complete'] * 2
   assert sum(line.startswith('trial ') for line in lines) == 2
   finals = [os.path.join(tmp_path, f'trial_{n}', 'final_metrics.json') for n in (0, 1)]
   mtimes = [os.stat(f).st_mtime_ns for f in finals]
-  out, lines = _run(tmp_path, space, sampler='grid')  # default: the whole 2 x 2 grid
+  # Killed while trial 2 ran: it stays RUNNING in the study, with its params and workdir.
+  stale = _study(tmp_path, sweep.make_sampler('grid', sweep.parse_space(space), 0)).ask()
+  stale.suggest_categorical('seed', [0, 1, 2, 3])
+  stale.set_user_attr('workdir', os.path.join(tmp_path, 'trial_2'))
+  out, lines = _run(tmp_path, space, sampler='grid')  # default: the whole grid
+  assert 'Rerunning trials [2]' in lines[0]
   assert [os.stat(f).st_mtime_ns for f in finals] == mtimes  # finished trials were not rerun
   rows = out['rows']
-  assert sorted(r['trial'] for r in rows) == [0, 1, 2, 3]
+  assert sorted(r['trial'] for r in rows) == [0, 1, 3, 4]  # 3 reran 2, 4 took the last point
+  assert {r['trial']: os.path.basename(r['workdir']) for r in rows}[3] == 'trial_2'
+  assert _study(tmp_path).trials[2].state == optuna.trial.TrialState.FAIL
   assert all(r['state'] == 'complete' and r['steps'] == 20 for r in rows)
-  assert {(r['params']['optimizer.learning_rate'], r['params']['model.dropout']) for r in rows} == {
-      (lr, p) for lr in (1e-3, 1e-2) for p in (0.0, 0.3)}
+  assert sorted(r['params']['seed'] for r in rows) == [0, 1, 2, 3]
   values = {r['trial']: _validation(r['workdir']) for r in rows}
   assert [r['value'] for r in rows] == pytest.approx(sorted(values.values(), reverse=True))
   best = max(values, key=values.get)
@@ -56,52 +68,14 @@ def test_grid_sweep_resumes_and_chooses_on_validation(tmp_path):
     saved = json.load(f)
   assert saved['trial'] == out['trial'] == best
   assert saved['value'] == pytest.approx(values[best])
-  with open(os.path.join(tmp_path, f'trial_{best}', 'final_metrics.json')) as f:
+  with open(os.path.join(saved['workdir'], 'final_metrics.json')) as f:
     assert saved['test']['test/accuracy'] == pytest.approx(json.load(f)['test/accuracy'])
-  assert f'--config.optimizer.learning_rate={saved["params"]["optimizer.learning_rate"]}' in saved['command']
+  assert f'--config.seed={saved["params"]["seed"]}' in saved['command']
   with open(os.path.join(tmp_path, 'results.md')) as f:
     md = f.read()
   assert md.count('| complete |') == 4 and f'Best: trial {best},' in md
   with pytest.raises(sweep.SweepError, match='another space'):  # another space: refused
-    _run(tmp_path, 'optimizer.learning_rate=[1e-3]', sampler='grid')
-
-
-def test_stale_running_trial_is_rerun_in_its_workdir(tmp_path):
-  space = 'optimizer.learning_rate=[3e-3]'
-  _run(tmp_path, space, sampler='random', num_trials=0)  # creates the study, trains nothing
-  study = optuna.load_study(study_name='sweep', storage=optuna.storages.JournalStorage(
-      optuna.storages.journal.JournalFileBackend(os.path.join(tmp_path, 'optuna.journal'))))
-  stale = study.ask()  # as a sweep killed mid-trial leaves it: RUNNING, params and workdir set
-  stale.suggest_categorical('optimizer.learning_rate', [3e-3])
-  stale.set_user_attr('workdir', os.path.join(tmp_path, 'trial_0'))
-  out, lines = _run(tmp_path, space, sampler='random', num_trials=1)
-  assert 'Rerunning trials [0]' in lines[0]
-  assert [(r['trial'], r['state'], r['workdir']) for r in out['rows']] == [
-      (1, 'complete', os.path.join(tmp_path, 'trial_0'))]
-  assert study.get_trials()[0].state == optuna.trial.TrialState.FAIL
-  assert not os.path.exists(os.path.join(tmp_path, 'trial_1'))
-
-
-def test_pruning_stops_a_bad_trial(tmp_path):
-  space = 'optimizer.learning_rate=[1e-7]'  # absurdly small: stays near chance
-  fixed = ['--config.num_steps=3000', *TINY[1:]]
-  _run(tmp_path, space, fixed=fixed, sampler='random', num_trials=0)
-  study = optuna.load_study(study_name='sweep', storage=optuna.storages.JournalStorage(
-      optuna.storages.journal.JournalFileBackend(os.path.join(tmp_path, 'optuna.journal'))))
-  done = os.path.join(tmp_path, 'done')  # two good trials, as if finished before
-  os.makedirs(done)
-  with open(os.path.join(done, 'final_metrics.json'), 'w') as f:
-    json.dump({'test/accuracy': 0.9}, f)
-  for value in (0.9, 0.95):
-    study.add_trial(optuna.trial.create_trial(
-        params={'optimizer.learning_rate': 1e-7},
-        distributions={'optimizer.learning_rate': optuna.distributions.CategoricalDistribution([1e-7])},
-        value=value, intermediate_values={10: value, 20: value}, user_attrs={'workdir': done}))
-  out, lines = _run(tmp_path, space, fixed=fixed, sampler='random', pruner='median', num_trials=3)
-  pruned = [r for r in out['rows'] if r['state'] == 'pruned']
-  assert len(pruned) == 1 and 10 <= pruned[0]['steps'] < 3000
-  assert pruned[0]['value'] < 0.5
-  assert ' pruned: ' in lines[0]
+    _run(tmp_path, 'seed=[0]', sampler='grid')
 
 
 @pytest.mark.parametrize('space, kwargs, match', [
@@ -127,15 +101,32 @@ def test_metric_the_loop_does_not_log(tmp_path):
          metric='validation/bogus', direction='minimize')
 
 
-def test_script_end_to_end(tmp_path):
-  """scripts/sweep.py runs scripts/train.py as a subprocess per trial; the table and best.json."""
+def test_script_prunes_a_trial_with_sigterm(tmp_path):
+  """scripts/sweep.py runs scripts/train.py as a subprocess; the median pruner stops it (SIGTERM:
+  the trainer checkpoints the step it reached) against two good trials finished before."""
+  space, fixed = 'optimizer.learning_rate=[1e-7]', ['--config.num_steps=5000', *TINY[1:]]
+  _run(tmp_path, space, fixed=fixed, sampler='random', num_trials=0)  # the study, no trial
+  done = os.path.join(tmp_path, 'done')
+  os.makedirs(done)
+  with open(os.path.join(done, 'final_metrics.json'), 'w') as f:
+    json.dump({'test/accuracy': 0.9}, f)
+  for value in (0.9, 0.95):
+    _study(tmp_path).add_trial(optuna.trial.create_trial(
+        params={'optimizer.learning_rate': 1e-7},
+        distributions={'optimizer.learning_rate': optuna.distributions.CategoricalDistribution([1e-7])},
+        value=value, intermediate_values={10: value}, user_attrs={'workdir': done, 'steps': 20}))
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, 'scripts', 'sweep.py'), f'--config={CONFIG}',
-       f'--sweep_dir={tmp_path}', '--space=optimizer.learning_rate=[1e-2]', '--sampler=grid',
-       *TINY], capture_output=True, text=True, cwd=REPO, timeout=300)
+       f'--sweep_dir={tmp_path}', f'--space={space}', '--sampler=random', '--pruner=median',
+       '--num_trials=3', *fixed], capture_output=True, text=True, cwd=REPO, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert 'trial 1/1 #0 complete: optimizer.learning_rate=1e-2' in result.stdout
-  value = _validation(os.path.join(tmp_path, 'trial_0'))
+  assert 'trial 3/3 #2 pruned: optimizer.learning_rate=1e-7' in result.stdout
+  workdir = os.path.join(tmp_path, 'trial_2')
+  steps = max(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+  assert 10 <= steps < 5000  # stopped early, at a checkpoint
+  assert not os.path.exists(os.path.join(workdir, 'final_metrics.json'))
+  with open(os.path.join(workdir, 'train.log')) as f:
+    assert 'SIGTERM' in f.read()
+  assert '| 2 | pruned | 1e-07 |' in result.stdout
   with open(os.path.join(tmp_path, 'best.json')) as f:
-    assert json.load(f)['value'] == pytest.approx(value)
-  assert os.path.exists(os.path.join(tmp_path, 'trial_0', 'train.log'))
+    assert json.load(f)['value'] == pytest.approx(0.95)
