@@ -118,9 +118,9 @@ class HierarchicalSoftmax(nn.Module):
                row_delta: Optional[jnp.ndarray] = None) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """The training loss `__call__(features, labels, train=True)` read from the touched rows only.
 
-    The loss reads the R = N D node vectors on the labels' paths (N = labels.size, D the depth).
-    Their distinct ids are `row_ids` (sorted, padded with K - 1); the loss reads
-    `rows = stop_gradient(node_vectors[row_ids]) + row_delta`, so `grad(loss, row_delta)` is the
+    The loss reads the N D node vectors on the labels' paths (N = labels.size, D the depth).
+    Their R = min(N D, K - 1) distinct ids are `row_ids` (sorted, padded with K - 1); the loss
+    reads `rows = stop_gradient(node_vectors[row_ids]) + row_delta`, so `grad(loss, row_delta)` is the
     gradient of `node_vectors` at `row_ids` with duplicates summed (zero at the padding), and no
     `[K - 1, d]` gradient is formed. Same values and, up to float summation order, the same
     gradients as `ops.hierarchical_loss`; the training step uses it for
@@ -148,8 +148,8 @@ class HierarchicalSoftmax(nn.Module):
     in_range = (labels >= 0) & (labels < k)
     entry = jnp.asarray(signed, jnp.int32)[jnp.where(in_range, labels, 0)]  # [..., D]
     node, sign = jnp.maximum(jnp.abs(entry) - 1, 0), jnp.sign(entry).astype(acc)
-    row_ids, inverse = jnp.unique(node.reshape(-1), size=node.size, fill_value=rows_k,
-                                  return_inverse=True)
+    row_ids, inverse = jnp.unique(node.reshape(-1), size=min(node.size, rows_k),
+                                  fill_value=rows_k, return_inverse=True)
     rows = jax.lax.stop_gradient(jnp.take(vectors, row_ids, axis=0, mode='fill', fill_value=0))
     if row_delta is not None:
       rows = rows + row_delta

@@ -144,8 +144,9 @@ class SampledSoftmax(nn.Module):
                row_delta: Optional[jnp.ndarray] = None) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """The training loss `__call__(features, labels, train=True)` read from the touched rows only.
 
-    The loss reads R = N + S rows of `embedding` (N = labels.size, S = num_sampled): the labels'
-    and the sample's. Their distinct ids are `row_ids` (sorted, padded with K); the loss reads
+    The loss reads N + S rows of `embedding` (N = labels.size, S = num_sampled): the labels'
+    and the sample's. Their R = min(N + S, K) distinct ids are `row_ids` (sorted, padded with
+    K); the loss reads
     `rows = stop_gradient(embedding[row_ids]) + row_delta`, so `grad(loss, row_delta)` is the
     gradient of `embedding` at `row_ids` with duplicates summed (zero at the padding), and no
     `[K, d]` gradient is formed. Same sample (one draw from 'sample'), same values and, up to
@@ -168,13 +169,14 @@ class SampledSoftmax(nn.Module):
     k, n = self.num_classes, labels.size
     ids = jnp.concatenate([labels.reshape(-1), values.sampled]).astype(jnp.int32)
     ids = jnp.where((ids >= 0) & (ids < k), ids, k)  # a traced out-of-range label: padding
-    row_ids, inverse = jnp.unique(ids, size=n + s, fill_value=k, return_inverse=True)
+    size = min(n + s, k)  # distinct ids: at most K
+    row_ids, inverse = jnp.unique(ids, size=size, fill_value=k, return_inverse=True)
     inverse = inverse.reshape(-1)
     rows = jax.lax.stop_gradient(jnp.take(embedding, row_ids, axis=0, mode='fill', fill_value=0))
     if row_delta is not None:
       rows = rows + row_delta
     in_range = (labels >= 0) & (labels < k)
-    local = jnp.where(in_range, inverse[:n].reshape(labels.shape), n + s)  # out of range: NaN
+    local = jnp.where(in_range, inverse[:n].reshape(labels.shape), size)  # out of range: NaN
     values = values._replace(sampled=inverse[n:])
     local_bias = None if bias is None else jnp.take(bias, row_ids, mode='fill', fill_value=0)
     dtype = self.dtype or features.dtype

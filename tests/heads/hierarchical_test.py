@@ -154,3 +154,33 @@ class ContractTest(chex.TestCase):
     features, labels = rng.normal(size=(4, 8)) * 2, rng.integers(0, 8, size=4)
     testing.assert_head_contract(hh.HierarchicalSoftmax(num_classes=8, **kwargs), features, labels,
                                  variant=self.variant)
+
+
+def test_row_loss_equals_the_path_loss_and_its_row_gradients():
+  """`row_loss` (train/sparse.py's path): the path loss, and its row gradients are the dense
+  gradient's rows (nodes shared by several paths summed), zero elsewhere."""
+  k, d = 30, 6
+  head = hh.HierarchicalSoftmax(num_classes=k)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, d))
+  y = jnp.asarray(np.random.default_rng(0).integers(0, k, (3, 4)), jnp.int32)
+  v = head.init(jax.random.PRNGKey(1), x, y)
+  depth = int(head._tree().paths.shape[1])  # pylint: disable=protected-access
+
+  @jax.jit
+  def both(params):
+    dense_loss, dense_grad = jax.value_and_grad(
+        lambda p: head.apply({'params': p}, x, y, train=True).sum())(params)
+    (row_loss, ids), row_grad = jax.value_and_grad(
+        lambda delta: (lambda l, i: (l.sum(), i))(*head.apply(
+            {'params': params}, x, y, delta, method='row_loss')),
+        has_aux=True)(jnp.zeros((min(y.size * depth, k - 1), d)))
+    return dense_loss, dense_grad['node_vectors'], row_loss, ids, row_grad
+
+  dense_loss, dense_grad, row_loss, ids, row_grad = both(v['params'])
+  np.testing.assert_allclose(row_loss, dense_loss, rtol=1e-6)
+  ids, rows = np.asarray(ids), k - 1
+  assert len(set(ids[ids < rows])) == int(np.sum(ids < rows))
+  scattered = np.zeros((rows, d), np.float32)
+  scattered[ids[ids < rows]] = np.asarray(row_grad)[ids < rows]
+  np.testing.assert_allclose(scattered, dense_grad, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(row_grad)[ids >= rows], 0)

@@ -208,3 +208,34 @@ class ContractTest(chex.TestCase):
     features, labels = rng.normal(size=(4, 8)) * 2, rng.integers(0, 8, size=4)
     testing.assert_head_contract(SampledSoftmax(num_classes=8, **kwargs), features, labels,
                                  variant=self.variant)
+
+
+@pytest.mark.parametrize('loss', ['sampled_softmax', 'nce'])
+def test_row_loss_equals_the_training_loss_and_its_row_gradients(loss):
+  """`row_loss` (train/sparse.py's path): same sample, same loss, and its row gradients are the
+  dense gradient's rows (duplicate labels and accidental hits summed), zero elsewhere."""
+  k, d = 30, 6
+  head = SampledSoftmax(num_classes=k, num_sampled=5, loss=loss)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, d))
+  y = jnp.asarray(np.random.default_rng(0).integers(0, 8, (3, 4)), jnp.int32)  # duplicates
+  v = head.init({'params': jax.random.PRNGKey(1), 'sample': jax.random.PRNGKey(2)}, x, y, train=True)
+  rngs = {'sample': jax.random.PRNGKey(3)}
+
+  @jax.jit
+  def both(params):
+    dense_loss, dense_grad = jax.value_and_grad(
+        lambda p: head.apply({'params': p}, x, y, train=True, rngs=rngs).sum())(params)
+    (row_loss, ids), row_grad = jax.value_and_grad(
+        lambda delta: (lambda l, i: (l.sum(), i))(*head.apply(
+            {'params': params}, x, y, delta, method='row_loss', rngs=rngs)),
+        has_aux=True)(jnp.zeros((min(y.size + 5, k), d)))
+    return dense_loss, dense_grad['embedding'], row_loss, ids, row_grad
+
+  dense_loss, dense_grad, row_loss, ids, row_grad = both(v['params'])
+  np.testing.assert_allclose(row_loss, dense_loss, rtol=1e-6)
+  ids = np.asarray(ids)
+  assert len(set(ids[ids < k])) == int(np.sum(ids < k))  # distinct, padded with K
+  scattered = np.zeros((k, d), np.float32)
+  scattered[ids[ids < k]] = np.asarray(row_grad)[ids < k]
+  np.testing.assert_allclose(scattered, dense_grad, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(row_grad)[ids >= k], 0)
