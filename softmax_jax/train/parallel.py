@@ -11,6 +11,10 @@ than with one (WORKSPACE, issue 15).
 Under pmap, randomness (dropout, augmentation) draws from per-device keys, so a pmap run with
 it is not the same as a jit run; jit runs agree across device counts. Evaluation runs on the jit
 path for both drivers.
+Row-sparse updates (`config.optimizer.sparse_output`, train/sparse.py) work under both: under
+jit the touched rows are those of the global batch and the table stays replicated; under pmap
+each device's `(row_ids, row_grads)` are all-gathered and their duplicates summed, so every
+device applies the same update to its replica.
 
 Device count (`config.num_devices`, `usable_devices`): the batch sizes are part of the experiment
 and are never changed to fit the hardware. With `num_devices=0` (the default) a run uses the most
