@@ -111,7 +111,8 @@ def _interceptor(params, box, row_delta=None):
     name = getattr(type(module), 'sparse_param', None)
     method = context.method_name
     if name is None or box.get('inside') or not hasattr(module, 'row_loss'):
-      if method == '__call__' and kwargs.get('train') and hasattr(module, 'log_prob'):
+      if (method == '__call__' and kwargs.get('train') and hasattr(module, 'log_prob')
+          and hasattr(module, 'num_classes')):  # a head (not the model around it)
         box.setdefault('heads', []).append(type(module).__name__)
       return next_fun(*args, **kwargs)
     path = tuple(module.path) + (name,)
