@@ -81,8 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
       # Row-sparse gradients and lazy updates of the head's table (train/sparse.py, issue 23;
       # sampled and hierarchical heads): True forces them (lazy momentum / Adam moments / weight
       # decay on touched rows only), False never, None (auto) where they equal the dense
-      # update and are faster: those heads with sgd, momentum=0, weight_decay=0, and a table
-      # of at least train.sparse.AUTO_MIN_ROWS rows.
+      # update and are faster: those heads with sgd, momentum=0, weight_decay=0, a table of at
+      # least train.sparse.AUTO_MIN_ROWS rows and at most half of them touched per step.
       sparse_output=config_dict.placeholder(bool),
   ))
   # On-device augmentation of image batches in the train step (data/augment.py); off by default.

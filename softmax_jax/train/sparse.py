@@ -27,8 +27,10 @@ The optimizer state has the dense structure (the per-row moments are the full `[
 leaves optax makes), so checkpoints and resumption are the dense ones, and a run can switch
 between sparse and dense updates on resume. With SGD without momentum and weight decay the
 sparse update equals the dense one up to float summation order; `sparse_output=None` (auto)
-turns it on there only, for tables of at least `AUTO_MIN_ROWS` rows (below that the sort and
-scatter of the touched ids cost more than the dense update saves: WORKSPACE, issue 23).
+turns it on there only, for tables of at least `AUTO_MIN_ROWS` rows whose touched-row bound R
+is at most half the table (below that size the sort and scatter of the touched ids cost more
+than the dense update saves; with R near the table, e.g. a hierarchical head's N D paths at
+K=50k, N=2048, the row view is as large as the table and no faster: WORKSPACE, issue 23).
 
 References:
   TF `tf.IndexedSlices` and `tfa.optimizers.LazyAdam`; PyTorch `nn.Embedding(sparse=True)` and
@@ -148,8 +150,8 @@ def plan_rows(tx, loss_fn: Callable, params, *args) -> Optional[RowPlan]:
 
   Args:
     tx: the step's transformation; sparse only for a `SparseOutputTransformation` whose
-      `sparse_output` is True, or None (auto) with `exact` (SGD without momentum or decay) and
-      a table of at least `AUTO_MIN_ROWS` rows.
+      `sparse_output` is True, or None (auto) with `exact` (SGD without momentum or decay), a
+      table of at least `AUTO_MIN_ROWS` rows and at most half of them touched (R).
     loss_fn: the task's `loss(params, state, batch, rng) -> (loss, updates)`.
     params: the parameters.
     *args: the rest of `loss_fn`'s arguments.
@@ -184,7 +186,8 @@ def plan_rows(tx, loss_fn: Callable, params, *args) -> Optional[RowPlan]:
       raise ValueError(f'{KEY}=True with optimizer {tx.optimizer!r}, but {problem}. Set '
                        f'--{KEY}=False (dense updates) or None (auto).')
     return None
-  if setting is None and box['num_rows'] < AUTO_MIN_ROWS:
+  if setting is None and (box['num_rows'] < AUTO_MIN_ROWS
+                         or 2 * box['ids'].shape[0] > box['num_rows']):
     return None
   return RowPlan(box['path'], int(box['num_rows']), int(box['ids'].shape[0]), int(box['dim']),
                  box['head'])

@@ -120,6 +120,17 @@ def test_auto_turns_on_only_where_exact_and_large():
     _, forced = _optimizer(True, **opt)
     plan = sparse.plan_rows(forced, task.loss, state['params'], state, _batch(), state['rng'])
     assert plan == sparse.RowPlan(('head', 'embedding'), k, B + 6, 8, 'SampledSoftmax')
+  # A balanced tree over 2^15 classes: paths of 15 nodes. 16 labels touch at most 240 of the
+  # 32767 rows (sparse); 2048 labels up to 30720 of them (dense: no faster).
+  task = _Task(HierarchicalSoftmax(num_classes=2 * big, tree='balanced'))
+  _, tx = _optimizer(None)
+  state = jax.eval_shape(lambda: _state(task, tx))
+  for n, on in [(B, True), (2048, False)]:
+    batch = dict(x=jax.ShapeDtypeStruct((n, D_IN), jnp.float32),
+                 y=jax.ShapeDtypeStruct((n,), jnp.int32))
+    plan = sparse.plan_rows(tx, task.loss, state['params'], state, batch, state['rng'])
+    assert (plan is not None) == on, n
+    assert plan is None or plan.num_touched == B * 15
 
 
 def _lazy_adam_reference(table, steps, lr, b1, b2, eps, wd):
