@@ -126,7 +126,7 @@ def _interceptor(params, box, row_delta=None):
       return next_fun(*args, **kwargs)
     if method == '__call__' and kwargs.get('train'):
       if 'ids' in box:
-        box['reads_table'] = f'{type(module).__name__}.__call__ twice'
+        box.setdefault('reads_table', f'{type(module).__name__}.__call__ twice')
         return next_fun(*args, **kwargs)
       features, labels = (list(args) + [kwargs.get('features'), kwargs.get('labels')])[:2]
       box['inside'] = True
@@ -138,7 +138,7 @@ def _interceptor(params, box, row_delta=None):
                  num_rows=module.get_variable('params', name).shape[0], dim=features.shape[-1])
       return loss
     if method in ('__call__', 'log_prob', 'logits', 'predict', 'eval_stats'):
-      box['reads_table'] = f'{type(module).__name__}.{method}'
+      box.setdefault('reads_table', f'{type(module).__name__}.{method}')  # the outermost call
     return next_fun(*args, **kwargs)
   return intercept
 

@@ -247,3 +247,25 @@ def test_bad_arguments():
   # Auto falls back to the dense update for a head without a row loss.
   _, tx = _optimizer(None)
   assert sparse.plan_rows(tx, task.loss, state['params'], state, _batch(), state['rng']) is None
+
+
+class _ReadsTable(nn.Module):
+  """A loss that also reads the head's whole table (as distillation's student log_prob does)."""
+  head: nn.Module
+
+  @nn.compact
+  def __call__(self, x, y, *, train):
+    return self.head(x, y, train=train) - self.head.log_prob(x)[:, 0]
+
+
+def test_a_loss_that_also_reads_the_whole_table_stays_dense():
+  task = _Task(SampledSoftmax(num_classes=sparse.AUTO_MIN_ROWS, num_sampled=6))
+  task.model = _ReadsTable(task.model.head)
+  _, auto = _optimizer(None)
+  _, forced = _optimizer(True)
+  state = jax.eval_shape(lambda: _state(task, auto))
+  args = (task.loss, state['params'], state, _batch(), state['rng'])
+  assert sparse.plan_rows(auto, *args) is None
+  with pytest.raises(ValueError, match=r'sparse_output=True with optimizer .sgd., but the loss also '
+                     r'reads the whole table of SampledSoftmax \(SampledSoftmax.log_prob'):
+    sparse.plan_rows(forced, *args)
