@@ -1,0 +1,141 @@
+"""Vocabulary-parallel cross-entropy, log-softmax, predict and eval stats on 8 fake CPU devices.
+
+Meshes ('data', 'model') 2 x 4 and 1 x 8 (tests/conftest.py makes the 8 devices). Loss, the
+gradients w.r.t. features, kernel and bias, log_softmax and predict against a float64 NumPy
+reference of the unsharded layer (`lse(x W + b) - z_y`, `dz = softmax - onehot`), float32 and
+bfloat16, plain and fused, with `ignore_index`; the NaN rule; compile-only memory (no `[N, K]`
+buffer on a device); the argument errors (K not divisible by the model axis, a mesh without the
+axes, bad ranks, labels out of range). One jit of loss + grads + log_softmax + predict per case.
+"""
+
+import jax
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from softmax_jax.ops import _checks
+from softmax_jax.ops import vocab_parallel as vp
+
+N, D, K = 8, 6, 24  # examples, features, classes (K / 8 = 3 per shard at M = 8)
+IGNORE = -1
+
+
+def _mesh(data, model):
+  return jax.make_mesh((data, model), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+
+
+def _data(dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  x = (rng.normal(size=(N, D)) * 1.5).astype(np.float32)
+  w = rng.normal(size=(D, K)).astype(np.float32)
+  b = rng.normal(size=K).astype(np.float32)
+  y = rng.integers(0, K, size=N).astype(np.int32)
+  y[3] = IGNORE
+  return tuple(jnp.asarray(a, dtype) for a in (x, w, b)) + (jnp.asarray(y),)
+
+
+def _reference(x, w, b, y):
+  """float64 loss [N], dx, dw, db of sum(loss), log_softmax [N, K], argmax [N]."""
+  x, w, b = (np.asarray(a, np.float64) for a in (x, w, b))
+  y = np.asarray(y)
+  keep = y != IGNORE
+  z = x @ w + b
+  log_p = z - special.logsumexp(z, axis=1, keepdims=True)
+  yy = np.where(keep, y, 0)
+  loss = np.where(keep, -log_p[np.arange(N), yy], 0.0)
+  dz = (np.exp(log_p) - np.eye(K)[yy]) * keep[:, None]
+  return loss, dz @ w.T, x.T @ dz, dz.sum(0), log_p, z.argmax(1)
+
+
+@pytest.mark.parametrize('shape,dtype,fused', [
+    ((2, 4), jnp.float32, False), ((1, 8), jnp.float32, True),
+    ((2, 4), jnp.bfloat16, True), ((1, 8), jnp.bfloat16, False)])
+def test_matches_unsharded(shape, dtype, fused):
+  mesh = _mesh(*shape)
+  x, w, b, y = _data(dtype)
+
+  @jax.jit
+  def run(x, w, b):
+    def total(x, w, b):
+      loss = vp.sharded_dense_loss(mesh, x, w, y, bias=b, ignore_index=IGNORE, fused=fused,
+                                   chunk_size=2)  # K/M = 6 or 3: whole chunks and a tail
+      return loss.sum(), loss
+    (_, loss), grads = jax.value_and_grad(total, (0, 1, 2), has_aux=True)(x, w, b)
+    log_p = vp.sharded_dense_log_softmax(mesh, x, w, bias=b)
+    pred = vp.sharded_dense_predict(mesh, x, w, bias=b)
+    return loss, grads, log_p, pred
+
+  loss, (dx, dw, db), log_p, pred = run(x, w, b)
+  r_loss, r_dx, r_dw, r_db, r_log_p, r_pred = _reference(x, w, b, y)
+  tol = dict(rtol=2e-2, atol=3e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+  assert loss.dtype == jnp.float32 and log_p.dtype == jnp.float32
+  assert (dx.dtype, dw.dtype, db.dtype) == (dtype,) * 3
+  np.testing.assert_allclose(np.asarray(loss), r_loss, **tol)
+  assert np.asarray(loss)[3] == 0.0 and not np.asarray(dx)[3].any()  # ignored: 0, no gradient
+  for got, want in ((dx, r_dx), (dw, r_dw), (db, r_db), (log_p, r_log_p)):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, **tol)
+  np.testing.assert_array_equal(np.asarray(pred), r_pred)
+  assert pred.dtype == jnp.int32
+  # Each device holds its [N / D, K / M] block of the log-probabilities, never [N, K].
+  assert log_p.sharding.shard_shape(log_p.shape) == (N // shape[0], K // shape[1])
+
+
+def test_eval_stats_ties_and_nan_rule():
+  """Eval stats against float64; argmax ties take the lowest id across shards; a NaN row."""
+  mesh = _mesh(2, 4)
+  x, w, b, y = _data(jnp.float32, seed=1)
+  y = jnp.where(y == IGNORE, 0, y)
+  x = x.at[5].set(jnp.nan)
+  w = w.at[:, 20].set(w[:, 2])  # classes 2 and 20 (shards 0 and 3) tie for every example
+  b = b.at[20].set(b[2]).at[2].add(10.0).at[20].add(10.0)  # ... and win
+
+  def stats(x, w, b, y):
+    out = vp.vocab_parallel_eval_stats(x, w, y, bias=b)
+    out['loss'] = vp.vocab_parallel_cross_entropy(x, w, y, bias=b, fused=True)
+    return out
+
+  specs = (P('data', None), P(None, 'model'), P('model'), P('data'))
+  got = jax.jit(jax.shard_map(stats, mesh=mesh, in_specs=specs, out_specs=P('data')))(x, w, b, y)
+  z = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+  log_p = z - special.logsumexp(z, axis=1, keepdims=True)
+  ok = np.arange(N) != 5
+  want = log_p[np.arange(N), np.asarray(y)]
+  np.testing.assert_allclose(np.asarray(got['label_log_prob'])[ok], want[ok], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got['loss'])[ok], -want[ok], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got['confidence'])[ok], np.exp(log_p.max(1))[ok], rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got['prediction'])[ok], 2)  # lowest id of the tie
+  for key in ('label_log_prob', 'loss', 'confidence'):
+    assert np.isnan(np.asarray(got[key])[5]), key  # the NaN row: NaN, others unaffected
+
+
+def test_compiled_memory_has_no_full_logits():
+  """The compiled loss+grad step holds less than one [N, K] float32 buffer per device."""
+  mesh = _mesh(1, 8)
+  n, k = 16, 8 * 512
+  x = jax.ShapeDtypeStruct((n, D), jnp.float32)
+  w = jax.ShapeDtypeStruct((D, k), jnp.float32)
+  y = jax.ShapeDtypeStruct((n,), jnp.int32)
+  for fused in (False, True):
+    step = jax.jit(jax.grad(lambda x, w, y: vp.sharded_dense_loss(
+        mesh, x, w, y, fused=fused, chunk_size=128).sum(), (0, 1)))
+    mem = step.lower(x, w, y).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < n * k * 4 / 2, (fused, mem.temp_size_in_bytes)
+
+
+def test_bad_arguments():
+  mesh = _mesh(1, 8)
+  x, w, b, y = _data(jnp.float32)
+  y = jnp.where(y == IGNORE, 0, y)
+  with pytest.raises(ValueError, match=r'K = 20 .*\'model\' = 8|\'model\' = 8.*K = 20'):
+    vp.sharded_dense_loss(mesh, x, w[:, :20], y)
+  with pytest.raises(ValueError, match='`mesh` must have an axis'):
+    vp.sharded_dense_loss(jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,)), x, w, y)
+  with pytest.raises(_checks.ArgumentError, match='`labels` must lie in'):
+    vp.sharded_dense_loss(mesh, x, w, y.at[0].set(K))
+  with pytest.raises(ValueError, match='`features` must have shape'):
+    vp.sharded_dense_loss(mesh, x[None], w, y)
+  with pytest.raises(ValueError, match='`kernel` must have shape'):
+    vp.sharded_dense_loss(mesh, x, w[:-1], y)
