@@ -59,6 +59,14 @@ Suites (`--suite`):
 
   taskset -c 1 python scripts/benchmark.py --suite=generate --preset=cpu  # K=10k, 16 + 100 tokens, ~8 min
 
+  scale  per-device parameter, argument and temporary memory (compiled `memory_analysis()`) of
+         the vocabulary-parallel output layer's loss + grad step (`ops/vocab_parallel.py`,
+         plain and fused) for K in {200k, 500k, 1M, 4M}, d=512, N=2048, on 1 x M fake devices,
+         M in {1, 2, 4, 8}; points that fit `max_run_gib` are also timed (indicative only)
+         (scripts/bench_scale.py; it asks XLA for 8 fake CPU devices before JAX starts).
+
+  taskset -c 1 python scripts/benchmark.py --suite=scale --preset=cpu
+
 Presets: `--preset=auto` picks `cpu`, `gpu` or `tpu` from `jax.default_backend()` (`resolve_preset`).
 Every suite has the three; `tpu` (sizes for one TPU v5e chip, 16 GiB of HBM: Colab's TPU runtime)
 is `PRESETS['tpu']` for the fused suite and `TPU_PRESETS` for the others, whose modules get it as
@@ -96,11 +104,13 @@ import bench_decode  # pylint: disable=g-import-not-at-top
 import bench_generate  # pylint: disable=g-import-not-at-top
 import bench_heads  # pylint: disable=g-import-not-at-top
 import bench_loop  # pylint: disable=g-import-not-at-top
+import bench_scale  # pylint: disable=g-import-not-at-top
 import bench_utils  # pylint: disable=g-import-not-at-top
 from softmax_jax import ops  # pylint: disable=g-import-not-at-top
 from softmax_jax.ops import fused  # pylint: disable=g-import-not-at-top
 
-flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'peers', 'ce', 'loop', 'decode', 'generate'],
+flags.DEFINE_enum('suite', 'fused', ['fused', 'heads', 'peers', 'ce', 'loop', 'decode', 'generate',
+                                     'scale'],
                   'Which suite (see the docstring).')
 flags.DEFINE_list('heads', None, 'heads suite: only these heads (default: all), e.g. dense,adaptive.')
 flags.DEFINE_boolean('train_steps', True, 'heads suite: also time the full training step with dense '
@@ -160,7 +170,7 @@ TPU_PRESETS = {
     'loop': dict(digits=2000, fashion_mnist=1000, ptb=1000),
 }
 SUITE_MODULES = {'heads': bench_heads, 'ce': bench_ce, 'loop': bench_loop, 'decode': bench_decode,
-                 'generate': bench_generate}
+                 'generate': bench_generate, 'scale': bench_scale}
 
 
 def add_tpu_presets() -> None:
@@ -536,8 +546,19 @@ def generate_suite(preset_name, out):
   return dict(rows=rows, markdown=table, doc=bench_generate.__doc__)
 
 
+def scale_suite(preset_name, out):
+  rows = bench_scale.scale_suite(
+      preset_name, repeats=FLAGS.repeats if FLAGS.time is not False else 0,
+      max_load=FLAGS.max_load, wait_s=FLAGS.wait_s, max_run_gib=FLAGS.max_run_gib)
+  table = bench_scale.table(rows)
+  checks = bench_scale.checks(rows)
+  print(table + '\n' + json.dumps(checks, indent=1))
+  bench_scale.plot(rows, out + '.png')
+  return dict(rows=rows, markdown=table, checks=checks, doc=bench_scale.__doc__)
+
+
 SUITES = {'fused': fused_suite, 'heads': heads_suite, 'peers': peers_suite, 'ce': ce_suite, 'loop': loop_suite,
-          'decode': decode_suite, 'generate': generate_suite}
+          'decode': decode_suite, 'generate': generate_suite, 'scale': scale_suite}
 
 
 def main(argv):
