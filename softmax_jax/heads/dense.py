@@ -41,7 +41,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax import lax
+
 from softmax_jax import ops
+from softmax_jax.ops import vocab_parallel as vp_ops
 from softmax_jax.heads import _checks
 from softmax_jax.heads import _eval
 
@@ -82,6 +85,18 @@ class DenseSoftmax(nn.Module):
   Not combinable with `fused` (its op is the softmax CE), `sigsoftmax` or `label_smoothing`, nor
   with `shortlist_log_prob`.
 
+  Vocabulary parallel (`vocab_parallel_axis='model'`, issue 21): called INSIDE `jax.shard_map`
+  with the params sharded on the class axis over that mesh axis (kernel `P(None, 'model')`, bias
+  `P('model')`, features replicated over it), the head holds its shard `[d, K_pad/M]` and
+  `__call__` (plain and `fused`), `log_prob` and `predict` run `ops/vocab_parallel.py`: the loss
+  and the argmax are reduced across shards by collectives, never forming `[N, K]` nor `[d, K]`
+  on one device; `log_prob` returns this shard's `[..., K_pad/M]` columns (exact, globally
+  normalized; padded ones -inf), which out_specs `P(..., 'model')` assemble. K_pad must divide
+  by M (`pad_classes_to`, e.g. M * 128, pads it). Outside a shard_map over that axis (e.g.
+  `init`) the head is the plain one with the full `[d, K_pad]` params. Not with
+  `label_smoothing` in training, `sigsoftmax` or a sparse `mapping`; `eval_stats`, `top_k` and
+  `shortlist_log_prob` are not vocab-parallel yet (they raise inside the shard_map).
+
   Attributes:
     num_classes: K >= 2, the number of classes.
     use_bias: whether to add a learned `[K]` bias (`[K_pad]` with padding).
@@ -98,6 +113,8 @@ class DenseSoftmax(nn.Module):
     sigsoftmax: normalize `z + log_sigmoid(z)` instead of `z` (see above); not with `fused`.
     mapping: 'softmax' (cross-entropy), 'sparsemax', 'entmax15' or 'entmax_bisect' (see above).
     alpha: entmax_bisect's alpha, finite and > 1 (2: sparsemax, 1.5: entmax15).
+    vocab_parallel_axis: None, or the mesh axis over which the classes are sharded when the
+      head runs inside `jax.shard_map` (see above).
 
   References:
     Kanai et al., "Sigsoftmax: Reanalysis of the softmax bottleneck", NeurIPS 2018.
@@ -119,6 +136,7 @@ class DenseSoftmax(nn.Module):
   sigsoftmax: bool = False
   mapping: str = 'softmax'
   alpha: float = 1.5
+  vocab_parallel_axis: Optional[str] = None
 
   def _config(self) -> None:
     """Validates the attributes (on every call, so evaluation-only use is checked too)."""
@@ -194,9 +212,50 @@ class DenseSoftmax(nn.Module):
       return None
     return jnp.where(jnp.arange(kp) < self.num_classes, jnp.float32(0), jnp.float32(-jnp.inf))
 
+  def _model_shards(self) -> Optional[int]:
+    """M, the size of `vocab_parallel_axis` inside a shard_map over it; else None (plain head)."""
+    if self.vocab_parallel_axis is None:
+      return None
+    try:
+      m = lax.axis_size(self.vocab_parallel_axis)
+    except NameError:
+      return None
+    name = type(self).__name__
+    if self.padded_num_classes % m:
+      raise ValueError(f'{name}: the classes K = {self.padded_num_classes} must divide by the size '
+                       f'{m} of mesh axis {self.vocab_parallel_axis!r} (vocab_parallel_axis); pad '
+                       f'them, e.g. pad_classes_to={m * 128} (config.head.pad_classes_to).')
+    for key, bad in (('sigsoftmax', self.sigsoftmax), ('mapping', self.mapping != 'softmax')):
+      if bad:
+        raise ValueError(f'{name}: vocab_parallel_axis cannot be combined with {key}='
+                         f'{getattr(self, key)!r} (the vocab-parallel ops are the softmax of z).')
+    return m
+
+  def _not_vocab_parallel(self, what: str) -> None:
+    if self._model_shards() is not None:
+      raise ValueError(f'{type(self).__name__}.{what} is not vocabulary-parallel yet: call it '
+                       f'outside the shard_map over {self.vocab_parallel_axis!r} (with gathered '
+                       'params), or use loss / log_prob / predict inside it.')
+
+  def _vp_weights(self, features):
+    """`(x [N, d], kernel [d, K_pad/M], bias [K_pad/M])` of this shard, the padding as -inf bias."""
+    kernel, bias = self._weights(features.shape[-1])
+    dtype = self.dtype or features.dtype
+    x = features.reshape(-1, features.shape[-1]).astype(dtype)
+    kl = kernel.shape[1]
+    b = jnp.zeros((kl,), jnp.float32) if bias is None else bias
+    if self.padded_num_classes != self.num_classes:
+      ids = lax.axis_index(self.vocab_parallel_axis) * kl + jnp.arange(kl)
+      b = jnp.where(ids < self.num_classes, b, -jnp.inf)
+    elif bias is None:
+      b = None
+    return x, kernel.astype(dtype), b
+
   @nn.compact
   def _weights(self, d: int):
     kp = self.padded_num_classes
+    m = self._model_shards()
+    kp = kp if m is None else kp // m  # this shard's columns
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (d, kp), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (kp,), jnp.float32) if self.use_bias else None
     return kernel, bias
@@ -204,6 +263,7 @@ class DenseSoftmax(nn.Module):
   def logits(self, features: jnp.ndarray, *, padded: bool = False) -> jnp.ndarray:
     """Unnormalized logits `[..., K]` float32 (`padded=True`: `[..., K_pad]`, -inf padding)."""
     self._config()
+    self._not_vocab_parallel('logits')
     features, _ = _checks.features_and_labels(type(self).__name__, features)
     kernel, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype
@@ -226,6 +286,15 @@ class DenseSoftmax(nn.Module):
     features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
                                                    num_classes=self.num_classes)
     smoothing = self.label_smoothing if train else 0.0
+    if self._model_shards() is not None:
+      if smoothing:
+        raise ValueError(f'{type(self).__name__}: vocab_parallel_axis does not take label_smoothing '
+                         f'(got {smoothing}) yet; set config.head.label_smoothing=0.')
+      x, w, b = self._vp_weights(features)
+      loss = vp_ops.vocab_parallel_cross_entropy(
+          x, w, labels.reshape(-1), bias=b, axis_name=self.vocab_parallel_axis, fused=self.fused,
+          chunk_size=self.chunk_size)
+      return loss.reshape(labels.shape)
     if self.fused:
       kernel, bias = self._weights(features.shape[-1])
       dtype = self.dtype or features.dtype
@@ -251,6 +320,12 @@ class DenseSoftmax(nn.Module):
     `padded=True`: `[..., K_pad]`, exactly -inf (probability 0) at the padded classes. With a
     sparse `mapping`, `log(mapping(z))`: exactly -inf outside the support too.
     """
+    if self._model_shards() is not None:
+      self._config()
+      features, _ = _checks.features_and_labels(type(self).__name__, features)
+      x, w, b = self._vp_weights(features)
+      log_p = vp_ops.vocab_parallel_log_softmax(x, w, bias=b, axis_name=self.vocab_parallel_axis)
+      return log_p.reshape(*features.shape[:-1], w.shape[1])
     z = self.logits(features, padded=True)
     if self.mapping != 'softmax':
       probs, _ = self._sparse_fns()
@@ -273,6 +348,7 @@ class DenseSoftmax(nn.Module):
       where: optional bool broadcastable to `[..., S]`; False marks padding entries.
     """
     self._config()
+    self._not_vocab_parallel('shortlist_log_prob')
     if self.mapping != 'softmax':
       raise ValueError(f'{type(self).__name__}: shortlist_log_prob renormalizes a softmax over the '
                        f'shortlist; mapping={self.mapping!r} has no such restriction. Decode from '
@@ -289,6 +365,12 @@ class DenseSoftmax(nn.Module):
     """Most probable class `[...] int32`, `argmax(log_prob(features), -1)` (never a padded one;
     with `approx_top_k`, `jax.lax.approx_max_k` with k = 1); with a sparse `mapping`, `argmax z`,
     a class of the largest probability."""
+    if self._model_shards() is not None:
+      self._config()
+      features, _ = _checks.features_and_labels(type(self).__name__, features)
+      x, w, b = self._vp_weights(features)
+      ids = vp_ops.vocab_parallel_predict(x, w, bias=b, axis_name=self.vocab_parallel_axis)
+      return ids.reshape(features.shape[:-1])
     if not self.approx_top_k:
       return jnp.argmax(self._order(features)[..., :self.num_classes], axis=-1).astype(jnp.int32)
     _, ids = self.top_k(features, 1)
@@ -302,6 +384,7 @@ class DenseSoftmax(nn.Module):
     sparse `mapping`, over the z-order, with their log-probabilities (-inf outside the support).
     """
     self._config()
+    self._not_vocab_parallel('top_k')
     k = _checks.integer_at_least(type(self).__name__, 'k', k, 1, 'classes returned by top_k')
     if k > self.num_classes:
       raise ValueError(f'{type(self).__name__}: top_k `k` must be <= num_classes = '
@@ -342,6 +425,7 @@ class DenseSoftmax(nn.Module):
     `mapping(z / t)` plus 'support' `[...]` int32 and 'fy_loss' `[..., G]` float32
     (`_eval.fenchel_young_eval_stats`; `chunk_size` unused).
     """
+    self._not_vocab_parallel('eval_stats')
     opts = dict(temperatures=temperatures, log_prior=log_prior)
     if self.mapping != 'softmax':
       z = self.logits(features)  # the K real classes: the padding takes no part

@@ -318,3 +318,47 @@ def test_sigsoftmax_matches_a_float64_reference():
   with pytest.raises(ValueError, match=r'^DenseSoftmax: sigsoftmax=True needs the \[..., K\] '
                      r'logits, which fused=True'):
     fused.init(jax.random.PRNGKey(0), x, y)
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_vocab_parallel_head_equals_the_plain_head(fused):
+  """vocab_parallel_axis='model' inside shard_map on a 2 x 4 mesh, K = 7 padded to 8: the same
+  losses, gradients (params and features), log-probs and predictions as the plain head on the
+  same params; the padding keeps probability and gradient exactly 0; eval_stats raises."""
+  from jax.sharding import AxisType  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(4, 3, D)) * 2, jnp.float32)
+  y = jnp.asarray(rng.integers(0, K, size=(4, 3)), jnp.int32)
+  opts = dict(num_classes=K, fused=fused, chunk_size=1 if fused else None, pad_classes_to=8)
+  plain, vp = DenseSoftmax(**opts), DenseSoftmax(**opts, vocab_parallel_axis='model')
+  params = plain.init(jax.random.PRNGKey(0), x, y)['params']
+  params = jax.tree.map(lambda p: p + 0.3 * rng.normal(size=p.shape).astype(np.float32), params)
+  pspec = {'kernel': P(None, 'model'), 'bias': P('model')}
+  fspec, yspec = P('data', None, None), P('data', None)
+
+  def both(head, shard):
+    def run(p, x, y):
+      loss_fn = lambda p, x: head.apply({'params': p}, x, y, train=True).sum()
+      loss, grads = jax.value_and_grad(loss_fn, (0, 1))(p, x)  # p's: summed over 'data'
+      loss = jax.lax.psum(loss, 'data') if shard else loss
+      log_p = head.apply({'params': p}, x, method=head.log_prob, padded=True)
+      return loss, grads, log_p, head.apply({'params': p}, x, method=head.predict)
+    if not shard:
+      return jax.jit(run)
+    return jax.jit(jax.shard_map(
+        run, mesh=mesh, in_specs=(pspec, fspec, yspec),
+        out_specs=(P(), (pspec, fspec), P('data', None, 'model'), yspec)))
+
+  got, want = both(vp, True)(params, x, y), both(plain, False)(params, x, y)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got),
+                          jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5, err_msg=str(path))
+  assert np.all(np.asarray(got[2])[..., K:] == -np.inf)
+  assert not np.asarray(got[1][0]['kernel'])[:, K:].any()
+
+  def stats(p, x, y):
+    return vp.apply({'params': p}, x, y, method=vp.eval_stats)
+  with pytest.raises(ValueError, match='eval_stats is not vocabulary-parallel'):
+    jax.shard_map(stats, mesh=mesh, in_specs=(pspec, fspec, yspec), out_specs=P())(params, x, y)
