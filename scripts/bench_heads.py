@@ -284,9 +284,20 @@ def train_table(rows) -> str:
   return '\n'.join(lines)
 
 
+def _row_step_fn(head):
+  """value_and_grad of the mean loss w.r.t. the bias, the rows `row_delta` and the features,
+  through `row_loss` (the table is an argument, not differentiated: no [K, d] gradient)."""
+  def loss(rest, delta, x, labels, key, table):
+    losses, ids = head.apply({'params': {'embedding': table, **rest}}, x, labels, delta,
+                             method='row_loss', rngs={'sample': key})
+    return jnp.mean(losses.astype(jnp.float32)), ids
+  return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+
+
 def peers_suite(preset_name: str, *, repeats: int, max_load: float, wait_s: int):
   """Rows {K, N, d, framework, time_s, load} of one sampled-softmax loss + gradient (w.r.t. the
-  weights, biases and features), ours and TF's `tf.nn.sampled_softmax_loss` (1024 log-uniform
+  weights, biases and features), ours (dense `[K, d]` weight gradient, and row-sparse through
+  `row_loss`: `(row_ids, row_grads)`, as TF's IndexedSlices) and TF's `tf.nn.sampled_softmax_loss` (1024 log-uniform
   samples, unique) when TensorFlow is importable; `(rows, note)`, the note saying what was
   skipped. Each framework runs in this process one after the other (TF's threads idle meanwhile)."""
   p = PRESETS[preset_name]
@@ -310,6 +321,15 @@ def peers_suite(preset_name: str, *, repeats: int, max_load: float, wait_s: int)
     load = bench_utils.wait_quiet(max_load, wait_s)
     t, _ = bench_utils.time_fn(compiled, (params, jnp.asarray(x), jnp.asarray(labels), key), repeats)
     rows.append(dict(K=k, N=n, d=d, framework='softmax_jax SampledSoftmax', time_s=t, load=load))
+    print(peers_table(rows[-1:]).splitlines()[-1], flush=True)
+    # The row-sparse gradient (train/sparse.py's path), TF's IndexedSlices counterpart.
+    table, rest = params['embedding'], {'bias': params['bias']}
+    delta = jnp.zeros((min(n + NUM_SAMPLED, k), d), jnp.float32)
+    compiled, _, _ = bench_utils.compile_fn(_row_step_fn(head), rest, delta, x, labels, key, table)
+    t, _ = bench_utils.time_fn(compiled, (rest, delta, jnp.asarray(x), jnp.asarray(labels), key,
+                                          table), repeats)
+    rows.append(dict(K=k, N=n, d=d, framework='softmax_jax SampledSoftmax, row-sparse gradient',
+                     time_s=t, load=bench_utils.load()))
     print(peers_table(rows[-1:]).splitlines()[-1], flush=True)
     if tf is None:
       continue
