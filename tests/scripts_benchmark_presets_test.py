@@ -55,7 +55,8 @@ def test_heads_sub_grid_overrides_the_preset(monkeypatch):
   benchmark.FLAGS(['benchmark.py', '--suite=heads', '--K=4000,16000', '--d=64'])
   try:
     assert benchmark._heads_grid('cpu') == 'custom'  # pylint: disable=protected-access
-    assert benchmark.bench_heads.PRESETS['custom'] == dict(K=[4000, 16000], N=2048, d=64)
+    assert benchmark.bench_heads.PRESETS['custom'] == dict(K=[4000, 16000], N=2048, d=64,
+                                                           train_K=[4000, 16000])  # --K sets both
     benchmark.FLAGS.unparse_flags()
     benchmark.FLAGS(['benchmark.py', '--suite=heads', '--N=128,256'])
     with pytest.raises(benchmark.app.UsageError, match='--suite=heads takes one --N, got 128,256'):
