@@ -20,6 +20,7 @@ checkpoints). Choice is on validation only; test metrics are read for the best t
 """
 
 import ast
+import datetime
 import fcntl
 import json
 import math
@@ -454,6 +455,12 @@ def make_objective(*, sweep_dir: str, config_spec: str, fixed: Sequence[str], sp
   return objective
 
 
+def _wall(t) -> float:
+  """Seconds from a trial's start to its end (or to now, while it runs)."""
+  end = t.datetime_complete or datetime.datetime.now()
+  return (end - t.datetime_start).total_seconds() if t.datetime_start else float('nan')
+
+
 def results(study: optuna.Study) -> List[Dict[str, object]]:
   """Every trial as {trial, state, params, value, steps, wall_s, workdir}, best first (trials
   without a value last); a rerun trial is listed once, under its last try."""
@@ -466,8 +473,7 @@ def results(study: optuna.Study) -> List[Dict[str, object]]:
     value = t.value if t.state == optuna.trial.TrialState.COMPLETE else None
     if value is None and t.intermediate_values:  # pruned: its last validation value
       value = t.intermediate_values[max(t.intermediate_values)]
-    wall = ((t.datetime_complete - t.datetime_start).total_seconds()
-            if t.datetime_complete and t.datetime_start else None)
+    wall = _wall(t) if t.datetime_complete and t.datetime_start else None
     rows.append(dict(trial=t.number, state=t.state.name.lower(), params=dict(t.params),
                      value=None if value is None or math.isnan(value) else value,
                      steps=t.user_attrs.get('steps'), wall_s=wall, workdir=t.user_attrs.get('workdir'),
@@ -596,7 +602,8 @@ def run_sweep(*, sweep_dir: str, config_spec: str, space: Sequence[Param], fixed
         extra = f' ({t.user_attrs["error"]})' if t.user_attrs.get('error') else ''
         log(f'trial {done}/{num_trials} #{t.number} {t.state.name.lower()}: '
             f'{" ".join(f"{k}={v}" for k, v in _text(space, t.params).items())} -> {metric}={shown} '
-            f'at step {t.user_attrs.get("steps")} ({time.time() - start:.0f} s){extra}')
+            f'at step {t.user_attrs.get("steps")} ({_wall(t):.0f} s; {time.time() - start:.0f} s into '
+            f'this sweep){extra}')
 
       objective = make_objective(sweep_dir=sweep_dir, config_spec=config_spec, fixed=fixed, space=space,
                                  metric=metric, runner=runner)
