@@ -14,6 +14,11 @@ with --config.progress=False, which also logs the train loss at each log step), 
 <checkpoint> at step N of M' on a rerun, the final metrics and the files the run wrote. --verbosity
 (-v) sets absl's level (default here: INFO); orbax, JAX and TFDS are kept to warnings or errors.
 
+Multi-host (jax.distributed): run the same command on every host with
+--coordinator_address=HOST0:PORT --num_processes=P --process_id=p (or none of them on a TPU pod
+slice or under SLURM, where the cluster is detected); process 0 writes the workdir's files and
+prints, all processes save and restore the checkpoints together (one shared --workdir).
+
 --print_config prints the config that would train (its file's defaults with the overrides applied,
 and the options of the model and head it picks) and exits without training. The configs follow.
 """
@@ -32,6 +37,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from softmax_jax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+from softmax_jax.train.distributed import CoordinatorUnreachable, initialize, is_primary  # pylint: disable=g-import-not-at-top
 from softmax_jax.train.loop import quiet_libraries  # pylint: disable=g-import-not-at-top
 from softmax_jax.train.config import check_override_args, override_free_form  # pylint: disable=g-import-not-at-top
 from softmax_jax.train.interrupt import TrainingInterrupted  # pylint: disable=g-import-not-at-top
@@ -96,6 +102,14 @@ config_flags.DEFINE_config_file(
     'Experiment config file[:ARG] (the configs and their ARG are listed above).', lock_config=True)
 flags.DEFINE_string('workdir', os.path.join(_REPO, 'workdirs', 'digits'),
                     'Checkpoints, metrics.jsonl, TensorBoard events; reused to resume.')
+flags.DEFINE_string('coordinator_address', None,
+                    "Multi-host runs (jax.distributed): process 0's 'host:port', the same for every "
+                    'process; with --num_processes and --process_id. Unset: the cluster (TPU pod '
+                    'slice, SLURM) is detected from the environment, else one process.')
+flags.DEFINE_integer('num_processes', None, 'Multi-host runs: the number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host runs: this process, in [0, num_processes).')
+flags.DEFINE_float('distributed_timeout_s', 300.0,
+                   'Multi-host runs: seconds to wait for the coordinator and the other processes.')
 flags.DEFINE_bool('print_config', False,
                   'Print the config with the overrides applied (one KEY = VALUE a line, and the '
                   'defaults of the model and head options it leaves unset), then exit without training.')
@@ -192,6 +206,13 @@ def main(argv):
     return
   workdir = flags.FLAGS.workdir
   try:
+    initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
+               timeout_s=flags.FLAGS.distributed_timeout_s)
+  except (ValueError, CoordinatorUnreachable) as e:
+    sys.exit(f'error: {e}')
+  if not is_primary():  # process 0 prints and logs; the others only warn
+    logging.set_verbosity(logging.WARNING)
+  try:
     metrics = train_and_evaluate(config, workdir)
   except TrainingInterrupted as e:  # SIGINT, SIGTERM: the step reached is checkpointed
     print(f'\n{e}\nResume: {shlex.join([sys.executable, *_COMMAND])}', file=sys.stderr)
@@ -204,6 +225,8 @@ def main(argv):
     sys.exit(f'error: {e}{resume}')
   except WorkdirError as e:
     sys.exit(f'error: {e}')
+  if not is_primary():
+    return
   print(f'\nFinal metrics ({config.data.name}, model={config.model.name}, head={config.head.name}, '
         f'workdir={workdir}):')
   print(summary_table(metrics))

@@ -1,5 +1,10 @@
 """Orbax checkpoints of the host train state; a rerun with the same workdir resumes.
 
+Multi-process runs (`jax.distributed`): every process calls `save` and `restore` with the same
+host state (NumPy, identical on every process: train/parallel.py gathers rows split over
+processes); orbax synchronizes the processes and process 0 writes the files, and every process
+reads them back. Setting aside broken checkpoints is done by process 0 while the others wait.
+
 Saves are synchronous and atomic (orbax writes a temporary folder and renames it), so a SIGKILL
 never leaves a half-written step. Restoring takes the newest *intact* checkpoint: one that orbax
 reads without error, whose arrays match the template, and whose values are all finite. Each
@@ -15,6 +20,7 @@ import sys
 from typing import List, Optional, Tuple
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -117,6 +123,11 @@ class Checkpointer:
     return template, 0
 
   def _set_aside(self, steps) -> None:
+    """Moves `steps` to broken_checkpoints/ (process 0 of a multi-process run; the rest wait)."""
+    if jax.process_index() != 0:
+      multihost_utils.sync_global_devices('softmax_jax: broken checkpoints set aside')
+      self._mgr.reload()
+      return
     root = os.path.join(os.path.dirname(self.directory), 'broken_checkpoints')
     os.makedirs(root, exist_ok=True)
     for step in steps:
@@ -125,6 +136,8 @@ class Checkpointer:
         target, n = os.path.join(root, f'{step}-{n}'), n + 1
       shutil.move(self.path(step), target)
       logging.warning('Moved the broken checkpoint %s to %s.', self.path(step), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('softmax_jax: broken checkpoints set aside')
     self._mgr.reload()
 
   def close(self) -> None:

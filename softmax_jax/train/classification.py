@@ -242,10 +242,11 @@ class ClassificationTask:
     out['temperature'] = t
     out.update(self.summary(test, 'test_ts/', column=1))
     correct = test['prediction'] == test['label']
-    calibration.save_reliability_figure_from_stats(
-        os.path.join(workdir, 'reliability.png'),
-        {'test': (test['confidence'][:, 0], correct),
-         f'test, temperature {t:.2f}': (test['confidence'][:, 1], correct)}, where=test['mask'])
+    if workdir is not None:  # None: a process other than 0 of a multi-process run
+      calibration.save_reliability_figure_from_stats(
+          os.path.join(workdir, 'reliability.png'),
+          {'test': (test['confidence'][:, 0], correct),
+           f'test, temperature {t:.2f}': (test['confidence'][:, 1], correct)}, where=test['mask'])
     # Test F1 of each class, for the run's TensorBoard image (train/loop.py: `task.per_class`).
     self.per_class = dict(writer.per_class_f1(test['prediction'], test['label'],
                                               num_classes=self.dataset.num_classes, where=test['mask']),

@@ -6,6 +6,7 @@ Every task (classification, language modelling; `train/task.py`) runs through th
 same shut-down (final evaluation, `final_metrics.json`).
 """
 
+import contextlib
 import logging
 import os
 from typing import Dict
@@ -22,7 +23,7 @@ from softmax_jax.train.runner import finished, restore, run_steps
 from softmax_jax.train.state import make_optimizer
 from softmax_jax.train.task import build_task
 from softmax_jax.train.workdir import WorkdirLock, atomic_write, check_config
-from softmax_jax.train.writer import MetricWriter, to_json
+from softmax_jax.train.writer import MetricWriter, NullWriter, to_json
 
 
 # Per library, the lowest level the scripts' console shows (`quiet_libraries`): this hides orbax's
@@ -115,7 +116,10 @@ def train_and_evaluate(config, workdir: str, *, dataset=None) -> Dict[str, float
   """
   validate_config(config)
   workdir = os.path.abspath(workdir)
-  with Interrupts() as interrupts, WorkdirLock(workdir):
+  # Multi-process (jax.distributed): process 0 holds the lock and writes every file; checkpoints
+  # are saved and restored by all processes together (train/checkpoint.py).
+  primary = jax.process_index() == 0
+  with Interrupts() as interrupts, WorkdirLock(workdir) if primary else contextlib.nullcontext():
     changes = check_config(config, workdir)
     task = build_task(config, dataset)
     schedule, tx = make_optimizer(config.optimizer, config.num_steps)
@@ -127,7 +131,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None) -> Dict[str, float
                                        interrupts=interrupts)
       num_params = sum(int(np.size(p)) for p in jax.tree.leaves(host_state['params']))
       state = driver.put_state(host_state)
-      writer = MetricWriter(workdir, start_step)
+      writer = MetricWriter(workdir, start_step) if primary else NullWriter()
       try:
         writer.write_config(start_step, config)
         state, final = run_steps(
@@ -137,12 +141,14 @@ def train_and_evaluate(config, workdir: str, *, dataset=None) -> Dict[str, float
             interrupts=interrupts)
         finished(interrupts, ckpt, config.num_steps)
         final['num_params'] = num_params  # an int: the summary prints it as one
-        final.update(final_evaluation(task, driver, state, workdir))
+        final.update(final_evaluation(task, driver, state, workdir if primary else None))
         writer.write_final(config.num_steps, final_row(final, task.rate))
         writer.write_figures(config.num_steps, per_class=getattr(task, 'per_class', None))
       finally:
         writer.close()
     finally:
       ckpt.close()
-    atomic_write(os.path.join(workdir, 'final_metrics.json'), to_json(final, indent=2, sort_keys=True))
+    if primary:
+      atomic_write(os.path.join(workdir, 'final_metrics.json'),
+                   to_json(final, indent=2, sort_keys=True))
   return final

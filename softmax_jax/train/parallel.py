@@ -22,6 +22,24 @@ local devices that divide every batch size: all of them when they do, else fewer
 warning that names the batch sizes that would use all (e.g. PTB's batch 20 and evaluation batch 10
 run on 5 of 8 devices). An explicit `num_devices` that does not divide a batch size is an error
 naming `--config.num_devices` values that do and the nearest batch sizes that it divides.
+
+Multi-process runs (`jax.distributed`, train/distributed.py; jit driver only): the Mesh spans
+every process's devices (`jax.devices()`), which must divide every batch size. Each process
+computes the same global host batch of step s (a deterministic function of (seed, s):
+`data.train_indices`, `lm_batches`) and puts only its own rows on its devices, the contiguous
+block `[p * B / P, (p + 1) * B / P)` that the mesh assigns to its devices, with
+`jax.make_array_from_process_local_data`; so the global batch is the single-process one bit for
+bit, and the losses of P processes x D devices equal those of 1 x P * D devices up to the
+summation order of the cross-process reductions. This index sampler over the in-memory split
+stands in for Grain's: the splits here are small enough for every host to hold (digits, PTB,
+the CIFAR family, and the resident train splits gathered on the devices), the position in the
+stream is the step, which every checkpoint already holds (so a resume needs no iterator state),
+and reading the rows a host does not feed costs only index arithmetic. A corpus too large for
+one host would need a per-host reader (Grain's `IndexSampler` with `ShardByJaxProcess` over
+array_record files), not a change here. Evaluation batches are split the same way and the
+per-example statistics are gathered to every process (`multihost_utils.process_allgather`), so
+every example is counted exactly once, padding masked as before. The pmap driver is single-process
+only (a clear error otherwise).
 """
 
 import functools
@@ -31,6 +49,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from softmax_jax.train.step import train_step
@@ -65,6 +84,22 @@ def check_divisible(batch_size: int, n: int, key: str, *, available: int = 0) ->
       f'config.{key}={batch_size} must be divisible by the number of devices ({n}): set {sizes} '
       f'to use {n} devices, or --config.num_devices to one of {counts} to keep the batch '
       '(--config.num_devices=0, the default, uses the most devices that divide every batch size).')
+
+
+def global_devices(num_devices: int, batch_sizes: Mapping[str, int]):
+  """Every process's devices (`jax.devices()`), for a multi-process run.
+
+  Raises:
+    ValueError: `num_devices` is neither 0 nor the global device count, or the global device
+      count does not divide a batch size (a multi-process run uses every device).
+  """
+  devices = jax.devices()
+  if num_devices not in (0, len(devices)):
+    raise ValueError(f'config.num_devices={num_devices}, but a run of {jax.process_count()} processes '
+                     f'uses all {len(devices)} devices: set --config.num_devices=0.')
+  for key, size in batch_sizes.items():
+    check_divisible(int(size), len(devices), key)
+  return devices
 
 
 def usable_devices(num_devices: int, batch_sizes: Mapping[str, int]):
@@ -105,17 +140,19 @@ class JitDriver:
   """`jax.jit` over a 1-D Mesh: batch and per-row state split on axis 'data', the rest replicated."""
 
   def __init__(self, task, tx, schedule, num_devices: int = 0):
-    self.devices = usable_devices(num_devices, task.batch_sizes)
+    self.multiprocess = jax.process_count() > 1
+    self.devices = (global_devices(num_devices, task.batch_sizes) if self.multiprocess
+                    else usable_devices(num_devices, task.batch_sizes))
     self.row_keys = tuple(task.row_state_keys)
     mesh = Mesh(np.array(self.devices), ('data',))
     self.replicated = NamedSharding(mesh, P())
     self.sharded = NamedSharding(mesh, P('data'))
-    self._on_cpu = all(d.platform == 'cpu' for d in self.devices)
+    self._on_cpu = all(d.platform == 'cpu' for d in self.devices) and not self.multiprocess
     self._train_step = functools.partial(train_step, task=task, tx=tx, schedule=schedule)
     # A resident train split (`task.resident`) is put on the devices once, replicated; the step
     # takes it as a (non-donated) argument and gathers its batch from the `[B]` indices.
     self._gather = task.gather if task.resident is not None else None
-    self.resident = None if self._gather is None else jax.device_put(task.resident, self.replicated)
+    self.resident = None if self._gather is None else self._put(task.resident, self.replicated)
     self._step = None  # jitted on the first put_state, when the state's keys are known
     self._eval_fns = {}
     self.metric_keys = None  # the packed metrics' names, set when the step is traced
@@ -128,6 +165,39 @@ class JitDriver:
       return state, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in self.metric_keys])
     return packed
 
+  def _put(self, tree, sharding):
+    """Host arrays (the same on every process) -> arrays placed by `sharding`.
+
+    Single-process: `jax.device_put`. Multi-process: a replicated array from each process's
+    copy; an array split on 'data' from this process's rows only
+    (`jax.make_array_from_process_local_data`, see `local_rows`).
+    """
+    if not self.multiprocess:
+      return jax.device_put(tree, sharding)
+    if sharding is self.replicated:
+      return jax.tree.map(lambda x: jax.make_array_from_callback(
+          np.shape(x), sharding, lambda index, x=np.asarray(x): x[index]), tree)
+    def put(x):
+      x = np.asarray(x)
+      rows = self.local_rows(x.shape[0])
+      return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
+    return jax.tree.map(put, tree)
+
+  def local_rows(self, num_rows: int) -> slice:
+    """The rows of a `[num_rows, ...]` array split on 'data' that this process's devices hold:
+    one contiguous block, `[p * B / P, (p + 1) * B / P)` for process p of P over `jax.devices()`.
+
+    Raises:
+      ValueError: the mesh gives this process rows that are not contiguous (a device order
+        this driver does not build).
+    """
+    indices = self.sharded.addressable_devices_indices_map((num_rows,)).values()
+    starts = sorted({(i[0].start or 0, num_rows if i[0].stop is None else i[0].stop) for i in indices})
+    for (_, stop), (start, _) in zip(starts, starts[1:]):
+      if stop != start:
+        raise ValueError(f'process {jax.process_index()} holds non-contiguous rows {starts}.')
+    return slice(starts[0][0], starts[-1][1])
+
   def placement(self, state):
     return {k: self.sharded if k in self.row_keys else self.replicated for k in state}
 
@@ -138,10 +208,17 @@ class JitDriver:
         return self._train_step(state, batch if resident is None else self._gather(resident, batch))
       self._step = jax.jit(self._packed(step), in_shardings=(placement, self.replicated, self.sharded),
                            out_shardings=(placement, self.replicated), donate_argnums=(0,))
-    return {k: jax.device_put(v, placement[k]) for k, v in state.items()}
+    return {k: self._put(v, placement[k]) for k, v in state.items()}
 
   def get_state(self, state):
-    return jax.tree.map(np.asarray, jax.device_get(state))
+    """The host state (NumPy), the same on every process (rows split on 'data' gathered)."""
+    return jax.tree.map(self._host, state)
+
+  @staticmethod
+  def _host(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
   def put_batch(self, batch):
     """The batch on the devices (asynchronously), as the step takes it; on CPU devices, the host
@@ -149,7 +226,7 @@ class JitDriver:
     costs ~2 us where `jax.device_put` costs ~55 us of Python a step (WORKSPACE, issue 15)."""
     if self._on_cpu:
       return batch
-    return jax.device_put(batch, self.sharded)
+    return self._put(batch, self.sharded)
 
   def step(self, state, batch):
     """`(state, metrics)`; `batch` from `put_batch` (or a host batch); metrics stay on device,
@@ -169,18 +246,21 @@ class JitDriver:
 
     `out` is split on the data axis like the batch (per-example statistics, never `[N, K]`);
     `carry` (None, or per-row state threaded through the pass) likewise. The pass dispatches
-    every batch before reading anything back: one `jax.device_get` at the end.
+    every batch before reading anything back: one `jax.device_get` at the end (multi-process:
+    one `process_allgather`, so every process gets every example's statistics, once).
     """
     if fn not in self._eval_fns:
       self._eval_fns[fn] = jax.jit(fn, in_shardings=(self.replicated, self.sharded, self.sharded),
                                    out_shardings=(self.sharded, self.sharded))
     jitted, variables = self._eval_fns[fn], self.variables(state)
     if carry is not None:
-      carry = jax.device_put(carry, self.sharded)
+      carry = self._put(carry, self.sharded)
     outs = []
     for batch in batches:
-      out, carry = jitted(variables, carry, jax.device_put(batch, self.sharded))
+      out, carry = jitted(variables, carry, self._put(batch, self.sharded))
       outs.append(out)
+    if self.multiprocess:
+      return jax.tree.map(np.asarray, multihost_utils.process_allgather(outs, tiled=True))
     return jax.device_get(outs)
 
 
@@ -191,6 +271,10 @@ class PmapDriver(JitDriver):
   """
 
   def __init__(self, task, tx, schedule, num_devices: int = 0):
+    if jax.process_count() > 1:
+      raise ValueError(f'config.parallel=\'pmap\' runs on one process, but this run has '
+                       f'{jax.process_count()} (jax.distributed): a multi-process run needs '
+                       '--config.parallel=jit (the default).')
     super().__init__(task, tx, schedule, num_devices)  # evaluation reuses the jit path
     step = functools.partial(train_step, task=task, tx=tx, schedule=schedule, axis_name='batch')
     self._pstep = jax.pmap(self._packed(step), axis_name='batch', devices=self.devices,

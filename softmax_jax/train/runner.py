@@ -244,8 +244,8 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
   host_metrics = getattr(driver, 'host_metrics', lambda m: m)
   put = getattr(driver, 'put_batch', None)
   batches = prefetch_to_device(batches, put) if put is not None else batches
-  bar = tqdm(total=config.num_steps, initial=start_step, desc='train', disable=not config.progress,
-             dynamic_ncols=True)
+  bar = tqdm(total=config.num_steps, initial=start_step, desc='train', dynamic_ncols=True,
+             disable=not config.progress or jax.process_index() != 0)  # one bar per run
 
   def say(line: str) -> None:
     """A console line: above the progress bar when it is shown (not breaking it), else logged."""

@@ -19,6 +19,7 @@ import time
 from typing import Dict, Optional, Tuple
 
 from absl import logging
+import jax
 
 from softmax_jax.train.config import base_config
 
@@ -160,8 +161,10 @@ def record_config(config, workdir: str, changes, start_step: int) -> None:
   """Writes `workdir/config.json` (atomically), after `check_config` and a successful restore.
 
   Harmless `changes` are logged and appended to `workdir/config_changes.jsonl` with the step they
-  apply from.
+  apply from. In a multi-process run only process 0 writes.
   """
+  if jax.process_index() != 0:
+    return
   if changes:
     logging.warning('Resuming %s from step %d with changed settings:\n%s', workdir, start_step,
                     _describe(changes))

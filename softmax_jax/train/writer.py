@@ -141,6 +141,31 @@ class MetricWriter:
     self._tb.close()
 
 
+class NullWriter:
+  """`MetricWriter`'s interface, writing nothing: the writer of processes other than 0 in a
+  multi-process run (process 0 writes metrics.jsonl, TensorBoard events and figures)."""
+
+  def __init__(self, workdir: str = '', start_step: int = 0):
+    del workdir, start_step
+
+  def write(self, step, scalars) -> None:
+    del step, scalars
+
+  write_final = write
+
+  def write_config(self, step, config) -> None:
+    del step, config
+
+  def write_image(self, step, tag, image) -> None:
+    del step, tag, image
+
+  def write_figures(self, step, *, per_class=None) -> None:
+    del step, per_class
+
+  def close(self) -> None:
+    pass
+
+
 def hparams_of(config: Dict[str, object]) -> Dict[str, object]:
   """Flat hparams `{'head.name': 'dense', 'optimizer.learning_rate': 0.001, ...}` of a config dict.
 
