@@ -35,8 +35,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import optuna
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_PY = os.path.join(REPO, 'scripts', 'train.py')
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TRAIN_PY = os.path.join(_REPO, 'scripts', 'train.py')
 SAMPLERS = ('grid', 'random', 'tpe')
 PRUNERS = ('none', 'median', 'asha')
 _MAXIMIZE = ('accuracy', 'f1', 'auc', 'precision', 'recall')
@@ -264,9 +264,9 @@ def run_trial_subprocess(config_spec: str, overrides: Sequence[str], workdir: st
                          should_stop: Callable[[], bool], *, poll_s: float = 0.5) -> int:
   """Runs `python scripts/train.py` for one trial; its output goes to `workdir/train.log`."""
   os.makedirs(workdir, exist_ok=True)
-  command = [sys.executable, TRAIN_PY, f'--config={config_spec}', f'--workdir={workdir}', *overrides]
+  command = [sys.executable, _TRAIN_PY, f'--config={config_spec}', f'--workdir={workdir}', *overrides]
   with open(os.path.join(workdir, 'train.log'), 'a') as log:
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=_REPO,
                             preexec_fn=_die_with_parent)
     try:
       while proc.poll() is None:
