@@ -26,11 +26,15 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from softmax_jax import geometry  # pylint: disable=g-import-not-at-top
 
-flags.DEFINE_string('workdir', None, 'A workdir written by scripts/train.py (training curves).')
-flags.DEFINE_list('features', None, 'Comma-separated workdirs holding embeddings.npz with 2-D '
-                  'features: one panel each.')
-flags.DEFINE_string('out', None, 'Output PNG (default: WORKDIR/curves.png, or features.png in '
-                    'the first --features workdir).')
+
+
+def define_flags() -> None:
+  """The script's flags; defined when run, so importing it (tests) defines nothing global."""
+  flags.DEFINE_string('workdir', None, 'A workdir written by scripts/train.py (training curves).')
+  flags.DEFINE_list('features', None, 'Comma-separated workdirs holding embeddings.npz with 2-D '
+                    'features: one panel each.')
+  flags.DEFINE_string('out', None, 'Output PNG (default: WORKDIR/curves.png, or features.png in '
+                      'the first --features workdir).')
 
 
 def _series(rows, key):
@@ -175,4 +179,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -51,7 +51,7 @@ def test_features_errors(tmp_path):
     assert result.returncode != 0 and 'Pass exactly one of --workdir' in result.stderr
 
 
-@functools.lru_cache(maxsize=None)  # once: the script defines absl flags at import
+@functools.lru_cache(maxsize=None)  # the module once (its flags are defined only when run)
 def _load_plot():
   spec = importlib.util.spec_from_file_location('plot_script', os.path.join(_REPO, 'scripts', 'plot.py'))
   module = importlib.util.module_from_spec(spec)
