@@ -390,12 +390,8 @@ def sharded_dense_log_softmax(mesh: Mesh, features: jax.typing.ArrayLike,
                               bias: Optional[jax.typing.ArrayLike] = None, data_axis: str = 'data',
                               model_axis: str = DEFAULT_AXIS) -> jax.Array:
   """`vocab_parallel_log_softmax` under `jax.shard_map`: `[N, K]` sharded `P(data, model)`."""
-  _check(features, kernel, bias)
-  check_mesh(mesh, kernel, data_axis=data_axis, model_axis=model_axis)
-  fs, ks, bs = _specs(bias, data_axis, model_axis)
-  f = lambda x, w, b: vocab_parallel_log_softmax(x, w, bias=b, axis_name=model_axis)
-  return jax.shard_map(f, mesh=mesh, in_specs=(fs, ks, bs), out_specs=P(data_axis, model_axis))(
-      *_placed(mesh, (fs, ks, bs), features, kernel, bias))
+  return _sharded_map(vocab_parallel_log_softmax, P(data_axis, model_axis), mesh, features, kernel,
+                      bias, data_axis, model_axis)
 
 
 def sharded_dense_predict(mesh: Mesh, features: jax.typing.ArrayLike,
@@ -403,9 +399,15 @@ def sharded_dense_predict(mesh: Mesh, features: jax.typing.ArrayLike,
                           bias: Optional[jax.typing.ArrayLike] = None, data_axis: str = 'data',
                           model_axis: str = DEFAULT_AXIS) -> jax.Array:
   """`vocab_parallel_predict` under `jax.shard_map`: `[N]` int32 sharded `P(data)`."""
+  return _sharded_map(vocab_parallel_predict, P(data_axis), mesh, features, kernel, bias, data_axis,
+                      model_axis)
+
+
+def _sharded_map(op, out_spec, mesh, features, kernel, bias, data_axis, model_axis):
+  """`op(x, w, bias=b, axis_name=model_axis)` under `jax.shard_map` with the layer's specs."""
   _check(features, kernel, bias)
   check_mesh(mesh, kernel, data_axis=data_axis, model_axis=model_axis)
-  fs, ks, bs = _specs(bias, data_axis, model_axis)
-  f = lambda x, w, b: vocab_parallel_predict(x, w, bias=b, axis_name=model_axis)
-  return jax.shard_map(f, mesh=mesh, in_specs=(fs, ks, bs), out_specs=P(data_axis))(
-      *_placed(mesh, (fs, ks, bs), features, kernel, bias))
+  specs = _specs(bias, data_axis, model_axis)
+  f = lambda x, w, b: op(x, w, bias=b, axis_name=model_axis)
+  return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=out_spec)(
+      *_placed(mesh, specs, features, kernel, bias))
