@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from softmax_jax import ops
 from softmax_jax.ops import vocab_parallel as vp_ops
@@ -85,17 +86,23 @@ class DenseSoftmax(nn.Module):
   Not combinable with `fused` (its op is the softmax CE), `sigsoftmax` or `label_smoothing`, nor
   with `shortlist_log_prob`.
 
-  Vocabulary parallel (`vocab_parallel_axis='model'`, issue 21): called INSIDE `jax.shard_map`
-  with the params sharded on the class axis over that mesh axis (kernel `P(None, 'model')`, bias
-  `P('model')`, features replicated over it), the head holds its shard `[d, K_pad/M]` and
-  `__call__` (plain and `fused`), `log_prob` and `predict` run `ops/vocab_parallel.py`: the loss
-  and the argmax are reduced across shards by collectives, never forming `[N, K]` nor `[d, K]`
-  on one device; `log_prob` returns this shard's `[..., K_pad/M]` columns (exact, globally
-  normalized; padded ones -inf), which out_specs `P(..., 'model')` assemble. K_pad must divide
-  by M (`pad_classes_to`, e.g. M * 128, pads it). Outside a shard_map over that axis (e.g.
-  `init`) the head is the plain one with the full `[d, K_pad]` params. Not with
-  `label_smoothing` in training, `sigsoftmax` or a sparse `mapping`; `eval_stats`, `top_k` and
-  `shortlist_log_prob` are not vocab-parallel yet (they raise inside the shard_map).
+  Vocabulary parallel (`vocab_parallel_axis='model'`, issue 21), two ways. (1) Called INSIDE
+  `jax.shard_map` with the params sharded on the class axis over that mesh axis (kernel
+  `P(None, 'model')`, bias `P('model')`, features replicated over it), the head holds its shard
+  `[d, K_pad/M]` and `__call__` (plain and `fused`), `log_prob`, `predict` and `eval_stats` run
+  `ops/vocab_parallel.py`: the loss, the argmax and the evaluation statistics are reduced across
+  shards by collectives, never forming `[N, K]` nor `[d, K]` on one device; `log_prob` returns
+  this shard's `[..., K_pad/M]` columns (exact, globally normalized; padded ones -inf), which
+  out_specs `P(..., 'model')` assemble. (2) Outside a shard_map but under a context mesh that has
+  the axis (`jax.set_mesh(mesh)`, as the trainer's `config.mesh` runs its jitted steps), the
+  params are the full `[d, K_pad]` ones (placed `P(None, 'model')` by the caller) and the same
+  four methods wrap themselves in a `jax.shard_map` over that mesh (rows split over its other
+  axes), so the backbone stays plain jit; `log_prob` then returns all K classes. Without either
+  (e.g. `init`) the head is the plain one with the full params. K_pad must divide by M
+  (`pad_classes_to`, e.g. M * 128, pads it). Not with `label_smoothing` in training,
+  `sigsoftmax` or a sparse `mapping`; `eval_stats` forms this shard's `[N, K_pad/M]` logits
+  (`chunk_size` unused); `top_k`, `logits` and `shortlist_log_prob` are not vocab-parallel (they
+  raise inside a shard_map; under a context mesh they run the plain path on the sharded params).
 
   Attributes:
     num_classes: K >= 2, the number of classes.
@@ -220,6 +227,10 @@ class DenseSoftmax(nn.Module):
       m = lax.axis_size(self.vocab_parallel_axis)
     except NameError:
       return None
+    return self._check_shards(m)
+
+  def _check_shards(self, m: int) -> int:
+    """Raises unless the head can be split in M = `m` shards of classes; returns M."""
     name = type(self).__name__
     if self.padded_num_classes % m:
       raise ValueError(f'{name}: the classes K = {self.padded_num_classes} must divide by the size '
@@ -231,25 +242,64 @@ class DenseSoftmax(nn.Module):
                          f'{getattr(self, key)!r} (the vocab-parallel ops are the softmax of z).')
     return m
 
+  def _context_mesh(self):
+    """The mesh of the context (`jax.set_mesh`) when it has `vocab_parallel_axis` and the head
+    is not already inside a shard_map over that axis; else None."""
+    if self.vocab_parallel_axis is None or self._model_shards() is not None:
+      return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or self.vocab_parallel_axis not in mesh.axis_names:
+      return None
+    return mesh
+
   def _not_vocab_parallel(self, what: str) -> None:
     if self._model_shards() is not None:
       raise ValueError(f'{type(self).__name__}.{what} is not vocabulary-parallel yet: call it '
                        f'outside the shard_map over {self.vocab_parallel_axis!r} (with gathered '
-                       'params), or use loss / log_prob / predict inside it.')
+                       'params), or use loss / log_prob / predict / eval_stats inside it.')
 
-  def _vp_weights(self, features):
-    """`(x [N, d], kernel [d, K_pad/M], bias [K_pad/M])` of this shard, the padding as -inf bias."""
+  def _vocab_parallel(self, features, op, *, labels=None, extra=None, columns: bool = False):
+    """`op(x [N, d], w [d, K_pad/M], b [K_pad/M] or None, y [N] or None, extra)` on this shard's
+    classes, or None when the head is not vocabulary-parallel here (the plain path).
+
+    Inside a shard_map over `vocab_parallel_axis` the head's params are its shard and `op` runs
+    as it is. Under a context mesh with that axis (`jax.set_mesh`, the trainer's 2-D mesh), the
+    params are the full `[d, K_pad]` ones and `op` runs in a `jax.shard_map` over the whole
+    mesh: kernel `P(None, axis)`, bias and `extra` (a `[K_pad]` per-class array) `P(axis)`, the
+    rows of `x` and `y` split over the mesh's other axes (replicated when N does not divide by
+    them); the output is split like the rows (`columns=True`: `[N, K_pad]`, `P(rows, axis)`).
+    The padded classes get bias -inf on the shard that holds them.
+    """
+    inside = self._model_shards() is not None
+    mesh = None if inside else self._context_mesh()
+    if not inside and mesh is None:
+      return None
+    axis, num_classes = self.vocab_parallel_axis, self.num_classes
     kernel, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype
     x = features.reshape(-1, features.shape[-1]).astype(dtype)
-    kl = kernel.shape[1]
-    b = jnp.zeros((kl,), jnp.float32) if bias is None else bias
-    if self.padded_num_classes != self.num_classes:
-      ids = lax.axis_index(self.vocab_parallel_axis) * kl + jnp.arange(kl)
-      b = jnp.where(ids < self.num_classes, b, -jnp.inf)
-    elif bias is None:
-      b = None
-    return x, kernel.astype(dtype), b
+    y = None if labels is None else labels.reshape(-1)
+
+    def run(x, w, b, y, extra):
+      kl = w.shape[1]
+      start = lax.axis_index(axis) * kl
+      if self.padded_num_classes != num_classes:
+        b = jnp.zeros((kl,), jnp.float32) if b is None else b
+        b = jnp.where(start + jnp.arange(kl) < num_classes, b, -jnp.inf)
+      if extra is not None and extra.shape[0] != kl:  # inside a shard_map: the full [K_pad]
+        extra = lax.dynamic_slice_in_dim(extra, start, kl)
+      return op(x, w.astype(dtype), b, y, extra)
+
+    if inside:
+      return run(x, kernel, bias, y, extra)
+    self._check_shards(mesh.shape[axis])
+    others = tuple(a for a in mesh.axis_names if a != axis)
+    size = math.prod(mesh.shape[a] for a in others)
+    rows = others if others and x.shape[0] % size == 0 else None
+    specs = (P(rows, None), P(None, axis), None if bias is None else P(axis),
+             None if y is None else P(rows), None if extra is None else P(axis))
+    out = P(rows, axis) if columns else P(rows)
+    return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=out)(x, kernel, bias, y, extra)
 
   @nn.compact
   def _weights(self, d: int):
@@ -286,15 +336,16 @@ class DenseSoftmax(nn.Module):
     features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
                                                    num_classes=self.num_classes)
     smoothing = self.label_smoothing if train else 0.0
-    if self._model_shards() is not None:
-      if smoothing:
-        raise ValueError(f'{type(self).__name__}: vocab_parallel_axis does not take label_smoothing '
-                         f'(got {smoothing}) yet; set config.head.label_smoothing=0.')
-      x, w, b = self._vp_weights(features)
-      loss = vp_ops.vocab_parallel_cross_entropy(
-          x, w, labels.reshape(-1), bias=b, axis_name=self.vocab_parallel_axis, fused=self.fused,
-          chunk_size=self.chunk_size)
-      return loss.reshape(labels.shape)
+    if self.vocab_parallel_axis is not None and smoothing and (
+        self._model_shards() is not None or self._context_mesh() is not None):
+      raise ValueError(f'{type(self).__name__}: vocab_parallel_axis does not take label_smoothing '
+                       f'(got {smoothing}) yet; set config.head.label_smoothing=0.')
+    loss = self._vocab_parallel(
+        features, lambda x, w, b, y, _: vp_ops.vocab_parallel_cross_entropy(
+            x, w, y, bias=b, axis_name=self.vocab_parallel_axis, fused=self.fused,
+            chunk_size=self.chunk_size), labels=labels)
+    if loss is not None:
+      return self._real_labels(loss.reshape(labels.shape), labels)
     if self.fused:
       kernel, bias = self._weights(features.shape[-1])
       dtype = self.dtype or features.dtype
@@ -320,12 +371,17 @@ class DenseSoftmax(nn.Module):
     `padded=True`: `[..., K_pad]`, exactly -inf (probability 0) at the padded classes. With a
     sparse `mapping`, `log(mapping(z))`: exactly -inf outside the support too.
     """
-    if self._model_shards() is not None:
+    if self.vocab_parallel_axis is not None:
       self._config()
       features, _ = _checks.features_and_labels(type(self).__name__, features)
-      x, w, b = self._vp_weights(features)
-      log_p = vp_ops.vocab_parallel_log_softmax(x, w, bias=b, axis_name=self.vocab_parallel_axis)
-      return log_p.reshape(*features.shape[:-1], w.shape[1])
+      log_p = self._vocab_parallel(
+          features, lambda x, w, b, y, _: vp_ops.vocab_parallel_log_softmax(
+              x, w, bias=b, axis_name=self.vocab_parallel_axis), columns=True)
+      if log_p is not None:
+        log_p = log_p.reshape(*features.shape[:-1], log_p.shape[-1])
+        if self._model_shards() is not None or padded:
+          return log_p  # inside a shard_map: this shard's columns
+        return log_p[..., :self.num_classes]
     z = self.logits(features, padded=True)
     if self.mapping != 'softmax':
       probs, _ = self._sparse_fns()
@@ -365,12 +421,14 @@ class DenseSoftmax(nn.Module):
     """Most probable class `[...] int32`, `argmax(log_prob(features), -1)` (never a padded one;
     with `approx_top_k`, `jax.lax.approx_max_k` with k = 1); with a sparse `mapping`, `argmax z`,
     a class of the largest probability."""
-    if self._model_shards() is not None:
+    if self.vocab_parallel_axis is not None:
       self._config()
       features, _ = _checks.features_and_labels(type(self).__name__, features)
-      x, w, b = self._vp_weights(features)
-      ids = vp_ops.vocab_parallel_predict(x, w, bias=b, axis_name=self.vocab_parallel_axis)
-      return ids.reshape(features.shape[:-1])
+      ids = self._vocab_parallel(
+          features, lambda x, w, b, y, _: vp_ops.vocab_parallel_predict(
+              x, w, bias=b, axis_name=self.vocab_parallel_axis))
+      if ids is not None:
+        return ids.reshape(features.shape[:-1])
     if not self.approx_top_k:
       return jnp.argmax(self._order(features)[..., :self.num_classes], axis=-1).astype(jnp.int32)
     _, ids = self.top_k(features, 1)
@@ -425,8 +483,11 @@ class DenseSoftmax(nn.Module):
     `mapping(z / t)` plus 'support' `[...]` int32 and 'fy_loss' `[..., G]` float32
     (`_eval.fenchel_young_eval_stats`; `chunk_size` unused).
     """
-    self._not_vocab_parallel('eval_stats')
     opts = dict(temperatures=temperatures, log_prior=log_prior)
+    if self.vocab_parallel_axis is not None:
+      stats = self._vocab_parallel_eval_stats(features, labels, **opts)
+      if stats is not None:
+        return stats
     if self.mapping != 'softmax':
       z = self.logits(features)  # the K real classes: the padding takes no part
       _, labels = _checks.features_and_labels(type(self).__name__, features, labels,
@@ -443,3 +504,32 @@ class DenseSoftmax(nn.Module):
     # num_classes=K: the chunks cover columns [0, K) of the [d, K_pad] kernel, never the padding.
     return _eval.linear_eval_stats(x, kernel, bias, labels, class_axis=1, num_classes=self.num_classes,
                                    chunk_size=chunk_size or self.chunk_size, **opts)
+
+  def _vocab_parallel_eval_stats(self, features, labels, *, temperatures, log_prior):
+    """`eval_stats` by `ops.vocab_parallel.vocab_parallel_eval_stats` (None: not vocab-parallel
+    here): per-shard `[N, K_pad/M]` logits, the statistics reduced across the shards."""
+    self._config()
+    features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
+                                                   num_classes=self.num_classes)
+    ts = _eval.check_temperatures(temperatures)
+    prior = None
+    if log_prior is not None:
+      prior = jnp.asarray(log_prior)
+      if prior.shape != (self.num_classes,) or not jnp.issubdtype(prior.dtype, jnp.floating):
+        raise ValueError(f'eval_stats: `log_prior` must be a [num_classes] = ({self.num_classes},) '
+                         f'float array; got shape {prior.shape} and dtype {prior.dtype}.')
+      prior = jnp.pad(prior.astype(jnp.float32), (0, self.padded_num_classes - self.num_classes))
+    stats = self._vocab_parallel(
+        features, lambda x, w, b, y, p: vp_ops.vocab_parallel_eval_stats(
+            x, w, y, bias=b, axis_name=self.vocab_parallel_axis, temperatures=ts, log_prior=p),
+        labels=labels, extra=prior)
+    if stats is None:
+      return None
+    real = labels < self.num_classes  # a traced padded-class label: NaN, as out of range
+    out = {}
+    for key, value in stats.items():
+      value = value.reshape(*labels.shape, *value.shape[1:])
+      if key.endswith('label_log_prob'):
+        value = jnp.where(real[..., None], value, jnp.nan)
+      out[key] = value
+    return out

@@ -276,11 +276,49 @@ def vocab_parallel_predict(features: jax.typing.ArrayLike, kernel: jax.typing.Ar
   return ids
 
 
+def _temperatures(temperatures) -> tuple:
+  try:
+    ts = tuple(float(t) for t in temperatures)
+  except TypeError:
+    ts = ()
+  if not ts or not all(0 < t < float('inf') for t in ts):
+    raise _checks.ArgumentError(f'`temperatures` must be a non-empty sequence of finite numbers > 0 '
+                                f'(concrete); got {temperatures!r}.')
+  return ts
+
+
+def _shard_stats(z, labels, local, owner, ts, axis_name):
+  """The statistics of `vocab_parallel_eval_stats` from this shard's scores `z [N, K/M]`."""
+  kl = z.shape[1]
+  z_y = jnp.take_along_axis(z, jnp.clip(local, 0, kl - 1)[:, None], axis=-1)[:, 0]
+  z_y = lax.psum(jnp.where(owner, z_y, 0.0), axis_name)
+  gmax, ids = _global_argmax(z, axis_name)
+  own_col = owner[:, None] & (lax.broadcasted_iota(local.dtype, z.shape, 1) == local[:, None])
+  above = (z > z_y[:, None]) & ~own_col  # the label's own column never counts
+  rank = lax.psum(jnp.sum(above, axis=-1, dtype=jnp.int32), axis_name)
+  log_p, conf = [], []
+  for t in ts:  # one [N, K/M] block at a time
+    lse = _global_lse(jax.nn.logsumexp(z / t, axis=-1), axis_name)
+    log_p.append(z_y / t - lse)
+    conf.append(jnp.exp(gmax / t - lse))
+  valid = (labels >= 0) & (labels < kl * lax.axis_size(axis_name))
+  label_log_prob = jnp.where(valid[:, None], jnp.stack(log_p, -1), jnp.nan)
+  return {'prediction': ids, 'label_rank': rank, 'label_log_prob': label_log_prob,
+          'confidence': jnp.stack(conf, -1)}
+
+
 def vocab_parallel_eval_stats(features: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike,
                               labels: jax.typing.ArrayLike, *,
                               bias: Optional[jax.typing.ArrayLike] = None,
-                              axis_name: str = DEFAULT_AXIS) -> Dict[str, jax.Array]:
+                              axis_name: str = DEFAULT_AXIS, temperatures=(1.0,),
+                              log_prior: Optional[jax.typing.ArrayLike] = None
+                              ) -> Dict[str, jax.Array]:
   """Per-example evaluation statistics over the sharded classes, inside shard_map.
+
+  The statistics of the heads' `eval_stats` (`softmax_jax/heads/_eval.py`) with `lp` the
+  log-softmax of `z = features @ W + b` over all K classes, each reduced across the shards by
+  collectives (`pmax`/`psum` of the per-shard logsumexp per temperature, `pmax`/`pmin` for the
+  argmax, `psum` of the per-shard counts for the rank): no device forms `[N, K]`.
 
   Args:
     features: [N, d] float, replicated over `axis_name`.
@@ -288,22 +326,33 @@ def vocab_parallel_eval_stats(features: jax.typing.ArrayLike, kernel: jax.typing
     labels: [N] int global class ids in [0, K).
     bias: [K/M] float or None.
     axis_name: the mesh axis over which the classes are sharded.
+    temperatures: G finite temperatures > 0 (static).
+    log_prior: None or [K/M] float, this shard's log class prior: adds the same statistics
+      prefixed 'adjusted_' for the scores `z - log_prior` (post-hoc logit adjustment).
 
   Returns:
-    {'label_log_prob': [N] float32, 'prediction': [N] int32 (lowest id on ties),
-     'confidence': [N] float32 the largest probability}, replicated over `axis_name`.
+    {'prediction': [N] int32 (lowest id on ties), 'label_rank': [N] int32 (classes other than
+     the label with a larger logit), 'label_log_prob': [N, G] float32 `log_softmax(z / t)[label]`
+     (NaN for a traced label outside [0, K)), 'confidence': [N, G] float32 `max softmax(z / t)`},
+    and the 'adjusted_' ones with `log_prior`; replicated over `axis_name`. A NaN row gets NaN
+    log-probabilities and confidences (and an unspecified prediction).
   """
   _check(features, kernel, bias)
+  ts = _temperatures(temperatures)
   i, m = _shard(axis_name)
   kl = kernel.shape[1]
   labels = _checks.labels(labels, kl * m, features.shape[:1], 'features')
-  z, lse = _lse(features, kernel, bias, axis_name)
+  if log_prior is not None:
+    _checks.shape(log_prior, (kl,), 'log_prior', "[K/M] = kernel.shape[1:], this shard's prior")
+  z = _local_logits(features, kernel, bias)
   local = labels - i * kl
   owner = (local >= 0) & (local < kl)
-  z_y = jnp.take_along_axis(z, jnp.clip(local, 0, kl - 1)[:, None], axis=-1)[:, 0]
-  z_y = lax.psum(jnp.where(owner, z_y, 0.0), axis_name)
-  gmax, ids = _global_argmax(z, axis_name)
-  return {'label_log_prob': z_y - lse, 'prediction': ids, 'confidence': jnp.exp(gmax - lse)}
+  out = _shard_stats(z, labels, local, owner, ts, axis_name)
+  if log_prior is not None:
+    adjusted = _shard_stats(z - jnp.asarray(log_prior).astype(z.dtype), labels, local, owner, ts,
+                            axis_name)
+    out |= {f'adjusted_{k}': v for k, v in adjusted.items()}
+  return out
 
 
 # ---- shard_map wrappers for a ('data', 'model') mesh ----------------------------------------

@@ -324,7 +324,8 @@ def test_sigsoftmax_matches_a_float64_reference():
 def test_vocab_parallel_head_equals_the_plain_head(fused):
   """vocab_parallel_axis='model' inside shard_map on a 2 x 4 mesh, K = 7 padded to 8: the same
   losses, gradients (params and features), log-probs and predictions as the plain head on the
-  same params; the padding keeps probability and gradient exactly 0; eval_stats raises."""
+  same params; the padding keeps probability and gradient exactly 0; the same eval statistics
+  (two temperatures, a log prior); top_k raises."""
   from jax.sharding import AxisType  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
@@ -358,7 +359,67 @@ def test_vocab_parallel_head_equals_the_plain_head(fused):
   assert np.all(np.asarray(got[2])[..., K:] == -np.inf)
   assert not np.asarray(got[1][0]['kernel'])[:, K:].any()
 
-  def stats(p, x, y):
-    return vp.apply({'params': p}, x, y, method=vp.eval_stats)
-  with pytest.raises(ValueError, match='eval_stats is not vocabulary-parallel'):
-    jax.shard_map(stats, mesh=mesh, in_specs=(pspec, fspec, yspec), out_specs=P())(params, x, y)
+  prior = jnp.asarray(rng.normal(size=K), jnp.float32)
+
+  def stats(head):
+    return lambda p, x, y: head.apply({'params': p}, x, y, method=head.eval_stats,
+                                      temperatures=(1.0, 2.0), log_prior=prior)
+  got = jax.jit(jax.shard_map(stats(vp), mesh=mesh, in_specs=(pspec, fspec, yspec),
+                              out_specs=P('data')))(params, x, y)
+  _assert_same_stats(got, jax.jit(stats(plain))(params, x, y))
+  with pytest.raises(ValueError, match='top_k is not vocabulary-parallel'):
+    jax.shard_map(lambda p, x: vp.apply({'params': p}, x, 2, method=vp.top_k), mesh=mesh,
+                  in_specs=(pspec, fspec), out_specs=P())(params, x)
+
+
+def _assert_same_stats(got, want):
+  assert sorted(got) == sorted(want)
+  for key in want:
+    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-5, atol=1e-5,
+                               err_msg=key)
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_vocab_parallel_head_under_a_context_mesh(fused):
+  """Outside a shard_map but under `jax.set_mesh` of a 2 x 4 ('data', 'model') mesh (the
+  trainer's), the head with vocab_parallel_axis wraps itself in a shard_map over the full params
+  placed P(None, 'model'): the plain head's loss, gradients, log-probs, predictions and eval
+  statistics; the kernel gradient stays sharded on 'model'."""
+  from jax.sharding import AxisType, NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(4, 3, D)) * 2, jnp.float32)
+  y = jnp.asarray(rng.integers(0, K, size=(4, 3)), jnp.int32)
+  opts = dict(num_classes=K, fused=fused, chunk_size=1 if fused else None, pad_classes_to=8)
+  plain, vp = DenseSoftmax(**opts), DenseSoftmax(**opts, vocab_parallel_axis='model')
+  params = vp.init(jax.random.PRNGKey(0), x, y)['params']  # no mesh: the plain, full params
+  params = jax.tree.map(lambda p: p + 0.3 * rng.normal(size=p.shape).astype(np.float32), params)
+  prior = jnp.asarray(rng.normal(size=K), jnp.float32)
+
+  def run(head):
+    def f(p, x, y):
+      loss_fn = lambda p, x: head.apply({'params': p}, x, y, train=True).sum()
+      loss, grads = jax.value_and_grad(loss_fn, (0, 1))(p, x)
+      log_p = head.apply({'params': p}, x, method=head.log_prob)
+      stats = head.apply({'params': p}, x, y, method=head.eval_stats, temperatures=(1.0, 2.0),
+                         log_prior=prior)
+      return loss, grads, log_p, head.apply({'params': p}, x, method=head.predict), stats
+    return jax.jit(f)
+
+  want = run(plain)(params, x, y)
+  placed = {'kernel': jax.device_put(params['kernel'], NamedSharding(mesh, P(None, 'model'))),
+            'bias': jax.device_put(params['bias'], NamedSharding(mesh, P('model')))}
+  xs = jax.device_put(x, NamedSharding(mesh, P('data')))
+  with jax.set_mesh(mesh):
+    got = run(vp)(placed, xs, y)
+  _assert_same_stats(got[4], want[4])
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[:4]),
+                          jax.tree_util.tree_leaves(want[:4])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5, err_msg=str(path))
+  assert got[2].shape == (4, 3, K)
+  assert got[1][0]['kernel'].sharding.spec == P(None, 'model')
+  assert not np.asarray(got[1][0]['kernel'])[:, K:].any()
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match='must divide by the size 4'):
+    DenseSoftmax(num_classes=K, vocab_parallel_axis='model').apply(
+        {'params': {'kernel': params['kernel'][:, :K], 'bias': params['bias'][:K]}}, x, y)

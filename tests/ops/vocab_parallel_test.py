@@ -84,31 +84,44 @@ def test_matches_unsharded(shape, dtype, fused):
 
 
 def test_eval_stats_ties_and_nan_rule():
-  """Eval stats against float64; argmax ties take the lowest id across shards; a NaN row."""
+  """Eval stats against float64 (two temperatures, the rank, a log prior); argmax ties take the
+  lowest id across shards; a NaN row."""
   mesh = _mesh(2, 4)
   x, w, b, y = _data(jnp.float32, seed=1)
   y = jnp.where(y == IGNORE, 0, y)
   x = x.at[5].set(jnp.nan)
   w = w.at[:, 20].set(w[:, 2])  # classes 2 and 20 (shards 0 and 3) tie for every example
   b = b.at[20].set(b[2]).at[2].add(10.0).at[20].add(10.0)  # ... and win
+  prior = jnp.asarray(np.random.default_rng(2).normal(size=K), jnp.float32)
+  ts = (1.0, 2.5)
 
-  def stats(x, w, b, y):
-    out = vp.vocab_parallel_eval_stats(x, w, y, bias=b)
+  def stats(x, w, b, y, prior):
+    out = vp.vocab_parallel_eval_stats(x, w, y, bias=b, temperatures=ts, log_prior=prior)
     out['loss'] = vp.vocab_parallel_cross_entropy(x, w, y, bias=b, fused=True)
     return out
 
-  specs = (P('data', None), P(None, 'model'), P('model'), P('data'))
-  got = jax.jit(jax.shard_map(stats, mesh=mesh, in_specs=specs, out_specs=P('data')))(x, w, b, y)
+  specs = (P('data', None), P(None, 'model'), P('model'), P('data'), P('model'))
+  got = jax.jit(jax.shard_map(stats, mesh=mesh, in_specs=specs, out_specs=P('data')))(
+      x, w, b, y, prior)
   z = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
-  log_p = z - special.logsumexp(z, axis=1, keepdims=True)
   ok = np.arange(N) != 5
-  want = log_p[np.arange(N), np.asarray(y)]
-  np.testing.assert_allclose(np.asarray(got['label_log_prob'])[ok], want[ok], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(got['loss'])[ok], -want[ok], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(got['confidence'])[ok], np.exp(log_p.max(1))[ok], rtol=1e-5)
+  rows = np.arange(N)
+  yy = np.asarray(y)
+  for prefix, s in (('', z), ('adjusted_', z - np.asarray(prior, np.float64))):
+    for g, t in enumerate(ts):
+      log_p = s / t - special.logsumexp(s / t, axis=1, keepdims=True)
+      np.testing.assert_allclose(np.asarray(got[prefix + 'label_log_prob'])[ok, g],
+                                 log_p[rows, yy][ok], rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(np.asarray(got[prefix + 'confidence'])[ok, g],
+                                 np.exp(log_p.max(1))[ok], rtol=1e-5)
+    rank = ((s > s[rows, yy][:, None]) & (np.arange(K) != yy[:, None])).sum(1)
+    np.testing.assert_array_equal(np.asarray(got[prefix + 'label_rank'])[ok], rank[ok])
+    assert np.isnan(np.asarray(got[prefix + 'label_log_prob'])[5]).all()
+    assert np.isnan(np.asarray(got[prefix + 'confidence'])[5]).all()
+  log_p = z - special.logsumexp(z, axis=1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(got['loss'])[ok], -log_p[rows, yy][ok], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(got['prediction'])[ok], 2)  # lowest id of the tie
-  for key in ('label_log_prob', 'loss', 'confidence'):
-    assert np.isnan(np.asarray(got[key])[5]), key  # the NaN row: NaN, others unaffected
+  assert np.isnan(np.asarray(got['loss'])[5])  # the NaN row: NaN, others unaffected
 
 
 def test_compiled_memory_has_no_full_logits():
