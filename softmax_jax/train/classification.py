@@ -31,7 +31,7 @@ from softmax_jax.data.augment import augment_images
 from softmax_jax.data.smote import smote_dataset
 from softmax_jax.models.classifier import build_classifier
 from softmax_jax.train import writer
-from softmax_jax.train.parallel import check_divisible
+from softmax_jax.train.parallel import check_divisible, data_shards, head_config
 from softmax_jax.train.state import init_state
 
 # Augmentation draws from keys folded into the per-step key (`data.augment.augment_images`), so the
@@ -136,7 +136,7 @@ class ClassificationTask:
     if config.data.sampling == 'smote':
       self.dataset = smote_dataset(self.dataset, k_neighbors=config.data.smote_neighbors,
                                    seed=config.seed)
-    self.model = build_classifier(config.model, config.head, self.dataset.num_classes,
+    self.model = build_classifier(config.model, head_config(config), self.dataset.num_classes,
                                   self.dataset.class_counts)
     # Many/medium/few-shot accuracy and post-hoc adjustment only for long-tailed runs.
     self.class_counts = self.dataset.class_counts if config.data.imbalance_ratio > 1 else None
@@ -151,9 +151,10 @@ class ClassificationTask:
             'eval_batch_size': int(self.config.eval_batch_size)}
 
   def check_devices(self, num_devices: int) -> None:
-    """Raises ValueError (naming the fixes) unless `num_devices` divides every batch size."""
+    """Raises ValueError (naming the fixes) unless the data axis of `num_devices` devices (all of
+    them, or `num_devices / M` with `config.mesh`) divides every batch size."""
     for key, size in self.batch_sizes.items():
-      check_divisible(size, num_devices, key)
+      check_divisible(size, data_shards(self.config, num_devices), key)
 
   def init_state(self, tx):
     return init_state(self.model, tx, self.dataset.input_shape, self.config.seed)

@@ -103,6 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.parallel = 'jit'            # jit (over a Mesh, 'data' axis) | pmap (lax.pmean)
   c.num_devices = 0             # 0: all local devices; the batch sizes must divide by it
+  # Vocabulary parallelism (train/parallel.py, issue 21): None, or {'data': D, 'model': M} for a
+  # 2-D jit mesh of D * M devices (D = 0: the rest); the batch splits on 'data' (D divides the
+  # batch sizes), the dense head's kernel, bias and their optimizer moments on 'model'. M > 1:
+  # DenseSoftmax only (softmax mapping, no sigsoftmax, no label smoothing), jit driver only.
+  c.mesh = None                 # None: the 1-D 'data' mesh; e.g. {'data': 2, 'model': 4}
   c.log_every = 50
   c.eval_every = 500
   c.checkpoint_every = 500
@@ -125,6 +130,7 @@ def validate_config(config, reference=None, path='config') -> None:
   if path == 'config':
     if config.parallel not in ('jit', 'pmap'):
       raise ValueError(f"config.parallel must be 'jit' or 'pmap', got {config.parallel!r}.")
+    _check_mesh(config.get('mesh'))
     for key in ('batch_size', 'eval_batch_size', 'num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
       if int(config[key]) < 1:
         raise ValueError(f'config.{key} must be >= 1, got {config[key]!r}.')
@@ -144,6 +150,19 @@ def validate_config(config, reference=None, path='config') -> None:
       raise ValueError(f'config.distill.temperature must be a finite number > 0, got {k.temperature!r}.')
     if not d.imbalance_ratio >= 1:
       raise ValueError(f'config.data.imbalance_ratio must be >= 1 (1: unchanged), got {d.imbalance_ratio!r}.')
+
+
+def _check_mesh(mesh) -> None:
+  """`config.mesh` is None or {'data': D >= 0, 'model': M >= 1}, integers (train/parallel.py)."""
+  if mesh is None:
+    return
+  items = dict(mesh) if isinstance(mesh, (ml_collections.ConfigDict, dict)) else None
+  ok = (items is not None and sorted(items) == ['data', 'model']
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in items.values())
+        and items['model'] >= 1 and items['data'] >= 0)
+  if not ok:
+    raise ValueError(f"config.mesh must be None or {{'data': D, 'model': M}} with integers M >= 1 "
+                     f'and D >= 0 (0: the devices left over by M); got {mesh!r}.')
 
 
 def check_key_path(config, dotted: str) -> None:

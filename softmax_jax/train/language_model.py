@@ -34,7 +34,7 @@ from softmax_jax.data.text import (LM_DATASETS, lm_batches, lm_eval_batches, lm_
                                    load_text_dataset)
 from softmax_jax.models.lm import build_language_model
 from softmax_jax.train.classification import log_nll_undefined
-from softmax_jax.train.parallel import check_divisible
+from softmax_jax.train.parallel import check_divisible, data_shards, head_config
 
 
 def check_lm_batch(batch) -> None:
@@ -87,7 +87,7 @@ class LanguageModelTask:
     _check_lm_config(config)
     self.config = config
     self.dataset = load_text_dataset(config.data) if dataset is None else dataset
-    self.model = build_language_model(config.model, config.head, self.dataset.num_classes,
+    self.model = build_language_model(config.model, head_config(config), self.dataset.num_classes,
                                       self.dataset.counts)
     self.seq_len = config.data.seq_len
     self.items_per_step = config.batch_size * self.seq_len
@@ -110,9 +110,10 @@ class LanguageModelTask:
             'eval_batch_size': int(self.config.eval_batch_size)}
 
   def check_devices(self, num_devices: int) -> None:
-    """Raises ValueError (naming the fixes) unless `num_devices` divides every batch size."""
+    """Raises ValueError (naming the fixes) unless the data axis of `num_devices` devices (all of
+    them, or `num_devices / M` with `config.mesh`) divides every batch size."""
     for key, size in self.batch_sizes.items():
-      check_divisible(size, num_devices, key)
+      check_divisible(size, data_shards(self.config, num_devices), key)
 
   def init_state(self, tx):
     """Host state {step, params, model_state, opt_state, rng, carry}; carry = zeros, one row per batch row."""

@@ -40,10 +40,32 @@ array_record files), not a change here. Evaluation batches are split the same wa
 per-example statistics are gathered to every process (`multihost_utils.process_allgather`), so
 every example is counted exactly once, padding masked as before. The pmap driver is single-process
 only (a clear error otherwise).
+
+Vocabulary parallelism (`config.mesh`, issue 21; jit driver only): `config.mesh = {'data': D,
+'model': M}` runs the jit driver on a 2-D `Mesh(devices.reshape(D, M), ('data', 'model'))` (None,
+the default: the 1-D 'data' mesh above, nothing changes; `'data': 0` means "the rest", D = the
+device count / M). D * M must equal the number of devices the run uses (`config.num_devices`,
+0: all local ones; multi-process: all), and D must divide every batch size. The batch and the
+per-row state split on 'data'; the dense head's kernel `[d, K_pad]` and bias `[K_pad]` split on
+'model' (`P(None, 'model')`, `P('model')`), and so do the optimizer-state leaves that mirror them
+(momentum, Adam moments: the leaves whose key path ends with the head parameter's path and
+whose shape is its shape); every other leaf is replicated. With M > 1 the task builds its head
+with `vocab_parallel_axis='model'` (`head_config`; `DenseSoftmax` only, softmax mapping, no
+sigsoftmax, no label smoothing; any other head is a clear error naming config.mesh and
+config.head.name) and the driver runs the step and evaluation under `jax.set_mesh(mesh)`: the
+backbone is plain jit (GSPMD, batch on 'data') and only the output layer runs in a
+`jax.shard_map` (the head wraps itself, see heads/dense.py), whose loss, gradients and
+evaluation statistics (`eval_stats`) are reduced across the 'model' shards by collectives: no
+device forms `[N, K]` nor the full kernel. Checkpoints hold the gathered host state, and
+`put_state` places a restored one as it placed the first, so a resume gives the numbers of an
+uninterrupted run. Not with the pmap driver, row-sparse updates (`config.optimizer.sparse_output`)
+or distillation (clear errors). Multi-process runs with M > 1 are not tested.
 """
 
+import contextlib
 import functools
-from typing import Callable, Iterable, List, Mapping
+import math
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from absl import logging
 import jax
@@ -136,15 +158,146 @@ def usable_devices(num_devices: int, batch_sizes: Mapping[str, int]):
   return devices[:n]
 
 
+MESH_AXES = ('data', 'model')
+
+
+def mesh_config(config) -> Optional[Dict[str, int]]:
+  """`config.mesh` as `{'data': D, 'model': M}` (D = 0: the rest), or None (the 1-D data mesh).
+
+  Raises:
+    ValueError: naming config.mesh, unless it is None or a mapping of exactly 'data' and 'model'
+      to integers, 'model' >= 1 and 'data' >= 0.
+  """
+  mesh = None if config is None else config.get('mesh')
+  if mesh is None:
+    return None
+  try:
+    mesh = dict(mesh)
+  except (TypeError, ValueError):
+    mesh = None
+  ok = (mesh is not None and sorted(mesh) == sorted(MESH_AXES)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in mesh.values())
+        and mesh['model'] >= 1 and mesh['data'] >= 0)
+  if not ok:
+    raise ValueError(f"config.mesh must be None or {{'data': D, 'model': M}} with integers M >= 1 "
+                     f"and D >= 0 (0: the devices left over by M); got {config.get('mesh')!r}.")
+  return {k: int(mesh[k]) for k in MESH_AXES}
+
+
+def model_shards(config) -> int:
+  """M, the size of the 'model' axis of `config.mesh` (1 without one)."""
+  mesh = mesh_config(config)
+  return 1 if mesh is None else mesh['model']
+
+
+def data_shards(config, num_devices: int) -> int:
+  """The size of the 'data' axis for a run on `num_devices` devices: the batch splits over it."""
+  return num_devices // model_shards(config)
+
+
+def head_config(config) -> Mapping:
+  """`config.head` as the task builds its head: with `config.mesh`'s 'model' axis M > 1, plus
+  `vocab_parallel_axis='model'` (the dense head split on the classes).
+
+  Raises:
+    ValueError: M > 1 with a head that cannot be vocabulary-parallel (not 'dense', or a dense
+      head with a sparse mapping, sigsoftmax or label smoothing), row-sparse updates or
+      distillation; names config.mesh and the option.
+  """
+  m = model_shards(config)
+  if m == 1:
+    return config.head
+  head = dict(config.head)
+  mesh = f"config.mesh={mesh_config(config)} (a 'model' axis of {m})"
+  if head.get('name') != 'dense':
+    raise ValueError(f"{mesh} needs config.head.name='dense' (vocabulary parallelism splits the "
+                     f"dense head's [d, K] kernel on the classes); got config.head.name="
+                     f"{head.get('name')!r}. Use a 'model' axis of 1 (or config.mesh=None) for "
+                     'other heads.')
+  for key, default in (('mapping', 'softmax'), ('sigsoftmax', False), ('label_smoothing', 0.0)):
+    if head.get(key, default) != default:
+      raise ValueError(f'{mesh} cannot train config.head.name={head["name"]!r} with '
+                       f'config.head.{key}={head[key]!r} (the vocab-parallel ops are the softmax '
+                       f'cross-entropy of x @ kernel + bias); set config.head.{key}={default!r} or '
+                       "a 'model' axis of 1.")
+  if config.optimizer.get('sparse_output'):
+    raise ValueError(f'{mesh} cannot be combined with config.optimizer.sparse_output=True '
+                     '(row-sparse updates of a replicated table); set it to None or False.')
+  distill = config.get('distill')
+  if distill is not None and distill.get('teacher_workdir'):
+    raise ValueError(f'{mesh} cannot be combined with config.distill.teacher_workdir (distillation '
+                     "is not vocabulary-parallel); use a 'model' axis of 1.")
+  return head | {'vocab_parallel_axis': 'model'}
+
+
+def mesh_devices(mesh: Mapping[str, int], devices, batch_sizes: Mapping[str, int]) -> np.ndarray:
+  """`devices` as the `[D, M]` array of `config.mesh` (D = 0: len(devices) // M).
+
+  Raises:
+    ValueError: D * M differs from the number of devices (naming config.mesh, the product and the
+      device count), or D does not divide a batch size.
+  """
+  n, m = len(devices), mesh['model']
+  d = mesh['data'] or n // m
+  if d * m != n or d < 1:
+    raise ValueError(f"config.mesh={mesh} has {d} x {m} = {d * m} devices, but the run uses {n} "
+                     f"devices (config.num_devices={n if n != len(jax.devices()) else 0} of "
+                     f"{len(jax.devices())}): make 'data' x 'model' = {n}, e.g. "
+                     f"{{'data': 0, 'model': {m}}} (0: the rest) if {m} divides {n}, or set "
+                     '--config.num_devices.')
+  for key, size in batch_sizes.items():
+    if int(size) % d:
+      raise ValueError(f"config.{key}={size} must be divisible by the 'data' axis of config.mesh="
+                       f"{mesh} ({d} devices): the batch splits over 'data' only.")
+  return np.array(devices).reshape(d, m)
+
+
+def _dict_keys(path) -> Tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def head_param_specs(params) -> Dict[Tuple[str, ...], Tuple[P, tuple]]:
+  """`{path: (spec, shape)}` of the head's parameters split on 'model': the kernel `[d, K_pad]`
+  `P(None, 'model')`, the bias `[K_pad]` `P('model')` (found by path: `params['head']`)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params.get('head', {})):
+    keys = ('head',) + _dict_keys(path)
+    spec = {'kernel': P(None, 'model'), 'bias': P('model')}.get(keys[-1])
+    if spec is not None and len(spec) == np.ndim(leaf):
+      out[keys] = (spec, tuple(np.shape(leaf)))
+  return out
+
+
+def _spec_of(path, leaf, specs) -> P:
+  """The spec of a params or optimizer-state leaf: a head parameter's when its key path ends
+  with that parameter's path and it has its shape (the momentum, the Adam moments), else P()."""
+  keys = _dict_keys(path)
+  for suffix, (spec, shape) in specs.items():
+    if keys[-len(suffix):] == suffix and tuple(np.shape(leaf)) == shape:
+      return spec
+  return P()
+
+
 class JitDriver:
   """`jax.jit` over a 1-D Mesh: batch and per-row state split on axis 'data', the rest replicated."""
 
   def __init__(self, task, tx, schedule, num_devices: int = 0):
     self.multiprocess = jax.process_count() > 1
-    self.devices = (global_devices(num_devices, task.batch_sizes) if self.multiprocess
-                    else usable_devices(num_devices, task.batch_sizes))
+    self.mesh_shape = mesh_config(getattr(task, 'config', None))
+    if self.mesh_shape is None:
+      self.devices = (global_devices(num_devices, task.batch_sizes) if self.multiprocess
+                      else usable_devices(num_devices, task.batch_sizes))
+      mesh = Mesh(np.array(self.devices), ('data',))
+    else:  # config.mesh: ('data', 'model'), every device the run uses (no silent fallback)
+      if self.multiprocess and num_devices not in (0, len(jax.devices())):
+        global_devices(num_devices, {})  # its error
+      devices = jax.devices() if self.multiprocess else local_devices(num_devices)
+      grid = mesh_devices(self.mesh_shape, devices, task.batch_sizes)
+      self.devices = list(grid.reshape(-1))
+      mesh = Mesh(grid, MESH_AXES)
+    self.mesh = mesh
+    self.vocab_parallel = self.mesh_shape is not None and self.mesh_shape['model'] > 1
     self.row_keys = tuple(task.row_state_keys)
-    mesh = Mesh(np.array(self.devices), ('data',))
     self.replicated = NamedSharding(mesh, P())
     self.sharded = NamedSharding(mesh, P('data'))
     self._on_cpu = all(d.platform == 'cpu' for d in self.devices) and not self.multiprocess
@@ -154,6 +307,7 @@ class JitDriver:
     self._gather = task.gather if task.resident is not None else None
     self.resident = None if self._gather is None else self._put(task.resident, self.replicated)
     self._step = None  # jitted on the first put_state, when the state's keys are known
+    self._placement = None
     self._eval_fns = {}
     self.metric_keys = None  # the packed metrics' names, set when the step is traced
 
@@ -166,22 +320,26 @@ class JitDriver:
     return packed
 
   def _put(self, tree, sharding):
-    """Host arrays (the same on every process) -> arrays placed by `sharding`.
+    """Host arrays (the same on every process) -> arrays placed by `sharding` (one sharding, or
+    a tree of them matching `tree`).
 
-    Single-process: `jax.device_put`. Multi-process: a replicated array from each process's
-    copy; an array split on 'data' from this process's rows only
-    (`jax.make_array_from_process_local_data`, see `local_rows`).
+    Single-process: `jax.device_put`. Multi-process: an array split on 'data' from this
+    process's rows only (`jax.make_array_from_process_local_data`, see `local_rows`); any other
+    (replicated, or a head parameter split on 'model') from each process's copy.
     """
     if not self.multiprocess:
       return jax.device_put(tree, sharding)
-    if sharding is self.replicated:
-      return jax.tree.map(lambda x: jax.make_array_from_callback(
-          np.shape(x), sharding, lambda index, x=np.asarray(x): x[index]), tree)
-    def put(x):
+
+    def put(x, s):
       x = np.asarray(x)
-      rows = self.local_rows(x.shape[0])
-      return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
-    return jax.tree.map(put, tree)
+      if s is self.sharded:
+        rows = self.local_rows(x.shape[0])
+        return jax.make_array_from_process_local_data(s, x[rows], x.shape)
+      return jax.make_array_from_callback(x.shape, s, lambda index, x=x: x[index])
+
+    if isinstance(sharding, jax.sharding.Sharding):
+      return jax.tree.map(lambda x: put(x, sharding), tree)
+    return jax.tree.map(put, tree, sharding)
 
   def local_rows(self, num_rows: int) -> slice:
     """The rows of a `[num_rows, ...]` array split on 'data' that this process's devices hold:
@@ -199,10 +357,33 @@ class JitDriver:
     return slice(starts[0][0], starts[-1][1])
 
   def placement(self, state):
-    return {k: self.sharded if k in self.row_keys else self.replicated for k in state}
+    """Per state key, its sharding (a tree of them for 'params' and 'opt_state' with M > 1)."""
+    out = {k: self.sharded if k in self.row_keys else self.replicated for k in state}
+    if self.vocab_parallel:
+      specs = head_param_specs(state['params'])
+      if not specs:
+        raise ValueError(f"config.mesh={self.mesh_shape} found no head kernel or bias at "
+                         "params['head'] to split on 'model'.")
+      m = self.mesh_shape['model']
+      k = specs[max(specs)][1][-1]  # K_pad, the classes of the kernel and bias
+      if k % m:
+        raise ValueError(f"config.mesh={self.mesh_shape}: the head's classes K = {k} must divide "
+                         f"by the size {m} of the 'model' axis; pad them with "
+                         f'--config.head.pad_classes_to={m} (or {m * 128} on TPU), whose padded '
+                         'classes get probability 0.')
+      for key in ('params', 'opt_state'):
+        out[key] = jax.tree_util.tree_map_with_path(
+            lambda path, x: NamedSharding(self.mesh, _spec_of(path, x, specs)), state[key])
+    return out
+
+  def _context(self):
+    """The mesh context of the steps and evaluation: `jax.set_mesh(mesh)` with M > 1 (the
+    vocab-parallel head reads it), else none."""
+    return jax.set_mesh(self.mesh) if self.vocab_parallel else contextlib.nullcontext()
 
   def put_state(self, state):
     placement = self.placement(state)
+    self._placement = placement
     if self._step is None:
       def step(state, resident, batch):
         return self._train_step(state, batch if resident is None else self._gather(resident, batch))
@@ -231,7 +412,10 @@ class JitDriver:
   def step(self, state, batch):
     """`(state, metrics)`; `batch` from `put_batch` (or a host batch); metrics stay on device,
     packed: `[len(metric_keys)]` float32."""
-    return self._step(state, self.resident, batch)
+    if not self.vocab_parallel:
+      return self._step(state, self.resident, batch)
+    with self._context():
+      return self._step(state, self.resident, batch)
 
   def host_metrics(self, metrics):
     """A fetched step's packed metrics as the runner reads them: `{name: value}`."""
@@ -250,15 +434,20 @@ class JitDriver:
     one `process_allgather`, so every process gets every example's statistics, once).
     """
     if fn not in self._eval_fns:
-      self._eval_fns[fn] = jax.jit(fn, in_shardings=(self.replicated, self.sharded, self.sharded),
+      placed = self.replicated
+      if self.vocab_parallel:  # the params as the step holds them: the head's split on 'model'
+        placed = {'params': self._placement['params'],
+                  **{k: self.replicated for k in state['model_state']}}
+      self._eval_fns[fn] = jax.jit(fn, in_shardings=(placed, self.sharded, self.sharded),
                                    out_shardings=(self.sharded, self.sharded))
     jitted, variables = self._eval_fns[fn], self.variables(state)
     if carry is not None:
       carry = self._put(carry, self.sharded)
     outs = []
-    for batch in batches:
-      out, carry = jitted(variables, carry, self._put(batch, self.sharded))
-      outs.append(out)
+    with self._context():
+      for batch in batches:
+        out, carry = jitted(variables, carry, self._put(batch, self.sharded))
+        outs.append(out)
     if self.multiprocess:
       return jax.tree.map(np.asarray, multihost_utils.process_allgather(outs, tiled=True))
     return jax.device_get(outs)
@@ -275,6 +464,10 @@ class PmapDriver(JitDriver):
       raise ValueError(f'config.parallel=\'pmap\' runs on one process, but this run has '
                        f'{jax.process_count()} (jax.distributed): a multi-process run needs '
                        '--config.parallel=jit (the default).')
+    if model_shards(getattr(task, 'config', None)) > 1:
+      raise ValueError(f"config.parallel='pmap' cannot run config.mesh="
+                       f"{mesh_config(task.config)}: vocabulary parallelism (a 'model' axis > 1) "
+                       'is jit over a Mesh only; use --config.parallel=jit (the default).')
     super().__init__(task, tx, schedule, num_devices)  # evaluation reuses the jit path
     step = functools.partial(train_step, task=task, tx=tx, schedule=schedule, axis_name='batch')
     self._pstep = jax.pmap(self._packed(step), axis_name='batch', devices=self.devices,
