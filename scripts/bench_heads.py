@@ -41,6 +41,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import bench_utils
+from softmax_jax.train import sparse
 
 PRESETS = {
     'cpu': dict(K=[10_000, 50_000, 200_000], N=2048, d=512, mos_timed_max_k=50_000,
@@ -286,12 +287,19 @@ def train_table(rows) -> str:
 
 def _row_step_fn(head):
   """value_and_grad of the mean loss w.r.t. the bias, the rows `row_delta` and the features,
-  through `row_loss` (the table is an argument, not differentiated: no [K, d] gradient)."""
+  through `row_loss` (the table is an argument, not differentiated: no [K, d] gradient), then
+  the repeated ids' rows summed (`sum_duplicates`), as the training step does: the gradient is
+  `(distinct ids, summed rows)`, more than TF's IndexedSlices, which leave the sum to the apply."""
   def loss(rest, delta, x, labels, key, table):
     losses, ids = head.apply({'params': {'embedding': table, **rest}}, x, labels, delta,
                              method='row_loss', rngs={'sample': key})
     return jnp.mean(losses.astype(jnp.float32)), ids
-  return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+
+  def step(rest, delta, x, labels, key, table):
+    (value, ids), (g_rest, g_rows, g_x) = grad(rest, delta, x, labels, key, table)
+    return value, sparse.sum_duplicates(ids, g_rows, table.shape[0]), g_rest, g_x
+  return step
 
 
 def peers_suite(preset_name: str, *, repeats: int, max_load: float, wait_s: int):
@@ -324,7 +332,7 @@ def peers_suite(preset_name: str, *, repeats: int, max_load: float, wait_s: int)
     print(peers_table(rows[-1:]).splitlines()[-1], flush=True)
     # The row-sparse gradient (train/sparse.py's path), TF's IndexedSlices counterpart.
     table, rest = params['embedding'], {'bias': params['bias']}
-    delta = jnp.zeros((min(n + NUM_SAMPLED, k), d), jnp.float32)
+    delta = jnp.zeros((n + NUM_SAMPLED, d), jnp.float32)  # row_loss's rows: [labels; sample]
     compiled, _, _ = bench_utils.compile_fn(_row_step_fn(head), rest, delta, x, labels, key, table)
     t, _ = bench_utils.time_fn(compiled, (rest, delta, jnp.asarray(x), jnp.asarray(labels), key,
                                           table), repeats)

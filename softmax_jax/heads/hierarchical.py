@@ -84,6 +84,7 @@ class HierarchicalSoftmax(nn.Module):
   dtype: Any = None
   node_init: Callable = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)
   sparse_param: ClassVar[str] = 'node_vectors'  # the table `row_loss` reads rows of
+  row_ids_distinct: ClassVar[bool] = True  # `row_loss`'s ids are distinct (sorted, padded)
 
   def _tree(self) -> hs.Tree:
     return build_tree(self.num_classes, self.tree, self.class_counts)

@@ -144,14 +144,17 @@ class SampledSoftmax(nn.Module):
                row_delta: Optional[jnp.ndarray] = None) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """The training loss `__call__(features, labels, train=True)` read from the touched rows only.
 
-    The loss reads N + S rows of `embedding` (N = labels.size, S = num_sampled): the labels'
-    and the sample's. Their R = min(N + S, K) distinct ids are `row_ids` (sorted, padded with
-    K); the loss reads
-    `rows = stop_gradient(embedding[row_ids]) + row_delta`, so `grad(loss, row_delta)` is the
-    gradient of `embedding` at `row_ids` with duplicates summed (zero at the padding), and no
-    `[K, d]` gradient is formed. Same sample (one draw from 'sample'), same values and, up to
-    float summation order, the same gradients as `__call__(..., train=True)`; the training step
-    uses it for `config.optimizer.sparse_output` (`softmax_jax.train.sparse`).
+    The loss reads R = N + S rows of `embedding` (N = labels.size, S = num_sampled): the labels'
+    (in `labels.reshape(-1)` order), then the sample's, TF's lookup of `concat(labels,
+    sampled)`; `row_ids [R]` are their ids, repeated where a class is read twice (an
+    out-of-range label's id is K, the padding). The loss reads
+    `rows = stop_gradient(embedding[row_ids]) + row_delta` and slices them
+    (`sampled_softmax_loss(..., gathered_from=K)`), so `grad(loss, row_delta)` is one gradient
+    row per read, duplicates not summed (TF's `IndexedSlices`; the training step sums them,
+    `train.sparse.sum_duplicates`), with no scatter in the backward pass and no `[K, d]`
+    gradient. Same sample (one draw from 'sample'), same values and, up to float summation
+    order, the same gradients as `__call__(..., train=True)`; the training step uses it for
+    `config.optimizer.sparse_output` (`softmax_jax.train.sparse`).
 
     Args:
       features: [..., d] float.
@@ -166,23 +169,18 @@ class SampledSoftmax(nn.Module):
                                                    num_classes=self.num_classes)
     embedding, bias = self._weights(features.shape[-1])
     values = self._sample(labels, s, counts)
-    k, n = self.num_classes, labels.size
+    k = self.num_classes
     ids = jnp.concatenate([labels.reshape(-1), values.sampled]).astype(jnp.int32)
     ids = jnp.where((ids >= 0) & (ids < k), ids, k)  # a traced out-of-range label: padding
-    size = min(n + s, k)  # distinct ids: at most K
-    row_ids, inverse = jnp.unique(ids, size=size, fill_value=k, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    rows = jax.lax.stop_gradient(jnp.take(embedding, row_ids, axis=0, mode='fill', fill_value=0))
+    rows = jax.lax.stop_gradient(jnp.take(embedding, ids, axis=0, mode='fill', fill_value=0))
     if row_delta is not None:
       rows = rows + row_delta
-    in_range = (labels >= 0) & (labels < k)
-    local = jnp.where(in_range, inverse[:n].reshape(labels.shape), size)  # out of range: NaN
-    values = values._replace(sampled=inverse[n:])
-    local_bias = None if bias is None else jnp.take(bias, row_ids, mode='fill', fill_value=0)
+    local_bias = None if bias is None else jnp.take(bias, ids, mode='fill', fill_value=0)
     dtype = self.dtype or features.dtype
-    loss = LOSSES[self.loss](features.astype(dtype), rows.astype(dtype), local, values,
-                             bias=local_bias, remove_accidental_hits=self.remove_accidental_hits)
-    return loss, row_ids.astype(jnp.int32)
+    loss = LOSSES[self.loss](features.astype(dtype), rows.astype(dtype), labels, values,
+                             bias=local_bias, remove_accidental_hits=self.remove_accidental_hits,
+                             gathered_from=k)
+    return loss, ids
 
   def log_prob(self, features: jnp.ndarray) -> jnp.ndarray:
     """Exact normalized log-probabilities `[..., K]` of the full softmax."""

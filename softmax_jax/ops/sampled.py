@@ -348,9 +348,13 @@ def unigram_sampler(key, num_sampled, counts, *, distortion=0.75, unique=True,
 
 
 def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits, log_q,
-                    ignore_index):
+                    ignore_index, gathered_from=None):
   """Checks; returns z_true [N], z_sampled [N, S], keep [N, S] bool and `finish`, mapping the
-  [N] loss to [...] with NaN for an out-of-range label and 0 for an ignored one."""
+  [N] loss to [...] with NaN for an out-of-range label and 0 for an ignored one.
+
+  `gathered_from=K`: `kernel` [N + S, d] (and `bias` [N + S]) are the rows already gathered from
+  a K-class table, the labels' (in `labels.reshape(-1)` order) then the samples'; they are sliced,
+  not gathered, so the gradient w.r.t. `kernel` is one row per read (no scatter)."""
   triple = sampled_values if isinstance(sampled_values, (tuple, list)) else (sampled_values,)
   if len(triple) not in (1, 3):
     raise _checks.ArgumentError(
@@ -359,11 +363,13 @@ def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits,
   sampled, true_count, sampled_count = (*triple, None, None)[:3]
   ids_name = 'sampled_values.sampled' if len(triple) == 3 else 'sampled_values'
   features, kernel, sampled = jnp.asarray(features), jnp.asarray(kernel), jnp.asarray(sampled)
-  _checks.rank(kernel, 2, 'kernel', '[num_classes, d]')
+  gathered = gathered_from is not None
+  _checks.rank(kernel, 2, 'kernel', '[N + S, d] gathered rows' if gathered else '[num_classes, d]')
   _checks.dtype(kernel, float, 'kernel', 'be a float array')
-  k, d = kernel.shape
+  k, d = (_checks.static_int('gathered_from', gathered_from, 1) if gathered else kernel.shape[0],
+          kernel.shape[1])
   need = f'have shape [..., d] with d = kernel.shape[1] = {d}'
-  if features.ndim and features.shape[-1] != d and features.shape[-1] == k:
+  if not gathered and features.ndim and features.shape[-1] != d and features.shape[-1] == k:
     need += ' (`kernel` holds class rows [K, d], the transpose of a [d, K] Dense kernel)'
   _checks.rank_at_least(features, 1, 'features', '[..., d]')
   _checks.chex_check(chex.assert_axis_dimension, features, -1, d, name='features', need=need,
@@ -374,9 +380,14 @@ def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits,
   _checks.rank(sampled, 1, ids_name, '[S]')
   _checks.dtype(sampled, int, ids_name, 'be integer class ids')
   _checks.in_range(ids_name, sampled, k)
+  rows = int(np.prod(lead, dtype=np.int64)) + sampled.shape[0]
+  if gathered:
+    _checks.shape(kernel, (rows, d), 'kernel', 'hold the N labels\' rows then the S samples\' '
+                  f'(gathered_from), [N + S, d] = [{rows}, {d}]')
   if bias is not None:
     bias = jnp.asarray(bias)
-    _checks.shape(bias, (k,), 'bias', '[num_classes]')
+    _checks.shape(bias, (rows,) if gathered else (k,), 'bias',
+                  '[N + S] (gathered_from)' if gathered else '[num_classes]')
     _checks.dtype(bias, float, 'bias', 'be a float array')
   if log_q:
     if true_count is None or sampled_count is None:
@@ -402,14 +413,18 @@ def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits,
     true_count = jnp.where(ignored, 1, true_count) if log_q else None
   s_ok = (sampled >= 0) & (sampled < k)  # A traced id out of range: NaN, never a clipped id.
   s_safe = jnp.where(s_ok, sampled, 0)
-  w_true = jnp.take(kernel, y_safe, axis=0, mode='clip')  # [N, d]: contiguous rows.
-  w_samp = jnp.where(s_ok[:, None], jnp.take(kernel, s_safe, axis=0, mode='clip'), jnp.nan)
+  n = x.shape[0]
+  if gathered:  # Slices, not gathers: the backward writes one gradient row per read row.
+    w_true, w_samp = kernel[:n], jnp.where(s_ok[:, None], kernel[n:], jnp.nan)
+  else:
+    w_true = jnp.take(kernel, y_safe, axis=0, mode='clip')  # [N, d]: contiguous rows.
+    w_samp = jnp.where(s_ok[:, None], jnp.take(kernel, s_safe, axis=0, mode='clip'), jnp.nan)
   z_true = jnp.einsum('nd,nd->n', x, w_true, preferred_element_type=acc).astype(acc)
   z_samp = jnp.einsum('nd,sd->ns', x, w_samp, preferred_element_type=acc).astype(acc)
   if bias is not None:
     b = jnp.asarray(bias).astype(acc)
-    z_true = z_true + jnp.take(b, y_safe, mode='clip')
-    z_samp = z_samp + jnp.take(b, s_safe, mode='clip')
+    z_true = z_true + (b[:n] if gathered else jnp.take(b, y_safe, mode='clip'))
+    z_samp = z_samp + (b[n:] if gathered else jnp.take(b, s_safe, mode='clip'))
   if log_q:
     z_true = z_true - jnp.log(true_count.astype(acc))
     z_samp = z_samp - jnp.log(sampled_count.astype(acc))
@@ -422,7 +437,8 @@ def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits,
 
 
 def sampled_softmax_loss(features, kernel, labels, sampled_values, *, bias=None,
-                         remove_accidental_hits=True, subtract_log_q=True, ignore_index=None):
+                         remove_accidental_hits=True, subtract_log_q=True, ignore_index=None,
+                         gathered_from=None):
   """Per-example sampled softmax loss (TF `tf.nn.sampled_softmax_loss`, one true class).
 
   `z_0 = <x, w_y> + b_y - log Q_y`, `z_j = <x, w_{s_j}> + b_{s_j} - log Q_{s_j}` over the S
@@ -447,6 +463,14 @@ def sampled_softmax_loss(features, kernel, labels, sampled_values, *, bias=None,
     subtract_log_q: subtract the log expected counts (the log-Q correction).
     ignore_index: None or an int; examples with this label get loss 0 and gradient 0 (call
       the sampler with the same `ignore_index`).
+    gathered_from: None, or K: `kernel` is then not the table but the rows already read from a
+      K-class table, `[N + S, d]`: the N = labels.size labels' rows in `labels.reshape(-1)`
+      order, then the S samples' rows in `sampled` order (`bias`: `[N + S]` likewise), TF's
+      `embedding_lookup` of `concat(labels, sampled)`. The loss slices them instead of
+      gathering, so its gradient w.r.t. `kernel` is one row per read, duplicates not summed
+      (TF's `IndexedSlices` values) and no scatter is formed; the ids serve the accidental-hit
+      mask and the range checks against K. Row-sparse training uses it
+      (`SampledSoftmax.row_loss`).
 
   Returns:
     [...] float32 per-example loss (float64 for float64 inputs).
@@ -479,22 +503,24 @@ def sampled_softmax_loss(features, kernel, labels, sampled_values, *, bias=None,
     True
   """
   z_t, z_s, keep, finish = _sampled_logits(features, kernel, labels, sampled_values, bias,
-                                           remove_accidental_hits, subtract_log_q, ignore_index)
+                                           remove_accidental_hits, subtract_log_q, ignore_index,
+                                           gathered_from)
   z = jnp.concatenate([z_t[:, None], z_s], axis=-1)
   mask = jnp.concatenate([jnp.ones_like(keep[:, :1]), keep], axis=-1)
   return finish(logsumexp(z, where=mask) - z_t)
 
 
 def _logistic_loss(features, kernel, labels, sampled_values, bias, remove_hits, log_q,
-                   ignore_index):
+                   ignore_index, gathered_from):
   z_t, z_s, keep, finish = _sampled_logits(features, kernel, labels, sampled_values, bias,
-                                           remove_hits, log_q, ignore_index)
+                                           remove_hits, log_q, ignore_index, gathered_from)
   negatives = jnp.where(keep, -jax.nn.log_sigmoid(-z_s), 0)  # z_s finite: finite gradients.
   return finish(-jax.nn.log_sigmoid(z_t) + jnp.sum(negatives, axis=-1))
 
 
 def nce_loss(features, kernel, labels, sampled_values, *, bias=None,
-             remove_accidental_hits=False, subtract_log_q=True, ignore_index=None):
+             remove_accidental_hits=False, subtract_log_q=True, ignore_index=None,
+             gathered_from=None):
   """Per-example noise-contrastive estimation loss (TF `tf.nn.nce_loss`, one true class).
 
   With the logits `z_0`, `z_j` of `sampled_softmax_loss` (log-Q corrected):
@@ -524,11 +550,11 @@ def nce_loss(features, kernel, labels, sampled_values, *, bias=None,
     True
   """
   return _logistic_loss(features, kernel, labels, sampled_values, bias,
-                        remove_accidental_hits, subtract_log_q, ignore_index)
+                        remove_accidental_hits, subtract_log_q, ignore_index, gathered_from)
 
 
 def negative_sampling_loss(features, kernel, labels, sampled_values, *, bias=None,
-                           remove_accidental_hits=True, ignore_index=None):
+                           remove_accidental_hits=True, ignore_index=None, gathered_from=None):
   """Per-example negative sampling loss (word2vec), no log-Q correction.
 
   `loss = -log sigmoid(s_y) - sum_j log sigmoid(-s_{n_j})` with raw scores `s = <x, w> + b` of
@@ -557,4 +583,4 @@ def negative_sampling_loss(features, kernel, labels, sampled_values, *, bias=Non
     True
   """
   return _logistic_loss(features, kernel, labels, sampled_values, bias,
-                        remove_accidental_hits, False, ignore_index)
+                        remove_accidental_hits, False, ignore_index, gathered_from)

@@ -3,15 +3,19 @@
 A head whose training loss reads few rows of a big `[R_total, d]` table (`SampledSoftmax`: the
 labels' and the sample's class rows; `HierarchicalSoftmax`: the node vectors on the labels' paths)
 has a `row_loss(features, labels, row_delta) -> (loss, row_ids)` method and a `sparse_param`
-class attribute (the table's parameter name). With `config.optimizer.sparse_output` on, the
+class attribute (the table's parameter name); `row_ids_distinct = True` says its ids never repeat
+(the hierarchical head's sorted node ids), else the step sums repeated ids. With `config.optimizer.sparse_output` on, the
 train step (`train/step.py`):
 
 1. finds the head (`plan_rows`: an abstract trace of the task's loss, where a method interceptor
    sees the head's training call; nothing is computed);
 2. differentiates the loss with respect to the other parameters and a `[R, d]` zero `row_delta`
    added to the gathered rows, never the table (`value_and_row_grad`): the gradient is
-   `(row_ids [R], row_grads [R, d])`, distinct ids (duplicates summed by the head's gather),
-   padded with the out-of-range id `R_total` (zero gradient); no `[R_total, d]` gradient exists;
+   `(row_ids [R], row_grads [R, d])`, distinct ids padded with the out-of-range id `R_total`
+   (zero gradient); no `[R_total, d]` gradient exists. The sampled head reads its rows in TF's
+   layout (one row per read, `[labels; sample]`) and the step then sums repeated ids once
+   (`sum_duplicates`: a sort and a segment sum of R rows), which is cheaper than the scatter
+   that the backward pass of a gather into distinct rows forms (WORKSPACE, issue 23);
 3. under pmap gathers every device's rows and sums duplicates again (`all_gather_rows`), so every
    device applies the same update;
 4. applies the run's own optax chain (`make_optimizer`) to a *row view* of the parameters
@@ -85,6 +89,7 @@ class RowPlan(NamedTuple):
   num_touched: int
   dim: int
   head: str
+  distinct: bool = False  # the head's row ids never repeat (no duplicate sum needed)
 
 
 def _leaf(tree, path):
@@ -135,7 +140,8 @@ def _interceptor(params, box, row_delta=None):
       finally:
         box['inside'] = False
       box.update(ids=ids, path=path, head=type(module).__name__,
-                 num_rows=module.get_variable('params', name).shape[0], dim=features.shape[-1])
+                 num_rows=module.get_variable('params', name).shape[0], dim=features.shape[-1],
+                 distinct=bool(getattr(type(module), 'row_ids_distinct', False)))
       return loss
     if method in ('__call__', 'log_prob', 'logits', 'predict', 'eval_stats'):
       box.setdefault('reads_table', f'{type(module).__name__}.{method}')  # the outermost call
@@ -190,14 +196,15 @@ def plan_rows(tx, loss_fn: Callable, params, *args) -> Optional[RowPlan]:
                          or 2 * box['ids'].shape[0] > box['num_rows']):
     return None
   return RowPlan(box['path'], int(box['num_rows']), int(box['ids'].shape[0]), int(box['dim']),
-                 box['head'])
+                 box['head'], box['distinct'])
 
 
 def value_and_row_grad(loss_fn: Callable, plan: RowPlan, params, *args):
   """`((loss, aux), dense_grads, (row_ids, row_grads))` of `loss_fn(params, *args)`.
 
   `dense_grads` has every parameter but the table (at `plan.path`); the table's gradient is
-  `row_grads [R, d]` at the distinct `row_ids [R]` (padding: `plan.num_rows`, zero gradient).
+  `row_grads [R, d]` at the distinct `row_ids [R]` (padding: `plan.num_rows`, zero gradient):
+  the head's rows, repeated ids summed here unless `plan.distinct`.
   """
   table = _leaf(params, plan.path)
   dense = _replace(params, plan.path, None)
@@ -212,6 +219,8 @@ def value_and_row_grad(loss_fn: Callable, plan: RowPlan, params, *args):
   delta = jnp.zeros((plan.num_touched, plan.dim), table.dtype)
   (loss, (aux, ids)), (grads, row_grads) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
       dense, delta)
+  if not plan.distinct:
+    ids, row_grads = sum_duplicates(ids, row_grads, plan.num_rows)
   return (loss, aux), grads, (ids, row_grads)
 
 

@@ -301,6 +301,46 @@ def test_check_grads_float64():
     check_grads(jax.jit(f), (x, w, b), order=1, modes=('rev',))
 
 
+@pytest.mark.parametrize('name', LOSSES)
+def test_gathered_rows_equal_the_table_and_their_gradients_sum_to_its_gradient(name):
+  """`gathered_from=K`: the loss of the rows `[labels; sample]` read from the table equals the
+  table's, with an ignored example and an accidental hit; the rows' gradients, summed over repeated
+  ids (TF's IndexedSlices applied), are the table's gradient, and the bias likewise."""
+  op, _, remove, _ = LOSSES[name]
+  x, w, b, y, sv = _case((2, 3), seed=8)
+  y = y.at[0, 1].set(y[0, 0]).at[1, 2].set(-100)  # a repeated label and an ignored example
+  ids = jnp.concatenate([jnp.where(y == -100, 0, y).reshape(-1), sv[0]])
+
+  @jax.jit
+  def both(x, w, b):
+    table = jax.value_and_grad(lambda x, w, b: op(x, w, y, sv, bias=b, ignore_index=-100).sum(),
+                               (0, 1, 2))(x, w, b)
+    rows = jax.value_and_grad(lambda x, r, c: op(x, r, y, sv, bias=c, ignore_index=-100,
+                                                 gathered_from=K).sum(), (0, 1, 2))(x, w[ids], b[ids])
+    return table, rows
+
+  (loss, (gx, gw, gb)), (row_loss, (rx, rw, rb)) = both(x, w, b)
+  np.testing.assert_allclose(row_loss, loss, rtol=1e-6)
+  np.testing.assert_allclose(rx, gx, rtol=1e-5, atol=1e-7)
+  summed_w, summed_b = np.zeros((K, D), np.float32), np.zeros((K,), np.float32)
+  np.add.at(summed_w, np.asarray(ids), np.asarray(rw))
+  np.add.at(summed_b, np.asarray(ids), np.asarray(rb))
+  np.testing.assert_allclose(summed_w, gw, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(summed_b, gb, rtol=1e-5, atol=1e-6)
+  # The NaN rule and the checks hold: a traced out-of-range label is NaN for its example only;
+  # rows of the wrong count, or a bias of the table's shape, are errors naming the argument.
+  out = jax.jit(lambda y: op(x, w[ids], y, sv, gathered_from=K))(y.at[0, 2].set(K).at[1, 2].set(0))
+  assert np.isnan(out[0, 2]) and np.isfinite(np.delete(np.asarray(out).reshape(-1), 2)).all()
+  y = jnp.where(y == -100, 0, y)
+  with pytest.raises(ValueError, match=r'`kernel` must .*\[N \+ S, d\] = \[11, 5\]'):
+    op(x, w, y, sv, gathered_from=K)
+  with pytest.raises(ValueError, match=r'`bias` must have shape \[N \+ S\] \(gathered_from\) = \(11,\); got '
+                     r'shape \(12,\)'):
+    op(x, w[ids], y, sv, bias=b, gathered_from=K)
+  with pytest.raises(ValueError, match='gathered_from'):
+    op(x, w[ids], y, sv, gathered_from=0)
+
+
 def test_traced_out_of_range_label_gives_nan_and_concrete_raises():
   x, w, _, y, sv = _case((4,), seed=5)
   out = jax.jit(so.sampled_softmax_loss)(x, w, y.at[1].set(K), sv)
