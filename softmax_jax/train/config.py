@@ -107,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   # 2-D jit mesh of D * M devices (D = 0: the rest); the batch splits on 'data' (D divides the
   # batch sizes), the dense head's kernel, bias and their optimizer moments on 'model'. M > 1:
   # DenseSoftmax only (softmax mapping, no sigsoftmax, no label smoothing), jit driver only.
-  c.mesh = None                 # None: the 1-D 'data' mesh; e.g. {'data': 2, 'model': 4}
+  c.mesh = ml_collections.FieldReference(None, field_type=object)  # None: 1-D; --config.mesh="{'data': 2, 'model': 4}"
   c.log_every = 50
   c.eval_every = 500
   c.checkpoint_every = 500
@@ -125,7 +125,7 @@ def validate_config(config, reference=None, path='config') -> None:
       hint = f' Did you mean {close[0]!r}?' if close else ''
       raise ValueError(f'Unknown config key {path}.{key}; known keys there: {sorted(reference.keys())}.{hint}')
     sub = config[key]
-    if isinstance(sub, ml_collections.ConfigDict) and not (path == 'config' and key in _FREE_FORM):
+    if isinstance(sub, ml_collections.ConfigDict) and not (path == 'config' and key in (*_FREE_FORM, 'mesh')):
       validate_config(sub, reference[key], f'{path}.{key}')
   if path == 'config':
     if config.parallel not in ('jit', 'pmap'):

@@ -230,7 +230,8 @@ def head_config(config) -> Mapping:
   return head | {'vocab_parallel_axis': 'model'}
 
 
-def mesh_devices(mesh: Mapping[str, int], devices, batch_sizes: Mapping[str, int]) -> np.ndarray:
+def mesh_devices(mesh: Mapping[str, int], devices, batch_sizes: Mapping[str, int],
+                 num_devices: int = 0) -> np.ndarray:
   """`devices` as the `[D, M]` array of `config.mesh` (D = 0: len(devices) // M).
 
   Raises:
@@ -241,10 +242,9 @@ def mesh_devices(mesh: Mapping[str, int], devices, batch_sizes: Mapping[str, int
   d = mesh['data'] or n // m
   if d * m != n or d < 1:
     raise ValueError(f"config.mesh={mesh} has {d} x {m} = {d * m} devices, but the run uses {n} "
-                     f"devices (config.num_devices={n if n != len(jax.devices()) else 0} of "
-                     f"{len(jax.devices())}): make 'data' x 'model' = {n}, e.g. "
-                     f"{{'data': 0, 'model': {m}}} (0: the rest) if {m} divides {n}, or set "
-                     '--config.num_devices.')
+                     f"devices (config.num_devices={num_devices}; 0: all of them): make 'data' x "
+                     f"'model' = {n} (e.g. {{'data': 0, 'model': M}}, 0: the rest, with M dividing "
+                     f'{n}), or set --config.num_devices to the product.')
   for key, size in batch_sizes.items():
     if int(size) % d:
       raise ValueError(f"config.{key}={size} must be divisible by the 'data' axis of config.mesh="
@@ -292,7 +292,7 @@ class JitDriver:
       if self.multiprocess and num_devices not in (0, len(jax.devices())):
         global_devices(num_devices, {})  # its error
       devices = jax.devices() if self.multiprocess else local_devices(num_devices)
-      grid = mesh_devices(self.mesh_shape, devices, task.batch_sizes)
+      grid = mesh_devices(self.mesh_shape, devices, task.batch_sizes, num_devices)
       self.devices = list(grid.reshape(-1))
       mesh = Mesh(grid, MESH_AXES)
     self.mesh = mesh
