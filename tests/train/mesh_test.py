@@ -1,20 +1,28 @@
 """`config.mesh`: the jit driver on a 2-D ('data', 'model') mesh with the vocabulary-parallel dense head.
 
-On 8 fake CPU devices (tests/conftest.py): digits (the MLP classifier of loop_test) and the
-synthetic Markov LM of lm_test train on a 2 x 4 mesh to the per-step losses and final metrics of
-the default 1-D data mesh (plain and fused dense head); the trained head's kernel, bias and Adam
-moments are split on 'model' (`[d, K_pad / 4]` per device); a run stopped at step 10 and resumed
-ends like the uninterrupted one; bad meshes, heads and drivers are named errors.
+On 8 fake CPU devices (tests/conftest.py): digits (the MLP classifier of loop_test, plain dense
+head) and the synthetic Markov LM of lm_test (fused dense head) train on a 2 x 4 mesh to the
+per-step losses and final metrics of the default 1-D data mesh; the trained head's kernel, bias
+and Adam moments are split on 'model' (`[d, K_pad / 4]` per device), every other leaf
+replicated; a run stopped at step 10 and resumed ends like the uninterrupted one; bad meshes,
+heads and drivers are named errors; the compiled train and evaluation steps of an LM with
+V = 8192 hold no per-device array with V columns (no `[N, V]` logits, no `[d, V]` kernel).
 """
+
+import functools
+import os
+import re
+import shutil
 
 import jax
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
+from softmax_jax.data.text import TextDataset, lm_eval_batches
 from softmax_jax.train import base_config, language_model, train_and_evaluate
-from softmax_jax.train.checkpoint import Checkpointer
 from softmax_jax.train.parallel import JitDriver
+from softmax_jax.train.state import make_optimizer
 from softmax_jax.train.writer import read_metrics
 from tests.train.lm_test import markov_dataset
 from tests.train.lm_test import small_config as lm_config
@@ -93,16 +101,6 @@ def test_digits_mesh_matches_the_data_mesh(digits_runs):
     np.testing.assert_allclose(got[key], ref[key], rtol=2e-5, atol=1e-6, err_msg=key)
 
 
-def test_digits_mesh_fused_head_matches(digits_runs, data_dir, tmp_path):
-  ref_dir, ref, _ = digits_runs['1d']
-  config = digits_config(data_dir, mesh=MESH, checkpoint_every=1000, **{'head.fused': True,
-                                                                        'head.chunk_size': 2})
-  got = train_and_evaluate(config, str(tmp_path))
-  np.testing.assert_allclose(losses(str(tmp_path)), losses(ref_dir), rtol=2e-5)
-  for key in METRICS:
-    np.testing.assert_allclose(got[key], ref[key], rtol=2e-5, atol=1e-6, err_msg=key)
-
-
 def test_the_head_and_its_adam_moments_are_split_on_model(digits_runs):
   _, _, seen = digits_runs['mesh']
   split = {'kernel': (P(None, 'model'), (32, K_PAD // 4)), 'bias': (P('model'), (K_PAD // 4,))}
@@ -120,35 +118,28 @@ def test_the_head_and_its_adam_moments_are_split_on_model(digits_runs):
   assert one_d['params']['head']['kernel'] == (P(), (32, K_PAD))
 
 
-class Stop(Exception):
-  pass
-
-
-def test_resume_at_step_10_matches_the_uninterrupted_run(digits_runs, data_dir, tmp_path,
-                                                         monkeypatch):
+def test_resume_at_step_10_matches_the_uninterrupted_run(digits_runs, data_dir, tmp_path):
+  """The uninterrupted run's workdir as a run stopped at step 10 leaves it (its step-10
+  checkpoint, the newer one gone), resumed: the same steps 11-20 and final metrics, bit for bit."""
   ref_dir, ref, _ = digits_runs['mesh']
-  config, killed = digits_config(data_dir, mesh=MESH), str(tmp_path)
-  save = Checkpointer.save
-
-  def save_then_stop(self, step, state):
-    save(self, step, state)
-    if step == 10:
-      raise Stop
-
-  monkeypatch.setattr(Checkpointer, 'save', save_then_stop)
-  with pytest.raises(Stop):
-    train_and_evaluate(config, killed)
-  monkeypatch.setattr(Checkpointer, 'save', save)
-  got = train_and_evaluate(config, killed)
-  np.testing.assert_array_equal(losses(killed)[10:], losses(ref_dir)[10:])
+  stopped = str(tmp_path / 'stopped')
+  shutil.copytree(ref_dir, stopped)
+  shutil.rmtree(os.path.join(stopped, 'checkpoints', '20'))
+  os.remove(os.path.join(stopped, 'final_metrics.json'))
+  got = train_and_evaluate(digits_config(data_dir, mesh=MESH), stopped)
+  np.testing.assert_array_equal(losses(stopped), losses(ref_dir))
   for key in METRICS:
     assert got[key] == ref[key], key
 
 
-def test_language_model_mesh_matches_the_data_mesh(tmp_path):
+def test_language_model_mesh_fused_matches_the_data_mesh(tmp_path):
+  """The LM on the 2 x 4 mesh with the fused head (2 classes a chunk) against the 1-D mesh's
+  plain head (digits tests the plain head on the mesh)."""
   runs = {}
   for name, mesh in (('1d', None), ('mesh', MESH)):
-    config = lm_config(num_steps=20, num_devices=8, log_every=1, eval_every=10, mesh=mesh)
+    config = lm_config(num_steps=20, num_devices=8, log_every=1, eval_every=1000, mesh=mesh)
+    if mesh:
+      config.head = dict(name='dense', fused=True, chunk_size=2)
     runs[name] = train_and_evaluate(config, str(tmp_path / name), dataset=markov_dataset())
   want = losses(str(tmp_path / '1d'))
   assert len(want) == 20 and want[-1] < 0.9 * want[0]
@@ -194,3 +185,31 @@ def test_language_model_task_builds_the_vocab_parallel_head():
   assert task.model.head.vocab_parallel_axis == 'model'
   plain = language_model.LanguageModelTask(lm_config(), markov_dataset())
   assert plain.model.head.vocab_parallel_axis is None
+
+
+def test_no_device_holds_the_full_kernel_or_logits():
+  """The compiled (SPMD-partitioned) train and evaluation steps of an LM with V = 8192 on the
+  2 x 4 mesh: no array of a device has V columns (the input embedding `[V, 16]` is the
+  backbone's, replicated); the head's shards `[..., V / 4]` are there."""
+  v = 8192
+  stream = np.random.default_rng(0).integers(0, v, 2000).astype(np.int32)
+  data = TextDataset(name='ptb', vocab=tuple(f'w{i}' for i in range(v)),
+                     counts=np.bincount(stream[:1500], minlength=v).astype(np.int64),
+                     splits={'train': stream[:1500], 'validation': stream[1500:], 'test': stream[1500:]})
+  config = lm_config(num_devices=8, mesh=MESH)
+  task = language_model.LanguageModelTask(config, data)
+  schedule, tx = make_optimizer(config.optimizer, config.num_steps)
+  driver = JitDriver(task, tx, schedule, 8)
+  state = driver.put_state(task.init_state(tx))
+  fn = functools.partial(language_model.eval_step, model=task.model)
+  batch = next(iter(lm_eval_batches(data.splits['validation'], 8, 8)))
+  carry = task.model.initial_carry(8)
+  driver.evaluate(fn, state, [batch], carry=carry)  # builds the evaluation's jit
+  with jax.set_mesh(driver.mesh):
+    texts = {'train': driver._step.lower(state, None, next(iter(task.train_batches(0)))),
+             'eval': driver._eval_fns[fn].lower(driver.variables(state), carry, batch)}
+    texts = {k: lowered.compile().as_text() for k, lowered in texts.items()}
+  for name, text in texts.items():
+    full = [line.strip()[:200] for line in text.splitlines() if re.search(rf'\[[0-9,]*,{v}\]', line)]
+    assert not full, (name, full[:3])
+    assert re.search(rf'\[[0-9,]*,{v // 4}\]', text), name  # the pattern sees the shards
