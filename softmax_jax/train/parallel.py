@@ -64,7 +64,6 @@ or distillation (clear errors). Multi-process runs with M > 1 are not tested.
 
 import contextlib
 import functools
-import math
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from absl import logging

@@ -165,19 +165,10 @@ def test_language_model_mesh_fused_matches_the_data_mesh(tmp_path):
 ])
 def test_bad_mesh_is_named(data_dir, tmp_path, overrides, match):
   config = digits_config(data_dir, num_steps=1)
-  with config.unlocked() if config.is_locked else _nullcontext():
-    for key, value in overrides.items():
-      config[key] = value
+  for key, value in overrides.items():
+    config[key] = value
   with pytest.raises(ValueError, match=match):
     train_and_evaluate(config, str(tmp_path))
-
-
-class _nullcontext:  # pylint: disable=invalid-name
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 def test_language_model_task_builds_the_vocab_parallel_head():
