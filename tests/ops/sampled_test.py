@@ -74,10 +74,18 @@ def test_with_replacement_counts_match_empirical(name):
   assert np.abs(z).max() <= 5, z
 
 
-@pytest.mark.parametrize('name', SAMPLERS)
-def test_without_replacement_counts_match_empirical(name):
+@pytest.mark.parametrize('name,method', list(itertools.product(SAMPLERS, ['gumbel', 'rejection'])))
+def test_without_replacement_counts_match_empirical(name, method, monkeypatch):
+  """Both exact methods (Gumbel-top-k; TF's rejection of repeated i.i.d. draws, used from
+  REJECTION_MIN_CLASSES classes on, forced here at K = 12) give successive sampling."""
   s, m = 4, 20000
+  calls = []
+  if method == 'rejection':
+    original = so._unique_by_rejection
+    monkeypatch.setattr(so, 'REJECTION_MIN_CLASSES', 1)
+    monkeypatch.setattr(so, '_unique_by_rejection', lambda *a: calls.append(1) or original(*a))
   sampled, expected = _draw(name, s, unique=True, m=m)
+  assert bool(calls) == (method == 'rejection')
   assert all(len(set(row)) == s for row in sampled)
   p, pi = _p(name), _exact_inclusion(_p(name), 4)
   # TF's formula: expected = 1 - (1 - p)^n, here with n solving sum = S.
