@@ -7,8 +7,9 @@
   trained with. A restart whose config changes anything outside `HARMLESS` (the model, the head,
   the data, the seed, the batch size, the optimizer's kind) is refused with a diff of those keys,
   before anything in the workdir is touched; harmless changes (learning rate, logging, more steps,
-  ...) are logged, appended to `config_changes.jsonl`, and then `config.json` is rewritten. A
-  workdir without a checkpoint takes any config (nothing trained there yet).
+  the devices and their `config.mesh`, ...) are logged, appended to `config_changes.jsonl`, and
+  then `config.json` is rewritten. A workdir without a checkpoint takes any config (nothing
+  trained there yet).
 """
 
 import json
@@ -32,7 +33,10 @@ except ImportError:  # Windows: no advisory locks
 # else, new keys included, must equal the workdir's config.
 HARMLESS = ('optimizer.', 'augment.', 'num_steps', 'log_every', 'eval_every', 'checkpoint_every',
             'max_checkpoints', 'eval_batch_size', 'parallel', 'num_devices', 'progress',
-            'data.data_dir', 'data.source_dir')  # where the data is, not what: see data/builders.py
+            'data.data_dir', 'data.source_dir',  # where the data is, not what: see data/builders.py
+            # How the devices are laid out: None is the key 'mesh', a dict its keys 'mesh.data' and
+            # 'mesh.model'. Checkpoints hold the gathered host state, placed anew on any mesh.
+            'mesh', 'mesh.')
 NOT_HARMLESS = ('optimizer.name',)  # adamw and sgd keep different optimizer states
 
 _MISSING = '<absent>'

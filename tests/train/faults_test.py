@@ -256,6 +256,30 @@ def test_harmless_changes_are_allowed(data_dir, tmp_path):
       'num_steps', 'log_every', 'optimizer.learning_rate', 'optimizer.clip_global_norm', 'data.data_dir'}
 
 
+def test_a_resume_on_another_mesh_is_allowed_and_other_changes_still_refused(data_dir, finished, tmp_path):
+  # config.mesh is None ('mesh' in config.json) or a dict ('mesh.data', 'mesh.model'): both harmless.
+  workdir = copy_of(finished, tmp_path)
+  with pytest.raises(WorkdirError, match=r'this run changes\n  config.model.hidden: \[64\] \(workdir\) '
+                     r"-> \[128\] \(now\)\nIts checkpoints"):  # only the refused key is shown
+    check_config(base(data_dir, mesh={'data': 1, 'model': 2}, **{'model.hidden': (128,)}), workdir)
+  # The run of 1 device resumes on a 1 x 2 mesh with the head split on 'model', and ends as its
+  # resume on 1 device does.
+  final = train_and_evaluate(base(data_dir, num_steps=12, num_devices=2, mesh={'data': 1, 'model': 2}),
+                             workdir)
+  plain = train_and_evaluate(base(data_dir, num_steps=12), shutil.copytree(finished[0], str(tmp_path / 'p')))
+  assert checkpoint_steps(workdir) == [10, 12]
+  for key, value in _eval_metrics(plain).items():
+    np.testing.assert_allclose(final[key], value, rtol=1e-5, err_msg=key)
+  with open(os.path.join(workdir, 'config_changes.jsonl')) as f:
+    change = json.loads(f.readline())
+  assert change['step'] == 10 and change['changes'] == {
+      'mesh': [None, '<absent>'], 'mesh.data': ['<absent>', 1], 'mesh.model': ['<absent>', 2],
+      'num_devices': [1, 2], 'num_steps': [10, 12]}
+  # And from one mesh to another.
+  assert set(check_config(base(data_dir, num_steps=12, mesh={'data': 2, 'model': 1}), workdir)) == {
+      'mesh.data', 'mesh.model', 'num_devices'}
+
+
 def test_restart_with_a_wider_model_leaves_the_workdir_intact(data_dir, finished, tmp_path):
   workdir = copy_of(finished, tmp_path)
   with open(os.path.join(workdir, 'config.json')) as f:
