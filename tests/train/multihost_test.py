@@ -5,12 +5,15 @@ each joins the run through `train.distributed.initialize` on a free 127.0.0.1 po
 named tasks with `train_and_evaluate`. The reference runs in the test process, which has 8 fake
 devices (tests/conftest.py). CPU collectives between the processes go over gloo (jax's default).
 
-One launch of both processes trains the LM (a small LSTM on a synthetic Markov corpus: the real
-PTB's evaluation passes take minutes on one core) to the end and then digits, where process 1
-SIGKILLs itself at step 15 (after the checkpoint of step 10); the test then kills process 0 (a
-cluster manager restarts the whole job) and launches both again, which resume digits from step 10
-and finish. Per-step losses (metrics.jsonl, log_every=1) and final metrics must equal the
-single-process run's up to float summation order.
+One launch of both processes trains a small LSTM on the real PTB words (`ptb_config`) on the 2-D
+mesh {'data': 4, 'model': 2} (the batch split over both processes, the dense head's 10k classes
+over 2 devices of each) to the end, then digits on the 1-D mesh, where process 1 SIGKILLs itself
+at step 15 (after the checkpoint of step 10); the test then kills process 0 (a cluster manager
+restarts the whole job) and launches both again, which resume digits from step 10 on the 2-D mesh
+(config.mesh may change on resume: checkpoints hold the host state) and finish. Per-step losses
+(metrics.jsonl, log_every=1) and final metrics must equal the single-process runs' (PTB on the
+same 4 x 2 mesh, digits on the 1-D one, uninterrupted) up to float summation order. Not covered:
+a 'model' axis spanning processes (with 4 devices a process, only M = 8, 'data' = 1, does).
 """
 
 import json
@@ -26,48 +29,77 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KILL_AT = 15  # digits step at which process 1 kills itself in the first launch
 TIMING_KEYS = ('train_wall_s', 'per_second')
+PTB_MESH = {'data': 4, 'model': 2}  # the dense head's 10k classes split over 2 devices
+EVAL_TOKENS = 257  # of PTB's validation and test splits: 8 rows of 4 windows of 8 tokens
+# digits' resume: its 10 classes split 5 and 5. Not {'data': 1, 'model': 8}, whose 'model' axis
+# would span both processes: 10 classes padded to 16 leave shards of padding only, and a shard of
+# only padded (-inf) logits makes the vocab-parallel loss's gradient NaN (even on one process).
+RESHARDED_MESH = {'data': 4, 'model': 2}
 
 
-def digits_config():
+def _config_module(name):
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('digits', os.path.join(REPO, 'configs', 'digits.py'))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config('small')
+  return module
+
+
+def digits_config(root, mesh=None):
+  """configs/digits.py:small for 20 steps, on the 1-D mesh or `mesh`."""
+  del root  # digits: a local TFDS builder (sklearn's digits) in the default data_dir
+  c = _config_module('digits').get_config('small').unlock()
   c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 1, 10, 10
+  c.mesh = mesh
   c.progress = False
   return c, None
 
 
-def lm_config():
-  """A 1-layer LSTM (dropout on) on a Markov corpus of 769 train tokens: 12 steps an epoch of
-  8 rows x 8 tokens, so 20 steps cross an epoch start (the carry resets)."""
+def ptb_config(root):
+  """A 1-layer LSTM (32 units, dropout on) on the real PTB words (10k vocabulary, the full train
+  stream) with the dense head split on 'model' of the 2-D mesh {'data': 4, 'model': 2}: 8 rows x
+  8 tokens a step, the evaluation splits cut to their first 257 tokens (4 windows of 8 x 8).
+  Built from configs/ptb_lstm.py:dense,small (plain SGD, clipping); the tokens come from
+  `root/ptb.npz`, written by the test (`write_ptb`) so the workers do not prepare PTB again."""
   from softmax_jax.data.text import TextDataset  # pylint: disable=g-import-not-at-top
-  from softmax_jax.train.config import base_config  # pylint: disable=g-import-not-at-top
-  V, rng = 24, np.random.default_rng(0)
-  stream = rng.integers(V, size=769 + 2 * 200).astype(np.int32)
-  for i in range(1, len(stream)):  # a Markov chain: mostly the successor of the previous token
-    if rng.random() < 0.8:
-      stream[i] = (stream[i - 1] * 7 + 3) % V
-  splits = {'train': stream[:769], 'validation': stream[769:969], 'test': stream[969:]}
-  data = TextDataset(name='ptb', vocab=tuple(f'w{i}' for i in range(V)),
-                     counts=np.bincount(splits['train'], minlength=V).astype(np.int64), splits=splits)
-  c = base_config()
-  c.data.name, c.data.seq_len = 'ptb', 8
-  c.model = dict(name='lstm', embed_dim=16, hidden=32, num_layers=1, dropout=0.2)
-  c.head = dict(name='dense')
-  c.batch_size = c.eval_batch_size = 8
+  c = _config_module('ptb_lstm').get_config('dense,small').unlock()
+  c.model.hidden = c.model.embed_dim = 32
+  c.model.num_layers, c.model.dropout = 1, 0.2
+  c.data.seq_len, c.batch_size, c.eval_batch_size = 8, 8, 8
   c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 1, 1000, 10
-  c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.schedule = 3e-2, 0, 'constant'
+  c.mesh = PTB_MESH
   c.progress = False
+  with np.load(os.path.join(root, 'ptb.npz')) as f:
+    data = TextDataset(name='ptb', vocab=tuple(f['vocab']), counts=f['counts'],
+                       splits={k: f[k] for k in ('train', 'validation', 'test')})
   return c, data
 
 
-CONFIGS = {'lm': lm_config, 'digits': digits_config}
+def write_ptb(root, data_dir):
+  """Prepares PTB from its raw files (configs/ptb_lstm.py's source_dir) into `data_dir` and
+  writes `root/ptb.npz`: the vocabulary, train counts, the train split and 257 tokens of the
+  others. Returns False when the raw files are missing."""
+  from softmax_jax.data.text import load_text_dataset  # pylint: disable=g-import-not-at-top
+  c = _config_module('ptb_lstm').get_config('dense,small').unlock()
+  if not os.path.exists(os.path.join(c.data.source_dir, 'ptb.train.txt')):
+    return False
+  c.data.data_dir = data_dir
+  ptb = load_text_dataset(c.data)
+  assert (len(ptb.vocab), len(ptb.splits['train'])) == (10_000, 929_589)
+  np.savez(os.path.join(root, 'ptb.npz'), vocab=np.array(ptb.vocab), counts=ptb.counts,
+           train=ptb.splits['train'], validation=ptb.splits['validation'][:EVAL_TOKENS],
+           test=ptb.splits['test'][:EVAL_TOKENS])
+  return True
+
+
+CONFIGS = {'ptb': ptb_config, 'digits': digits_config,
+           # digits resumed on another mesh (config.mesh may change on resume): its head split
+           'digits_resharded': lambda root: digits_config(root, RESHARDED_MESH)}
+WORKDIRS = {'digits_resharded': 'digits'}  # name -> workdir (root/<name> when not listed)
 
 
 def _worker(root, address, num_processes, process_id, tasks, kill_at):
-  """One process of the run: joins it, then trains `tasks` (names of CONFIGS) in `root/<name>`."""
+  """One process of the run: joins it, then trains `tasks` (names of CONFIGS) in `root/<workdir>`."""
   sys.path.insert(0, REPO)
   from softmax_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(address, num_processes, process_id, timeout_s=60)
@@ -83,8 +115,8 @@ def _worker(root, address, num_processes, process_id, tasks, kill_at):
         yield batch
     ClassificationTask.train_batches = train_batches
   for name in tasks:
-    config, dataset = CONFIGS[name]()
-    train_and_evaluate(config, os.path.join(root, name), dataset=dataset)
+    config, dataset = CONFIGS[name](root)
+    train_and_evaluate(config, os.path.join(root, WORKDIRS.get(name, name)), dataset=dataset)
 
 
 def _free_port() -> int:
@@ -139,22 +171,28 @@ def _final(workdir):
 
 def test_two_processes_train_like_one_and_resume_after_sigkill(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
   from softmax_jax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8 and jax.process_count() == 1
   root = str(tmp_path / 'multi')
   os.makedirs(root)
-  first = _launch(root, ['lm', 'digits'], kill_at=KILL_AT)
+  if not write_ptb(root, str(tmp_path / 'tfds')):
+    pytest.skip('PTB raw files not found (configs/ptb_lstm.py: ../shared/data/ptb)')
+  first = _launch(root, ['ptb', 'digits'], kill_at=KILL_AT)
   assert first[1][0] == -signal.SIGKILL, f'process 1 should have killed itself:\n{first[1][1]}'
   digits = os.path.join(root, 'digits')
   assert sorted(os.listdir(os.path.join(digits, 'checkpoints'))) == ['10'], first[0][1]
   assert _losses(digits)[-1, 0] < 20  # it stopped mid-run
-  second = _launch(root, ['digits'])
+  second = _launch(root, ['digits_resharded'])
   assert [r for r, _ in second] == [0, 0], '\n'.join(out for _, out in second)
   assert sorted(os.listdir(os.path.join(digits, 'checkpoints'))) == ['10', '20']
   # Only process 0 wrote files: one TensorBoard event file per launch that trained.
   assert len(os.listdir(os.path.join(digits, 'tensorboard'))) == 2
-  for name, factory in CONFIGS.items():
-    config, dataset = factory()
+  with open(os.path.join(digits, 'config_changes.jsonl')) as f:  # the mesh changed on resume
+    assert [json.loads(line)['changes'] for line in f] == [
+        {'mesh': [None, '<absent>'], 'mesh.data': ['<absent>', 4], 'mesh.model': ['<absent>', 2]}]
+  for name in ('ptb', 'digits'):  # the references: PTB on its 4 x 2 mesh, digits on the 1-D one
+    config, dataset = CONFIGS[name](root)
     reference = str(tmp_path / f'single_{name}')
     train_and_evaluate(config, reference, dataset=dataset)
     single, multi = _losses(reference), _losses(os.path.join(root, name))
@@ -164,6 +202,8 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(tmp_path):
     assert sorted(got) == sorted(want), name
     for key in want:
       np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=f'{name}: {key}')
+  ptb = _final(os.path.join(root, 'ptb'))
+  assert 100 < ptb['test/perplexity'] < 5000, ptb  # it learned (uniform: 10k); the eval ran
 
 
 def test_unreachable_coordinator_is_a_clear_error_within_the_timeout():
