@@ -20,6 +20,17 @@ the replicated input, the kernel and bias gradients stay local to their shard.
 `shard_map` for a `('data', 'model')` mesh: features `P('data', None)`, kernel
 `P(None, 'model')`, bias `P('model')`, labels `P('data')`.
 
+Sampled losses (`vocab_parallel_sampled_softmax_loss`, `_nce_loss`, `_negative_sampling_loss`;
+`sharded_sampled_loss` wraps them): the `[K, d]` table of class rows of `SampledSoftmax` sharded
+on its rows (`P('model', None)`), the sample and the labels global ids replicated over the model
+axis; each shard computes the logits of the candidates it owns and the collectives move `[N]`
+statistics only (the label logit by a `psum` from its owner, the logsumexp over [label; sample]
+by `pmax`/`psum`), so the table's gradient stays on the owning shard. The exact evaluation of
+that head reuses the dense functions on the transposed shard `[d, K/M]`. Vocabulary-parallel
+heads: `DenseSoftmax` and `SampledSoftmax`; the adaptive head is not (its clusters are
+frequency bands of unequal size with their own projections: sharding them evenly is its own
+design).
+
 The NaN rule and `ignore_index` of the package docstring hold: a NaN feature row gives that
 example a NaN loss (and a NaN log-probability row); an ignored example has loss 0, gradient 0,
 and its features are not read. K must be divisible by M (a clear error otherwise; pad the
@@ -43,6 +54,7 @@ from jax.sharding import PartitionSpec as P
 
 from softmax_jax.ops import _checks
 from softmax_jax.ops import _stream
+from softmax_jax.ops.softmax import logsumexp
 
 DEFAULT_AXIS = 'model'
 
@@ -355,11 +367,181 @@ def vocab_parallel_eval_stats(features: jax.typing.ArrayLike, kernel: jax.typing
   return out
 
 
+# ---- sampled losses over a [K, d] table of class rows sharded on its rows --------------------
+
+
+def _check_table(features, table, bias):
+  _checks.rank(features, 2, 'features', '[N, d]')
+  _checks.dtype(features, float, 'features', 'be floating')
+  _checks.rank(table, 2, 'table', '[K/M, d]')
+  _checks.dtype(table, float, 'table', 'be floating')
+  _checks.shape(table, (None, features.shape[1]), 'table', '[K/M, d] with d = features.shape[1]')
+  if bias is not None:
+    _checks.shape(bias, (table.shape[0],), 'bias', '[K/M] = table.shape[:1]')
+    _checks.dtype(bias, float, 'bias', 'be floating')
+
+
+def _sampled_values(sampled_values, n, log_q):
+  """(sampled [S] int, true_count [N] float or None, sampled_count [S] float or None), checked."""
+  triple = sampled_values if isinstance(sampled_values, (tuple, list)) else (sampled_values,)
+  if len(triple) not in (1, 3):
+    raise _checks.ArgumentError(
+        "`sampled_values` must be a sampler's (sampled, true_expected_count, "
+        f'sampled_expected_count) or the sampled ids [S] alone; got {len(triple)} items.')
+  sampled, true_count, sampled_count = (*triple, None, None)[:3]
+  name = 'sampled_values.sampled' if len(triple) == 3 else 'sampled_values'
+  sampled = jnp.asarray(sampled)
+  _checks.rank(sampled, 1, name, '[S]')
+  _checks.dtype(sampled, int, name, 'be integer class ids')
+  if not log_q:
+    return sampled, name, None, None
+  if true_count is None or sampled_count is None:
+    raise _checks.ArgumentError(
+        '`sampled_values` must hold the expected counts, (sampled, true_expected_count, '
+        'sampled_expected_count) from a sampler called with true_classes=labels (or pass '
+        'subtract_log_q=False); got no expected counts.')
+  true_count, sampled_count = jnp.asarray(true_count), jnp.asarray(sampled_count)
+  _checks.shape(sampled_count, sampled.shape, 'sampled_values.sampled_expected_count',
+                'sampled_values.sampled.shape')
+  _checks.dtype(sampled_count, float, 'sampled_values.sampled_expected_count', 'be float')
+  _checks.broadcastable(true_count, (n,), 'sampled_values.true_expected_count', 'labels')
+  _checks.dtype(true_count, float, 'sampled_values.true_expected_count', 'be float')
+  return sampled, name, jnp.broadcast_to(true_count, (n,)), sampled_count
+
+
+def _sampled_local(features, table, labels, sampled_values, bias, remove_hits, log_q,
+                   ignore_index, axis_name):
+  """Checks; returns `z_true [N]` (the label logits, whole: a psum from their owning shards),
+  `z_s [N, S]` (the samples' logits as this shard sees them), `keep [N, S]` (the samples this
+  shard owns, accidental hits removed) and `finish` ([N] loss -> NaN for an out-of-range label or
+  a traced out-of-range sampled id, 0 for an ignored example)."""
+  _check_table(features, table, bias)
+  i, m = _shard(axis_name)
+  n, kl = features.shape[0], table.shape[0]
+  k = kl * m
+  labels, ignored = _checks.labels_or_ignored(labels, k, (n,), ignore_index, 'features')
+  sampled, ids_name, true_count, sampled_count = _sampled_values(sampled_values, n, log_q)
+  _checks.in_range(ids_name, sampled, k)
+  acc, dt = _stream.acc_dtype(features, table), jnp.result_type(features, table)
+  x, in_range = features.astype(dt), (labels >= 0) & (labels < k)
+  if ignored is not None:  # ignored rows are not read: zero features, count 1
+    x, in_range = jnp.where(ignored[:, None], jnp.zeros((), dt), x), in_range | ignored
+    true_count = None if true_count is None else jnp.where(ignored, 1, true_count)
+
+  def rows(ids):  # this shard's rows (and bias) of global `ids`, whether it owns them
+    local = ids - i * kl
+    own = (local >= 0) & (local < kl)
+    local = jnp.clip(local, 0, kl - 1)
+    b = None if bias is None else jnp.take(bias, local).astype(acc)
+    return jnp.take(table, local, axis=0).astype(dt), b, own
+
+  w_y, b_y, own_y = rows(labels)
+  z_t = jnp.einsum('nd,nd->n', x, w_y, preferred_element_type=acc).astype(acc)
+  z_t = z_t if b_y is None else z_t + b_y
+  z_t = lax.psum(jnp.where(own_y, z_t, 0.0), axis_name)  # the gradient reaches the owner only
+  w_s, b_s, own_s = rows(sampled)
+  z_s = jnp.einsum('nd,sd->ns', x, w_s, preferred_element_type=acc).astype(acc)
+  z_s = z_s if b_s is None else z_s + b_s
+  if log_q:
+    z_t = z_t - jnp.log(true_count.astype(acc))
+    z_s = z_s - jnp.log(sampled_count.astype(acc))
+  keep = jnp.broadcast_to(own_s, z_s.shape)
+  if remove_hits:
+    keep = keep & (sampled[None, :] != labels[:, None])
+  s_ok = jnp.all((sampled >= 0) & (sampled < k))  # a traced id out of range: NaN, never dropped
+
+  def finish(loss):
+    loss = jnp.where(in_range & s_ok, loss, jnp.nan)
+    return loss if ignored is None else jnp.where(ignored, jnp.zeros_like(loss), loss)
+  return z_t, z_s, keep, finish
+
+
+def vocab_parallel_sampled_softmax_loss(
+    features: jax.typing.ArrayLike, table: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
+    sampled_values, *, bias: Optional[jax.typing.ArrayLike] = None, axis_name: str = DEFAULT_AXIS,
+    remove_accidental_hits: bool = True, subtract_log_q: bool = True,
+    ignore_index: Optional[int] = None) -> jax.Array:
+  """`ops.sampled_softmax_loss` with the `[K, d]` table of class rows sharded on K, inside shard_map.
+
+  The sample and the labels are global class ids, the same on every shard (drawn once,
+  replicated over `axis_name`). Each shard computes the logits of the candidates it owns (the
+  others masked), `z_0 = psum_i [y in shard i] (<x, w_y> + b_y) - log Q_y`, and its masked
+  logsumexp `l_i` over its own samples `z_j = <x, w_{s_j}> + b_{s_j} - log Q_{s_j}` (accidental
+  hits removed); `loss = log(exp(z_0) + psum_i exp(l_i)) - z_0` (stabilized by the `pmax`),
+  exactly the unsharded loss. The table and bias gradients reach the owning shard's rows only;
+  collectives move `[N]` vectors, never rows of the table nor `[N, S]` logits.
+
+  Args:
+    features: [N, d] float, replicated over `axis_name`.
+    table: [K/M, d] float, this shard's class rows `[i K/M, (i+1) K/M)`, i = axis index.
+    labels: [N] int global class ids in [0, K) (or `ignore_index`), replicated over `axis_name`.
+    sampled_values: (sampled [S] int, true_expected_count [N] float (or broadcastable),
+      sampled_expected_count [S] float), a sampler's output for these labels, replicated over
+      `axis_name`; the ids `[S]` alone if not `subtract_log_q`.
+    bias: [K/M] float or None, this shard's bias.
+    axis_name: the mesh axis over which the classes are sharded.
+    remove_accidental_hits, subtract_log_q, ignore_index: see `ops.sampled_softmax_loss`.
+
+  Returns:
+    [N] float32 (float64 for float64 inputs) loss, replicated over `axis_name`.
+
+  Raises:
+    ValueError: naming the argument, as `ops.sampled_softmax_loss` (ranks, shapes, dtypes;
+      concrete labels and sampled ids outside [0, K)); traced ones give NaN.
+  """
+  z_t, z_s, keep, finish = _sampled_local(features, table, labels, sampled_values, bias,
+                                          remove_accidental_hits, subtract_log_q, ignore_index,
+                                          axis_name)
+  local = logsumexp(z_s, where=keep)  # -inf (zero gradient) where this shard keeps no sample
+  m = jnp.maximum(lax.pmax(lax.stop_gradient(local), axis_name), lax.stop_gradient(z_t))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)  # NaN stays NaN through z_t
+  lse = m + jnp.log(jnp.exp(z_t - m) + lax.psum(jnp.exp(local - m), axis_name))
+  return finish(lse - z_t)
+
+
+def _logistic(features, table, labels, sampled_values, bias, remove_hits, log_q, ignore_index,
+              axis_name):
+  z_t, z_s, keep, finish = _sampled_local(features, table, labels, sampled_values, bias,
+                                          remove_hits, log_q, ignore_index, axis_name)
+  negatives = jnp.where(keep, -jax.nn.log_sigmoid(-z_s), 0.0).sum(-1)
+  return finish(-jax.nn.log_sigmoid(z_t) + lax.psum(negatives, axis_name))
+
+
+def vocab_parallel_nce_loss(features: jax.typing.ArrayLike, table: jax.typing.ArrayLike,
+                            labels: jax.typing.ArrayLike, sampled_values, *,
+                            bias: Optional[jax.typing.ArrayLike] = None,
+                            axis_name: str = DEFAULT_AXIS, remove_accidental_hits: bool = False,
+                            subtract_log_q: bool = True,
+                            ignore_index: Optional[int] = None) -> jax.Array:
+  """`ops.nce_loss` with the table sharded on its rows, inside shard_map: `-log sigmoid(z_0)`
+  (the label logit from its owner) plus the `psum` of each shard's `-log sigmoid(-z_j)` over the
+  samples it owns. Arguments, returns and raises as `vocab_parallel_sampled_softmax_loss`."""
+  return _logistic(features, table, labels, sampled_values, bias, remove_accidental_hits,
+                   subtract_log_q, ignore_index, axis_name)
+
+
+def vocab_parallel_negative_sampling_loss(features: jax.typing.ArrayLike,
+                                          table: jax.typing.ArrayLike,
+                                          labels: jax.typing.ArrayLike, sampled_values, *,
+                                          bias: Optional[jax.typing.ArrayLike] = None,
+                                          axis_name: str = DEFAULT_AXIS,
+                                          remove_accidental_hits: bool = True,
+                                          ignore_index: Optional[int] = None) -> jax.Array:
+  """`ops.negative_sampling_loss` (word2vec, no log-Q correction) with the table sharded on its
+  rows, inside shard_map; as `vocab_parallel_nce_loss` with `subtract_log_q=False`."""
+  return _logistic(features, table, labels, sampled_values, bias, remove_accidental_hits, False,
+                   ignore_index, axis_name)
+
+
 # ---- shard_map wrappers for a ('data', 'model') mesh ----------------------------------------
 
 
-def check_mesh(mesh: Mesh, kernel, *, data_axis: str = 'data', model_axis: str = DEFAULT_AXIS) -> int:
-  """Checks `mesh` has the two axes and that K = kernel.shape[1] divides by the model axis.
+def check_mesh(mesh: Mesh, kernel, *, data_axis: str = 'data', model_axis: str = DEFAULT_AXIS,
+               class_axis: int = -1, name: str = 'kernel') -> int:
+  """Checks `mesh` has the two axes and that K = kernel.shape[class_axis] divides by the model axis.
+
+  `class_axis=-1` for a `[d, K]` kernel (the dense layer), `class_axis=0, name='table'` for a
+  `[K, d]` table of class rows (the sampled losses).
 
   Returns:
     M, the size of the model axis.
@@ -371,12 +553,13 @@ def check_mesh(mesh: Mesh, kernel, *, data_axis: str = 'data', model_axis: str =
     if ax not in mesh.axis_names:
       raise _checks.ArgumentError(f'`mesh` must have an axis {ax!r}; got axes {mesh.axis_names}.')
   m = mesh.shape[model_axis]
-  k = kernel.shape[-1]
+  k = kernel.shape[class_axis]
   if k % m:
+    hint = (f'DenseSoftmax(pad_classes_to={m * 128}), whose padded columns get logit -inf'
+            if name == 'kernel' else 'rows that are never labels nor sampled')
     raise _checks.ArgumentError(
-        f'`kernel` must have K divisible by the size of mesh axis {model_axis!r} = {m}; got '
-        f'K = {k} (pad the vocabulary to a multiple of {m}, e.g. '
-        f'DenseSoftmax(pad_classes_to={m * 128}), whose padded columns get logit -inf).')
+        f'`{name}` must have K divisible by the size of mesh axis {model_axis!r} = {m}; got '
+        f'K = {k} (pad the vocabulary to a multiple of {m}, e.g. {hint}).')
   return m
 
 
@@ -460,3 +643,61 @@ def _sharded_map(op, out_spec, mesh, features, kernel, bias, data_axis, model_ax
   f = lambda x, w, b: op(x, w, bias=b, axis_name=model_axis)
   return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=out_spec)(
       *_placed(mesh, specs, features, kernel, bias))
+
+
+SAMPLED_LOSSES = {'sampled_softmax': vocab_parallel_sampled_softmax_loss,
+                  'nce': vocab_parallel_nce_loss,
+                  'negative_sampling': vocab_parallel_negative_sampling_loss}
+
+
+def sharded_sampled_loss(mesh: Mesh, features: jax.typing.ArrayLike, table: jax.typing.ArrayLike,
+                         labels: jax.typing.ArrayLike, sampled_values, *,
+                         loss: str = 'sampled_softmax',
+                         bias: Optional[jax.typing.ArrayLike] = None, data_axis: str = 'data',
+                         model_axis: str = DEFAULT_AXIS, **kwargs) -> jax.Array:
+  """A vocab-parallel sampled loss under `jax.shard_map` on `mesh`: per-example loss `[N]`.
+
+  Specs: features `P(data_axis, None)`, table `P(model_axis, None)`, bias `P(model_axis)`,
+  labels, the true expected counts and the loss `P(data_axis)`, the sample and its expected
+  counts replicated `P()`. Differentiable w.r.t. features, table and bias.
+
+  Args:
+    mesh: a mesh with axes `data_axis` and `model_axis`.
+    features: [N, d] float, N divisible by the data axis size.
+    table: [K, d] float class rows, K divisible by the model axis size.
+    labels: [N] int in [0, K) (or `ignore_index`).
+    sampled_values: as `vocab_parallel_sampled_softmax_loss` (`true_expected_count` `[N]`).
+    loss: 'sampled_softmax', 'nce' or 'negative_sampling' (a key of `SAMPLED_LOSSES`).
+    bias, data_axis, model_axis: see above; `kwargs`: the loss's options
+      (`remove_accidental_hits`, `subtract_log_q`, `ignore_index`).
+
+  Returns:
+    [N] float32 loss, sharded over `data_axis`.
+
+  Raises:
+    ValueError: an unknown `loss`, a mesh without the axes, K not divisible by the model axis
+      (naming K and M), or a bad argument (see `vocab_parallel_sampled_softmax_loss`).
+  """
+  if loss not in SAMPLED_LOSSES:
+    raise _checks.ArgumentError(f'`loss` must be one of {tuple(SAMPLED_LOSSES)}; got {loss!r}.')
+  _check_table(features, table, bias)
+  check_mesh(mesh, table, data_axis=data_axis, model_axis=model_axis, class_axis=0, name='table')
+  n, k = features.shape[0], table.shape[0]
+  sampled, ids_name, true_count, sampled_count = _sampled_values(
+      sampled_values, n, kwargs.get('subtract_log_q', loss != 'negative_sampling'))
+  _checks.in_range(ids_name, sampled, k)
+  if kwargs.get('ignore_index') is None:
+    _checks.in_range('labels', labels, k)
+  op = SAMPLED_LOSSES[loss]
+
+  def f(x, w, b, y, values):
+    return op(x, w, y, values, bias=b, axis_name=model_axis, **kwargs)
+
+  values = (sampled,) if true_count is None else (sampled, true_count, sampled_count)
+  value_specs = (P(),) if true_count is None else (P(), P(data_axis), P())
+  specs = (P(data_axis, None), P(model_axis, None), None if bias is None else P(model_axis),
+           P(data_axis), value_specs)
+  placed = _placed(mesh, specs[:4] + value_specs, features, table, bias, jnp.asarray(labels),
+                   *values)
+  return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P(data_axis))(
+      *placed[:4], tuple(placed[4:]))

@@ -6,6 +6,10 @@ reference of the unsharded layer (`lse(x W + b) - z_y`, `dz = softmax - onehot`)
 bfloat16, plain and fused, with `ignore_index`; the NaN rule; compile-only memory (no `[N, K]`
 buffer on a device); the argument errors (K not divisible by the model axis, a mesh without the
 axes, bad ranks, labels out of range). One jit of loss + grads + log_softmax + predict per case.
+The sampled losses over a `[K, d]` table sharded on its rows (sampled softmax, NCE, negative
+sampling) against the unsharded `ops.sampled_softmax_loss` & co. with the same sample (an
+accidental hit, a repeated label, a repeated sample id, an ignored example), loss and gradients,
+and against float64 NumPy; their argument errors.
 """
 
 import jax
@@ -16,6 +20,7 @@ import numpy as np
 import pytest
 from scipy import special
 
+from softmax_jax import ops
 from softmax_jax.ops import _checks
 from softmax_jax.ops import vocab_parallel as vp
 
@@ -152,3 +157,100 @@ def test_bad_arguments():
     vp.sharded_dense_loss(mesh, x[None], w, y)
   with pytest.raises(ValueError, match='`kernel` must have shape'):
     vp.sharded_dense_loss(mesh, x, w[:-1], y)
+
+
+# ---- sampled losses over a [K, d] table sharded on its rows ------------------------------------
+
+S = 6  # samples: an accidental hit of example 0, a repeated id, both halves of the classes
+
+
+def _sampled_data(dtype, seed=4):
+  rng = np.random.default_rng(seed)
+  x = (rng.normal(size=(N, D)) * 1.5).astype(np.float32)
+  table = rng.normal(size=(K, D)).astype(np.float32)
+  b = rng.normal(size=K).astype(np.float32)
+  y = rng.integers(0, K, size=N).astype(np.int32)
+  y[2] = y[1]  # a repeated label
+  y[3] = IGNORE
+  sampled = np.array([y[0], 5, 17, 5, 23, 0], np.int32)  # y[0]: an accidental hit; 5 twice
+  true_count = rng.uniform(0.2, 2.0, size=N).astype(np.float32)
+  sampled_count = rng.uniform(0.2, 2.0, size=S).astype(np.float32)
+  values = tuple(jnp.asarray(a) for a in (sampled, true_count, sampled_count))
+  return tuple(jnp.asarray(a, dtype) for a in (x, table, b)) + (jnp.asarray(y), values)
+
+
+UNSHARDED = {'sampled_softmax': ops.sampled_softmax_loss, 'nce': ops.nce_loss,
+             'negative_sampling': ops.negative_sampling_loss}
+
+
+@pytest.mark.parametrize('shape,dtype,loss', [
+    ((2, 4), jnp.float32, 'sampled_softmax'), ((1, 8), jnp.float32, 'sampled_softmax'),
+    ((2, 4), jnp.bfloat16, 'sampled_softmax'), ((1, 8), jnp.float32, 'nce'),
+    ((2, 4), jnp.float32, 'negative_sampling')])
+def test_sampled_matches_unsharded(shape, dtype, loss):
+  """Loss and gradients (features, table, bias) equal the unsharded op with the same sample;
+  the table's gradient stays split on the model axis."""
+  mesh = _mesh(*shape)
+  x, table, b, y, values = _sampled_data(dtype)
+  if loss == 'negative_sampling':
+    values = values[0]  # no log-Q correction: the ids alone
+  kw = dict(ignore_index=IGNORE, remove_accidental_hits=True)
+
+  def grads(fn):
+    def total(x, t, b):
+      out = fn(x, t, b)
+      return out.sum(), out
+    return jax.jit(jax.value_and_grad(total, (0, 1, 2), has_aux=True))(x, table, b)
+
+  (_, got), got_grads = grads(lambda x, t, b: vp.sharded_sampled_loss(
+      mesh, x, t, y, values, loss=loss, bias=b, **kw))
+  (_, want), want_grads = grads(lambda x, t, b: UNSHARDED[loss](x, t, y, values, bias=b, **kw))
+  tol = dict(rtol=2e-2, atol=3e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), **tol)
+  assert np.asarray(got)[3] == 0.0 and np.all(np.isfinite(np.asarray(got)))
+  for g, w in zip(got_grads, want_grads):
+    assert g.dtype == dtype
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), **tol)
+  d_table = got_grads[1]
+  assert d_table.sharding.shard_shape(d_table.shape) == (K // shape[1], D)
+  # The accidental hit is removed: the label's row of example 0 gets no 'negative' gradient from
+  # it (checked against the op), and rows neither labels nor sampled get none at all.
+  touched = set(np.asarray(y).tolist()) | set(np.asarray(values[0] if isinstance(values, tuple)
+                                                          else values).tolist())
+  untouched = [k for k in range(K) if k not in touched]
+  assert untouched and not np.asarray(d_table, np.float32)[untouched].any()
+
+
+def test_sampled_softmax_float64_reference():
+  """The sampled softmax loss against float64 NumPy: `log(e^z0 + sum_kept e^zj) - z0`."""
+  mesh = _mesh(2, 4)
+  x, table, b, y, (sampled, tc, sc) = _sampled_data(jnp.float32, seed=6)
+  y = jnp.where(y == IGNORE, 7, y)
+  got = vp.sharded_sampled_loss(mesh, x, table, y, (sampled, tc, sc), bias=b)
+  x64, t64, b64 = (np.asarray(a, np.float64) for a in (x, table, b))
+  yy, ss = np.asarray(y), np.asarray(sampled)
+  z = x64 @ t64.T + b64
+  z0 = z[np.arange(N), yy] - np.log(np.asarray(tc, np.float64))
+  zs = z[:, ss] - np.log(np.asarray(sc, np.float64))
+  zs = np.where(ss[None, :] == yy[:, None], -np.inf, zs)
+  want = special.logsumexp(np.concatenate([z0[:, None], zs], 1), axis=1) - z0
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_bad_arguments():
+  mesh = _mesh(1, 8)
+  x, table, b, y, values = _sampled_data(jnp.float32)
+  y = jnp.where(y == IGNORE, 0, y)
+  with pytest.raises(ValueError, match=r"`table` must have K divisible by .*'model' = 8; got K = 20"):
+    vp.sharded_sampled_loss(mesh, x, table[:20], y, values)
+  with pytest.raises(_checks.ArgumentError, match='`sampled_values.sampled` must lie in'):
+    vp.sharded_sampled_loss(mesh, x, table, y, (values[0].at[1].set(K),) + values[1:])
+  with pytest.raises(_checks.ArgumentError, match='`labels` must lie in'):
+    vp.sharded_sampled_loss(mesh, x, table, y.at[0].set(K), values)
+  with pytest.raises(ValueError, match='`table` must have shape'):
+    vp.sharded_sampled_loss(mesh, x, table[:, :-1], y, values)
+  with pytest.raises(ValueError, match='`loss` must be one of'):
+    vp.sharded_sampled_loss(mesh, x, table, y, values, loss='hinge')
+  with pytest.raises(ValueError, match='expected counts'):
+    vp.sharded_sampled_loss(mesh, x, table, y, values[0])
