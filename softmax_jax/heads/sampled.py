@@ -15,18 +15,36 @@ under `jit`, see dense.py); `num_classes`, `num_sampled`, `sampler`, `loss`, `cl
 `dtype` on every call (Python values, so under `jit` too); labels in [0, K) when concrete, at the
 head, so the error names `labels` (not the sampler's `true_classes`); traced out-of-range ones
 give a NaN loss.
+
+Vocabulary parallel (`vocab_parallel_axis='model'`, issue 21), as `DenseSoftmax`: (1) called
+INSIDE `jax.shard_map` with the table sharded on its rows over that mesh axis (`embedding`
+`P('model', None)`, `bias` `P('model')`, features replicated over it), the head holds its rows
+`[K/M, d]`; (2) under a context mesh with the axis (`jax.set_mesh`, the trainer's `config.mesh`)
+and outside a shard_map, it holds the full `[K, d]` table (placed `P('model', None)` by the
+caller) and wraps itself in a `jax.shard_map` over that mesh. The sample is drawn once from
+'sample' outside the sharded op and is the same on every shard (inside a shard_map, give every
+model shard the same 'sample' key); training runs `ops.vocab_parallel.SAMPLED_LOSSES` (each shard
+the candidates it owns, `[N]` statistics combined by collectives); evaluation, `log_prob`,
+`predict` and `eval_stats` the dense vocab-parallel ops on the transposed shard (`[d, K/M]`):
+no device forms `[N, K]` nor holds the full table. K must divide by M (no class padding: padded
+rows would change the samplers). `logits` is not vocab-parallel (it raises inside a shard_map),
+nor `row_loss` (row-sparse updates of a sharded table: it raises whenever the axis is set).
 """
 
+import math
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from softmax_jax.heads import _checks
 from softmax_jax.heads import _eval
 from softmax_jax.ops import sampled as sampled_ops
+from softmax_jax.ops import vocab_parallel as vp_ops
 from softmax_jax.ops.softmax import cross_entropy
 from softmax_jax.ops.softmax import log_softmax
 
@@ -55,6 +73,8 @@ class SampledSoftmax(nn.Module):
     use_bias: learn a `[K]` bias.
     dtype: computation dtype of the matrix products, None or floating (None: the features'); losses and
       log-probabilities accumulate in float32.
+    vocab_parallel_axis: None, or the mesh axis over which the table's rows (the classes) are
+      sharded (see the module docstring).
   """
   num_classes: int
   num_sampled: Optional[int] = None
@@ -66,6 +86,7 @@ class SampledSoftmax(nn.Module):
   class_counts: Optional[Tuple[int, ...]] = None
   use_bias: bool = True
   dtype: Any = None
+  vocab_parallel_axis: Optional[str] = None
   sparse_param: ClassVar[str] = 'embedding'  # the table `row_loss` reads rows of
 
   def _config(self):
@@ -100,15 +121,89 @@ class SampledSoftmax(nn.Module):
 
   @nn.compact
   def _weights(self, d: int):
+    m = self._model_shards()
+    k = self.num_classes if m is None else self.num_classes // m  # this shard's rows
     init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)  # fan-in d, as DenseSoftmax.
-    embedding = self.param('embedding', init, (self.num_classes, d), jnp.float32)
-    bias = (self.param('bias', nn.initializers.zeros, (self.num_classes,), jnp.float32)
-            if self.use_bias else None)
+    embedding = self.param('embedding', init, (k, d), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (k,), jnp.float32) if self.use_bias else None
     return embedding, bias
+
+  def _model_shards(self) -> Optional[int]:
+    """M, the size of `vocab_parallel_axis` inside a shard_map over it; else None (plain head)."""
+    if self.vocab_parallel_axis is None:
+      return None
+    try:
+      m = lax.axis_size(self.vocab_parallel_axis)
+    except NameError:
+      return None
+    return self._check_shards(m)
+
+  def _check_shards(self, m: int) -> int:
+    if self.num_classes % m:
+      raise ValueError(f'{type(self).__name__}: num_classes K = {self.num_classes} must divide by '
+                       f'the size {m} of mesh axis {self.vocab_parallel_axis!r} '
+                       '(vocab_parallel_axis); the sampled head has no class padding (padded rows '
+                       'would change the samplers): choose a model axis that divides K.')
+    return m
+
+  def _context_mesh(self):
+    """The context mesh (`jax.set_mesh`) when it has `vocab_parallel_axis` and the head is not
+    already inside a shard_map over that axis; else None."""
+    if self.vocab_parallel_axis is None or self._model_shards() is not None:
+      return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or self.vocab_parallel_axis not in mesh.axis_names:
+      return None
+    return mesh
+
+  def _vocab_parallel(self, features, op, *, labels=None, per_row=None, shared=None,
+                      per_class=None, columns: bool = False):
+    """`op(x [N, d], table [K/M, d], b [K/M] or None, y [N] or None, per_row, shared, per_class)`
+    on this shard's rows, or None when the head is not vocabulary-parallel here (the plain path).
+
+    Inside a shard_map over the axis the params are this shard's rows and `op` runs as it is
+    (a full `[K]` `per_class` is sliced to the shard's). Under a context mesh `op` runs in a
+    `jax.shard_map` over it: table `P(axis, None)`, bias and `per_class` `P(axis)`, `shared`
+    (arrays) replicated, the rows of `x`, `y` and `per_row` (`[N]` arrays) split over the
+    mesh's other axes (replicated when N does not divide by them); the output is split like
+    the rows (`columns=True`: `[N, K]`, `P(rows, axis)`).
+    """
+    inside = self._model_shards() is not None
+    mesh = None if inside else self._context_mesh()
+    if not inside and mesh is None:
+      return None
+    axis = self.vocab_parallel_axis
+    table, bias = self._weights(features.shape[-1])
+    dtype = self.dtype or features.dtype
+    x = features.reshape(-1, features.shape[-1]).astype(dtype)
+    y = None if labels is None else labels.reshape(-1)
+
+    def run(x, t, b, y, per_row, shared, per_class):
+      kl = t.shape[0]
+      if per_class is not None and per_class.shape[0] != kl:  # inside a shard_map: the full [K]
+        per_class = lax.dynamic_slice_in_dim(per_class, lax.axis_index(axis) * kl, kl)
+      return op(x, t.astype(dtype), b, y, per_row, shared, per_class)
+
+    args = (x, table, bias, y, per_row, shared, per_class)
+    if inside:
+      return run(*args)
+    self._check_shards(mesh.shape[axis])
+    others = tuple(a for a in mesh.axis_names if a != axis)
+    rows = others if others and x.shape[0] % math.prod(mesh.shape[a] for a in others) == 0 else None
+    like = lambda tree, spec: jax.tree.map(lambda _: spec, tree)
+    specs = (P(rows, None), P(axis, None), None if bias is None else P(axis),
+             None if y is None else P(rows), like(per_row, P(rows)), like(shared, P()),
+             like(per_class, P(axis)))
+    out = P(rows, axis) if columns else P(rows)
+    return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=out)(*args)
 
   def logits(self, features: jnp.ndarray) -> jnp.ndarray:
     """Full unnormalized logits `[..., K]` (float32 accumulation)."""
     self._config()
+    if self._model_shards() is not None:
+      raise ValueError(f'{type(self).__name__}.logits is not vocabulary-parallel: call it outside '
+                       f'the shard_map over {self.vocab_parallel_axis!r} (with gathered params), or '
+                       'use the loss / log_prob / predict / eval_stats inside it.')
     features, _ = _checks.features_and_labels(type(self).__name__, features)
     embedding, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype
@@ -123,9 +218,25 @@ class SampledSoftmax(nn.Module):
     features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
                                                    num_classes=self.num_classes)
     if not train:
+      loss = self._vocab_parallel(
+          features, lambda x, t, b, y, *_: vp_ops.vocab_parallel_cross_entropy(
+              x, t.T, y, bias=b, axis_name=self.vocab_parallel_axis), labels=labels)
+      if loss is not None:
+        return loss.reshape(labels.shape)
       return cross_entropy(self.logits(features), labels)
-    embedding, bias = self._weights(features.shape[-1])
     values = self._sample(labels, s, counts)
+    if self.vocab_parallel_axis is not None:
+      true_count = jnp.broadcast_to(values.true_expected_count, labels.shape).reshape(-1)
+      op = vp_ops.SAMPLED_LOSSES[self.loss]
+      loss = self._vocab_parallel(
+          features, lambda x, t, b, y, tc, sv, _: op(
+              x, t, y, (sv[0], tc, sv[1]), bias=b, axis_name=self.vocab_parallel_axis,
+              remove_accidental_hits=self.remove_accidental_hits),
+          labels=labels, per_row=true_count,
+          shared=(values.sampled, values.sampled_expected_count))
+      if loss is not None:
+        return loss.reshape(labels.shape)
+    embedding, bias = self._weights(features.shape[-1])
     dtype = self.dtype or features.dtype
     return LOSSES[self.loss](features.astype(dtype), embedding.astype(dtype), labels, values,
                              bias=bias, remove_accidental_hits=self.remove_accidental_hits)
@@ -163,7 +274,15 @@ class SampledSoftmax(nn.Module):
 
     Returns:
       `(loss [...], row_ids [R] int32)`.
+
+    Raises:
+      ValueError: with `vocab_parallel_axis` (row-sparse updates of a sharded table are not
+        implemented).
     """
+    if self.vocab_parallel_axis is not None:
+      raise ValueError(f'{type(self).__name__}.row_loss is not vocabulary-parallel: got '
+                       f'vocab_parallel_axis={self.vocab_parallel_axis!r}; use the dense update '
+                       '(config.optimizer.sparse_output=False) with a sharded table.')
     s, counts = self._config()
     features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
                                                    num_classes=self.num_classes)
@@ -183,11 +302,28 @@ class SampledSoftmax(nn.Module):
     return loss, ids
 
   def log_prob(self, features: jnp.ndarray) -> jnp.ndarray:
-    """Exact normalized log-probabilities `[..., K]` of the full softmax."""
+    """Exact normalized log-probabilities `[..., K]` of the full softmax (inside a shard_map over
+    `vocab_parallel_axis`: this shard's `[..., K/M]` columns, globally normalized)."""
+    if self.vocab_parallel_axis is not None:
+      self._config()
+      features, _ = _checks.features_and_labels(type(self).__name__, features)
+      log_p = self._vocab_parallel(
+          features, lambda x, t, b, *_: vp_ops.vocab_parallel_log_softmax(
+              x, t.T, bias=b, axis_name=self.vocab_parallel_axis), columns=True)
+      if log_p is not None:
+        return log_p.reshape(*features.shape[:-1], log_p.shape[-1])
     return log_softmax(self.logits(features))
 
   def predict(self, features: jnp.ndarray) -> jnp.ndarray:
     """Most probable class `[...] int32`, `argmax(log_prob(features), -1)`."""
+    if self.vocab_parallel_axis is not None:
+      self._config()
+      features, _ = _checks.features_and_labels(type(self).__name__, features)
+      ids = self._vocab_parallel(
+          features, lambda x, t, b, *_: vp_ops.vocab_parallel_predict(
+              x, t.T, bias=b, axis_name=self.vocab_parallel_axis))
+      if ids is not None:
+        return ids.reshape(features.shape[:-1])
     return jnp.argmax(self.log_prob(features), axis=-1).astype(jnp.int32)
 
   def eval_stats(self, features: jnp.ndarray, labels: jnp.ndarray, *, temperatures=(1.0,),
@@ -197,11 +333,28 @@ class SampledSoftmax(nn.Module):
     `features: [..., d]`, `labels: [...] int`; keys as `DenseSoftmax.eval_stats` ('prediction',
     'label_rank' `[...]` int32, 'label_log_prob', 'confidence' `[..., G]`, 'adjusted_*' with
     `log_prior: [K]`). The logits `x @ embedding[chunk].T + bias[chunk]` are formed one chunk
-    (None: 2048 classes) at a time: memory does not grow with K.
+    (None: 2048 classes) at a time: memory does not grow with K. Vocabulary-parallel: the
+    statistics of `ops.vocab_parallel.vocab_parallel_eval_stats` (this shard's `[N, K/M]`
+    logits; `chunk_size` unused).
     """
     self._config()
     features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
                                                    num_classes=self.num_classes)
+    if self.vocab_parallel_axis is not None:
+      ts = _eval.check_temperatures(temperatures)
+      prior = None
+      if log_prior is not None:
+        prior = jnp.asarray(log_prior)
+        if prior.shape != (self.num_classes,) or not jnp.issubdtype(prior.dtype, jnp.floating):
+          raise ValueError(f'eval_stats: `log_prior` must be a [num_classes] = ({self.num_classes},'
+                           f') float array; got shape {prior.shape} and dtype {prior.dtype}.')
+        prior = prior.astype(jnp.float32)
+      stats = self._vocab_parallel(
+          features, lambda x, t, b, y, _, __, p: vp_ops.vocab_parallel_eval_stats(
+              x, t.T, y, bias=b, axis_name=self.vocab_parallel_axis, temperatures=ts,
+              log_prior=p), labels=labels, per_class=prior)
+      if stats is not None:
+        return {k: v.reshape(*labels.shape, *v.shape[1:]) for k, v in stats.items()}
     embedding, bias = self._weights(features.shape[-1])
     x = features.astype(self.dtype or features.dtype)
     return _eval.linear_eval_stats(x, embedding, bias, labels, class_axis=0,

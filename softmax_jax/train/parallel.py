@@ -47,11 +47,12 @@ the default: the 1-D 'data' mesh above, nothing changes; `'data': 0` means "the 
 device count / M). D * M must equal the number of devices the run uses (`config.num_devices`,
 0: all local ones; multi-process: all), and D must divide every batch size. The batch and the
 per-row state split on 'data'; the dense head's kernel `[d, K_pad]` and bias `[K_pad]` split on
-'model' (`P(None, 'model')`, `P('model')`), and so do the optimizer-state leaves that mirror them
+'model' (`P(None, 'model')`, `P('model')`; the sampled head's table `embedding [K, d]` on its
+rows, `P('model', None)`), and so do the optimizer-state leaves that mirror them
 (momentum, Adam moments: the leaves whose key path ends with the head parameter's path and
 whose shape is its shape); every other leaf is replicated. With M > 1 the task builds its head
-with `vocab_parallel_axis='model'` (`head_config`; `DenseSoftmax` only, softmax mapping, no
-sigsoftmax, no label smoothing; any other head is a clear error naming config.mesh and
+with `vocab_parallel_axis='model'` (`head_config`; `DenseSoftmax` with the softmax mapping, no
+sigsoftmax, no label smoothing, or `SampledSoftmax` with M dividing K; any other head is a clear error naming config.mesh and
 config.head.name) and the driver runs the step and evaluation under `jax.set_mesh(mesh)`: the
 backbone is plain jit (GSPMD, batch on 'data') and only the output layer runs in a
 `jax.shard_map` (the head wraps itself, see heads/dense.py), whose loss, gradients and
@@ -196,11 +197,14 @@ def data_shards(config, num_devices: int) -> int:
 
 def head_config(config) -> Mapping:
   """`config.head` as the task builds its head: with `config.mesh`'s 'model' axis M > 1, plus
-  `vocab_parallel_axis='model'` (the dense head split on the classes).
+  `vocab_parallel_axis='model'` (the dense head split on the classes, the sampled head's table on
+  its rows). The adaptive, hierarchical, margin, imbalanced and mixture heads are not
+  vocabulary-parallel (their class-dependent structure, cutoffs, trees, margins, priors or
+  mixture components, would each need its own sharded op).
 
   Raises:
-    ValueError: M > 1 with a head that cannot be vocabulary-parallel (not 'dense', or a dense
-      head with a sparse mapping, sigsoftmax or label smoothing), row-sparse updates or
+    ValueError: M > 1 with a head that cannot be vocabulary-parallel (not 'dense' nor 'sampled',
+      or a dense head with a sparse mapping, sigsoftmax or label smoothing), row-sparse updates or
       distillation; names config.mesh and the option.
   """
   m = model_shards(config)
@@ -208,12 +212,13 @@ def head_config(config) -> Mapping:
     return config.head
   head = dict(config.head)
   mesh = f"config.mesh={mesh_config(config)} (a 'model' axis of {m})"
-  if head.get('name') != 'dense':
-    raise ValueError(f"{mesh} needs config.head.name='dense' (vocabulary parallelism splits the "
-                     f"dense head's [d, K] kernel on the classes); got config.head.name="
-                     f"{head.get('name')!r}. Use a 'model' axis of 1 (or config.mesh=None) for "
-                     'other heads.')
-  for key, default in (('mapping', 'softmax'), ('sigsoftmax', False), ('label_smoothing', 0.0)):
+  if head.get('name') not in ('dense', 'sampled'):
+    raise ValueError(f"{mesh} needs config.head.name='dense' or 'sampled' (vocabulary parallelism "
+                     "splits the dense head's [d, K] kernel, or the sampled head's [K, d] table, "
+                     f"on the classes); got config.head.name={head.get('name')!r}. Use a 'model' "
+                     'axis of 1 (or config.mesh=None) for other heads.')
+  dense_only = (('mapping', 'softmax'), ('sigsoftmax', False), ('label_smoothing', 0.0))
+  for key, default in dense_only if head['name'] == 'dense' else ():
     if head.get(key, default) != default:
       raise ValueError(f'{mesh} cannot train config.head.name={head["name"]!r} with '
                        f'config.head.{key}={head[key]!r} (the vocab-parallel ops are the softmax '
@@ -256,12 +261,14 @@ def _dict_keys(path) -> Tuple[str, ...]:
 
 
 def head_param_specs(params) -> Dict[Tuple[str, ...], Tuple[P, tuple]]:
-  """`{path: (spec, shape)}` of the head's parameters split on 'model': the kernel `[d, K_pad]`
-  `P(None, 'model')`, the bias `[K_pad]` `P('model')` (found by path: `params['head']`)."""
+  """`{path: (spec, shape)}` of the head's parameters split on 'model': the dense kernel
+  `[d, K_pad]` `P(None, 'model')`, the sampled head's table `embedding [K, d]` `P('model', None)`
+  (its rows), the bias `[K_pad]` `P('model')` (found by path: `params['head']`)."""
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(params.get('head', {})):
     keys = ('head',) + _dict_keys(path)
-    spec = {'kernel': P(None, 'model'), 'bias': P('model')}.get(keys[-1])
+    spec = {'kernel': P(None, 'model'), 'embedding': P('model', None),
+            'bias': P('model')}.get(keys[-1])
     if spec is not None and len(spec) == np.ndim(leaf):
       out[keys] = (spec, tuple(np.shape(leaf)))
   return out
@@ -364,12 +371,13 @@ class JitDriver:
         raise ValueError(f"config.mesh={self.mesh_shape} found no head kernel or bias at "
                          "params['head'] to split on 'model'.")
       m = self.mesh_shape['model']
-      k = specs[max(specs)][1][-1]  # K_pad, the classes of the kernel and bias
+      spec, shape = specs[max(specs)]
+      k = shape[tuple(spec).index('model')]  # K_pad, the classes of the kernel (table) and bias
       if k % m:
         raise ValueError(f"config.mesh={self.mesh_shape}: the head's classes K = {k} must divide "
                          f"by the size {m} of the 'model' axis; pad them with "
-                         f'--config.head.pad_classes_to={m} (or {m * 128} on TPU), whose padded '
-                         'classes get probability 0.')
+                         f'--config.head.pad_classes_to={m} (or {m * 128} on TPU; dense head), whose '
+                         "padded classes get probability 0, or pick a 'model' axis that divides K.")
       for key in ('params', 'opt_state'):
         out[key] = jax.tree_util.tree_map_with_path(
             lambda path, x: NamedSharding(self.mesh, _spec_of(path, x, specs)), state[key])

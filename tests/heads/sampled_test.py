@@ -1,9 +1,12 @@
-"""SampledSoftmax: the head contract vs a float64 NumPy reference, sampling in training, errors."""
+"""SampledSoftmax: the head contract vs a float64 NumPy reference, sampling in training, errors;
+vocabulary parallel (under a context mesh and inside a shard_map) against the plain head."""
 
 from absl.testing import parameterized
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
@@ -240,3 +243,94 @@ def test_row_loss_equals_the_training_loss_and_its_row_gradients(loss):
   scattered = np.zeros((k, d), np.float32)
   np.add.at(scattered, ids, np.asarray(row_grad))  # repeated ids summed
   np.testing.assert_allclose(scattered, dense_grad, rtol=1e-5, atol=1e-7)
+
+
+# ---- vocabulary parallel (vocab_parallel_axis='model'), 8 fake CPU devices ----------------------
+
+
+def _vp_mesh(data, model):
+  return jax.make_mesh((data, model), ('data', 'model'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _vp_outputs(head, params, features, labels, key, prior):
+  """Training loss and its gradients, eval loss, log_prob, predict, eval_stats: one jit."""
+  def run(params):
+    def train_loss(p):
+      return head.apply({'params': p}, features, labels, train=True, rngs={'sample': key}).sum()
+    loss, grads = jax.value_and_grad(train_loss)(params)
+    apply = lambda *a, **kw: head.apply({'params': params}, *a, **kw)
+    return dict(loss=loss, grads=grads, eval_loss=apply(features, labels),
+                log_prob=apply(features, method='log_prob'),
+                predict=apply(features, method='predict'),
+                stats=apply(features, labels, method='eval_stats', temperatures=(1.0, 2.0),
+                            log_prior=prior))
+  return jax.jit(run)(params)
+
+
+@pytest.mark.parametrize('shape,loss', [((2, 4), 'sampled_softmax'), ((1, 8), 'nce')])
+def test_vocab_parallel_under_a_context_mesh_equals_the_plain_head(shape, loss):
+  """The head under `jax.set_mesh` (params placed `P('model', None)`) wraps itself in a
+  shard_map: the same training loss (same 'sample' rng) and gradients, eval loss, log_prob,
+  predict and eval_stats as the plain head; the table's gradient stays split on 'model'."""
+  mesh = _vp_mesh(*shape)
+  features, labels = _data((4, 2), seed=3)
+  labels = labels.at[0, 1].set(labels[0, 0])  # a repeated label
+  params = _params()
+  prior = jnp.asarray(np.random.default_rng(1).normal(size=K), jnp.float32)
+  key = jax.random.PRNGKey(7)
+  kw = dict(num_classes=K, num_sampled=9, loss=loss, remove_accidental_hits=True)
+  want = _vp_outputs(SampledSoftmax(**kw), params, features, labels, key, prior)
+  specs = {'embedding': P('model', None), 'bias': P('model')}
+  placed = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
+  with jax.set_mesh(mesh):
+    got = _vp_outputs(SampledSoftmax(**kw, vocab_parallel_axis='model'), placed, features,
+                      labels, key, prior)
+  assert want['loss'] > 0
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+  d_table = got['grads']['embedding']
+  assert d_table.sharding.shard_shape(d_table.shape) == (K // shape[1], D)
+
+
+def test_vocab_parallel_inside_a_shard_map():
+  """Inside `jax.shard_map` the head holds its `[K/M, d]` rows: the same training loss (the
+  'sample' key replicated) and per-shard `log_prob` columns as the plain head."""
+  mesh = _vp_mesh(2, 4)
+  features, labels = _data((8,), seed=4)
+  params = _params()
+  key = jax.random.PRNGKey(3)
+  head = SampledSoftmax(num_classes=K, num_sampled=9)
+  want_log_p = head.apply({'params': params}, features, method='log_prob')
+  vp_head = SampledSoftmax(num_classes=K, num_sampled=9, vocab_parallel_axis='model')
+
+  def f(p, x, y, key):
+    loss = vp_head.apply({'params': p}, x, y, train=True, rngs={'sample': key})
+    return loss, vp_head.apply({'params': p}, x, method='log_prob')
+
+  specs = ({'embedding': P('model', None), 'bias': P('model')}, P('data', None), P('data'), P())
+  # Each 'data' shard draws its own sample from the key (conditioned on its labels): compare the
+  # rows of each shard to the plain head on those rows.
+  loss, log_p = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=specs,
+                                      out_specs=(P('data'), P('data', 'model'))))(
+      params, features, labels, key)
+  np.testing.assert_allclose(np.asarray(log_p), np.asarray(want_log_p), rtol=1e-5, atol=1e-5)
+  for rows in (slice(0, 4), slice(4, 8)):
+    want = head.apply({'params': params}, features[rows], labels[rows], train=True,
+                      rngs={'sample': key})
+    np.testing.assert_allclose(np.asarray(loss)[rows], np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_parallel_errors():
+  features, labels = _data((8,))
+  head = SampledSoftmax(num_classes=K, num_sampled=9, vocab_parallel_axis='model')
+  params = _params()
+  with pytest.raises(ValueError, match=r'row_loss is not vocabulary-parallel'):
+    head.apply({'params': params}, features, labels, method='row_loss',
+               rngs={'sample': jax.random.PRNGKey(0)})
+  params = {'embedding': params['embedding'][:36], 'bias': params['bias'][:36]}
+  bad = SampledSoftmax(num_classes=36, num_sampled=9, vocab_parallel_axis='model')
+  with jax.set_mesh(_vp_mesh(1, 8)):
+    with pytest.raises(ValueError, match=r"num_classes K = 36 must divide by the size 8 of mesh "
+                                         r"axis 'model'"):
+      bad.apply({'params': params}, features, labels % 36, train=True,
+                rngs={'sample': jax.random.PRNGKey(0)})
