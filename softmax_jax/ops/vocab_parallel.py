@@ -654,7 +654,10 @@ def sharded_sampled_loss(mesh: Mesh, features: jax.typing.ArrayLike, table: jax.
                          labels: jax.typing.ArrayLike, sampled_values, *,
                          loss: str = 'sampled_softmax',
                          bias: Optional[jax.typing.ArrayLike] = None, data_axis: str = 'data',
-                         model_axis: str = DEFAULT_AXIS, **kwargs) -> jax.Array:
+                         model_axis: str = DEFAULT_AXIS,
+                         remove_accidental_hits: Optional[bool] = None,
+                         subtract_log_q: bool = True,
+                         ignore_index: Optional[int] = None) -> jax.Array:
   """A vocab-parallel sampled loss under `jax.shard_map` on `mesh`: per-example loss `[N]`.
 
   Specs: features `P(data_axis, None)`, table `P(model_axis, None)`, bias `P(model_axis)`,
@@ -668,8 +671,10 @@ def sharded_sampled_loss(mesh: Mesh, features: jax.typing.ArrayLike, table: jax.
     labels: [N] int in [0, K) (or `ignore_index`).
     sampled_values: as `vocab_parallel_sampled_softmax_loss` (`true_expected_count` `[N]`).
     loss: 'sampled_softmax', 'nce' or 'negative_sampling' (a key of `SAMPLED_LOSSES`).
-    bias, data_axis, model_axis: see above; `kwargs`: the loss's options
-      (`remove_accidental_hits`, `subtract_log_q`, `ignore_index`).
+    bias, data_axis, model_axis: see above.
+    remove_accidental_hits: None (the loss's default: True, False for 'nce') or a bool.
+    subtract_log_q: the log-Q correction ('sampled_softmax', 'nce'; 'negative_sampling' has none).
+    ignore_index: None or an int, see `vocab_parallel_sampled_softmax_loss`.
 
   Returns:
     [N] float32 loss, sharded over `data_axis`.
@@ -683,12 +688,17 @@ def sharded_sampled_loss(mesh: Mesh, features: jax.typing.ArrayLike, table: jax.
   _check_table(features, table, bias)
   check_mesh(mesh, table, data_axis=data_axis, model_axis=model_axis, class_axis=0, name='table')
   n, k = features.shape[0], table.shape[0]
-  sampled, ids_name, true_count, sampled_count = _sampled_values(
-      sampled_values, n, kwargs.get('subtract_log_q', loss != 'negative_sampling'))
+  log_q = subtract_log_q and loss != 'negative_sampling'
+  sampled, ids_name, true_count, sampled_count = _sampled_values(sampled_values, n, log_q)
   _checks.in_range(ids_name, sampled, k)
-  if kwargs.get('ignore_index') is None:
+  if ignore_index is None:
     _checks.in_range('labels', labels, k)
   op = SAMPLED_LOSSES[loss]
+  kwargs = dict(ignore_index=ignore_index)
+  if remove_accidental_hits is not None:
+    kwargs['remove_accidental_hits'] = remove_accidental_hits
+  if loss != 'negative_sampling':
+    kwargs['subtract_log_q'] = subtract_log_q
 
   def f(x, w, b, y, values):
     return op(x, w, y, values, bias=b, axis_name=model_axis, **kwargs)
