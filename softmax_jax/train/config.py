@@ -105,8 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = 0             # 0: all local devices; the batch sizes must divide by it
   # Vocabulary parallelism (train/parallel.py, issue 21): None, or {'data': D, 'model': M} for a
   # 2-D jit mesh of D * M devices (D = 0: the rest); the batch splits on 'data' (D divides the
-  # batch sizes), the dense head's kernel, bias and their optimizer moments on 'model'. M > 1:
-  # DenseSoftmax only (softmax mapping, no sigsoftmax, no label smoothing), jit driver only.
+  # batch sizes), the head's class-indexed parameters and their optimizer moments on 'model'.
+  # M > 1: heads 'dense' (softmax mapping, no sigsoftmax, no label smoothing) and 'sampled'; jit
+  # driver only.
   c.mesh = ml_collections.FieldReference(None, field_type=object)  # None: 1-D; --config.mesh="{'data': 2, 'model': 4}"
   c.log_every = 50
   c.eval_every = 500
