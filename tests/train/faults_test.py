@@ -262,14 +262,11 @@ def test_a_resume_on_another_mesh_is_allowed_and_other_changes_still_refused(dat
   with pytest.raises(WorkdirError, match=r'this run changes\n  config.model.hidden: \[64\] \(workdir\) '
                      r"-> \[128\] \(now\)\nIts checkpoints"):  # only the refused key is shown
     check_config(base(data_dir, mesh={'data': 1, 'model': 2}, **{'model.hidden': (128,)}), workdir)
-  # The run of 1 device resumes on a 1 x 2 mesh with the head split on 'model', and ends as its
-  # resume on 1 device does.
+  # The run of 1 device resumes on a 1 x 2 mesh with the head split on 'model', and finishes (that
+  # a resume on another mesh ends as the uninterrupted run: tests/train/multihost_test.py).
   final = train_and_evaluate(base(data_dir, num_steps=12, num_devices=2, mesh={'data': 1, 'model': 2}),
                              workdir)
-  plain = train_and_evaluate(base(data_dir, num_steps=12), shutil.copytree(finished[0], str(tmp_path / 'p')))
-  assert checkpoint_steps(workdir) == [10, 12]
-  for key, value in _eval_metrics(plain).items():
-    np.testing.assert_allclose(final[key], value, rtol=1e-5, err_msg=key)
+  assert checkpoint_steps(workdir) == [10, 12] and np.isfinite(final['test/nll'])
   with open(os.path.join(workdir, 'config_changes.jsonl')) as f:
     change = json.loads(f.readline())
   assert change['step'] == 10 and change['changes'] == {
