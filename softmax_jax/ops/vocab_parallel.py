@@ -100,6 +100,15 @@ def _local_logits(features, kernel, bias):
   return z if bias is None else z + bias.astype(acc)
 
 
+def _shard_lse(z):
+  """Logsumexp `[N]` of this shard's logits `[N, K/M]`; -inf with a zero gradient (not NaN) for
+  a row of all -inf, a shard that holds only padded classes (`pad_classes_to`). NaN propagates."""
+  m = lax.stop_gradient(z.max(axis=-1))
+  m = jnp.where(jnp.isneginf(m), 0.0, m)
+  s = jnp.exp(z - m[:, None]).sum(axis=-1)
+  return jnp.where(s > 0, m + jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
+
+
 def _global_lse(local_lse, axis_name):
   """Stable logsumexp across shards of per-shard logsumexps `[N]` (NaN propagates)."""
   m = lax.pmax(lax.stop_gradient(local_lse), axis_name)
@@ -147,6 +156,7 @@ def _fused_fwd(chunk, x, w, b, local):
 def _fused_bwd(chunk, res, cts):
   x, w, b, local, lse = res
   g_lse, g_zy = (g.astype(lse.dtype) for g in cts)
+  lse = jnp.where(jnp.isneginf(lse), 0.0, lse)  # a shard of padded classes only: p = 0, not NaN
   mm, acc = jnp.result_type(x, w), lse.dtype
 
   def put(total, start, part):
@@ -217,7 +227,7 @@ def vocab_parallel_cross_entropy(features: jax.typing.ArrayLike, kernel: jax.typ
     lse, z_y = _fused_local(min(size, kl), x, w, b, jnp.where(owner, local, -1))
   else:
     z = _local_logits(features, kernel, bias)
-    lse = jax.nn.logsumexp(z, axis=-1)
+    lse = _shard_lse(z)
     z_y = jnp.take_along_axis(z, jnp.clip(local, 0, kl - 1)[:, None], axis=-1)[:, 0]
     z_y = jnp.where(owner, z_y, 0.0)
   loss = _global_lse(lse, axis_name) - lax.psum(z_y, axis_name)
@@ -230,7 +240,7 @@ def vocab_parallel_cross_entropy(features: jax.typing.ArrayLike, kernel: jax.typ
 
 def _lse(features, kernel, bias, axis_name):
   z = _local_logits(features, kernel, bias)
-  return z, _global_lse(jax.nn.logsumexp(z, axis=-1), axis_name)
+  return z, _global_lse(_shard_lse(z), axis_name)
 
 
 def vocab_parallel_log_softmax(features: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike, *,
@@ -310,7 +320,7 @@ def _shard_stats(z, labels, local, owner, ts, axis_name):
   rank = lax.psum(jnp.sum(above, axis=-1, dtype=jnp.int32), axis_name)
   log_p, conf = [], []
   for t in ts:  # one [N, K/M] block at a time
-    lse = _global_lse(jax.nn.logsumexp(z / t, axis=-1), axis_name)
+    lse = _global_lse(_shard_lse(z / t), axis_name)
     log_p.append(z_y / t - lse)
     conf.append(jnp.exp(gmax / t - lse))
   valid = (labels >= 0) & (labels < kl * lax.axis_size(axis_name))

@@ -42,8 +42,8 @@ def _data(dtype, seed=0):
   return tuple(jnp.asarray(a, dtype) for a in (x, w, b)) + (jnp.asarray(y),)
 
 
-def _reference(x, w, b, y):
-  """float64 loss [N], dx, dw, db of sum(loss), log_softmax [N, K], argmax [N]."""
+def _reference(x, w, b, y, k=K):
+  """float64 loss [N], dx, dw, db of sum(loss), log_softmax [N, k], argmax [N] (k classes)."""
   x, w, b = (np.asarray(a, np.float64) for a in (x, w, b))
   y = np.asarray(y)
   keep = y != IGNORE
@@ -51,7 +51,7 @@ def _reference(x, w, b, y):
   log_p = z - special.logsumexp(z, axis=1, keepdims=True)
   yy = np.where(keep, y, 0)
   loss = np.where(keep, -log_p[np.arange(N), yy], 0.0)
-  dz = (np.exp(log_p) - np.eye(K)[yy]) * keep[:, None]
+  dz = (np.exp(log_p) - np.eye(k)[yy]) * keep[:, None]
   return loss, dz @ w.T, x.T @ dz, dz.sum(0), log_p, z.argmax(1)
 
 
@@ -86,6 +86,33 @@ def test_matches_unsharded(shape, dtype, fused):
   assert pred.dtype == jnp.int32
   # Each device holds its [N / D, K / M] block of the log-probabilities, never [N, K].
   assert log_p.sharding.shard_shape(log_p.shape) == (N // shape[0], K // shape[1])
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_shards_of_padded_classes_only_give_finite_gradients(fused):
+  """K = 10 real classes padded to 16 with -inf bias (`pad_classes_to`) over M = 8: shards 5-7
+  hold padded classes only. Loss and gradients equal the unpadded float64 reference; the padded
+  columns get zero gradient, never NaN (an all -inf shard's logsumexp is -inf, its gradient 0)."""
+  x, w, b, y = _data(jnp.float32, seed=3)
+  real = 10
+  y = jnp.where(y == IGNORE, IGNORE, y % real)
+  b = b.at[real:].set(-jnp.inf)
+  mesh = _mesh(1, 8)
+
+  @jax.jit
+  def run(x, w, b):
+    f = lambda x, w, b: vp.sharded_dense_loss(mesh, x, w, y, bias=b, ignore_index=IGNORE,
+                                              fused=fused, chunk_size=2).sum()
+    return jax.value_and_grad(f, (0, 1, 2))(x, w, b)
+
+  loss, (dx, dw, db) = run(x, w, b)
+  ref_loss, ref_dx, ref_dw, ref_db, _, _ = _reference(x, w[:, :real], b[:real], y, real)
+  np.testing.assert_allclose(loss, ref_loss.sum(), rtol=1e-5)
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dw[:, :real], ref_dw, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(db[:real], ref_db, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(dw[:, real:], 0)
+  np.testing.assert_array_equal(db[real:], 0)
 
 
 def test_eval_stats_ties_and_nan_rule():

@@ -10,10 +10,11 @@ mesh {'data': 4, 'model': 2} (the batch split over both processes, the dense hea
 over 2 devices of each) to the end, then digits on the 1-D mesh, where process 1 SIGKILLs itself
 at step 15 (after the checkpoint of step 10); the test then kills process 0 (a cluster manager
 restarts the whole job) and launches both again, which resume digits from step 10 on the 2-D mesh
-(config.mesh may change on resume: checkpoints hold the host state) and finish. Per-step losses
+{'data': 1, 'model': 8}, whose 'model' axis spans both processes (config.mesh may change on
+resume: checkpoints hold the host state; digits' 10 classes are padded to 16 from the start, so
+shards 5-7 hold padded classes only) and finish. Per-step losses
 (metrics.jsonl, log_every=1) and final metrics must equal the single-process runs' (PTB on the
-same 4 x 2 mesh, digits on the 1-D one, uninterrupted) up to float summation order. Not covered:
-a 'model' axis spanning processes (with 4 devices a process, only M = 8, 'data' = 1, does).
+same 4 x 2 mesh, digits on the 1-D one, uninterrupted) up to float summation order.
 """
 
 import json
@@ -31,10 +32,8 @@ KILL_AT = 15  # digits step at which process 1 kills itself in the first launch
 TIMING_KEYS = ('train_wall_s', 'per_second')
 PTB_MESH = {'data': 4, 'model': 2}  # the dense head's 10k classes split over 2 devices
 EVAL_TOKENS = 257  # of PTB's validation and test splits: 8 rows of 4 windows of 8 tokens
-# digits' resume: its 10 classes split 5 and 5. Not {'data': 1, 'model': 8}, whose 'model' axis
-# would span both processes: 10 classes padded to 16 leave shards of padding only, and a shard of
-# only padded (-inf) logits makes the vocab-parallel loss's gradient NaN (even on one process).
-RESHARDED_MESH = {'data': 4, 'model': 2}
+# digits' resume: its 16 (padded) classes over a 'model' axis that spans both processes.
+RESHARDED_MESH = {'data': 1, 'model': 8}
 
 
 def _config_module(name):
@@ -51,6 +50,7 @@ def digits_config(root, mesh=None):
   c = _config_module('digits').get_config('small').unlock()
   c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 1, 10, 10
   c.mesh = mesh
+  c.head.pad_classes_to = 8  # 10 -> 16 classes from the start, so the resume may split them 8 ways
   c.progress = False
   return c, None
 
@@ -190,7 +190,7 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(tmp_path):
   assert len(os.listdir(os.path.join(digits, 'tensorboard'))) == 2
   with open(os.path.join(digits, 'config_changes.jsonl')) as f:  # the mesh changed on resume
     assert [json.loads(line)['changes'] for line in f] == [
-        {'mesh': [None, '<absent>'], 'mesh.data': ['<absent>', 4], 'mesh.model': ['<absent>', 2]}]
+        {'mesh': [None, '<absent>'], 'mesh.data': ['<absent>', 1], 'mesh.model': ['<absent>', 8]}]
   for name in ('ptb', 'digits'):  # the references: PTB on its 4 x 2 mesh, digits on the 1-D one
     config, dataset = CONFIGS[name](root)
     reference = str(tmp_path / f'single_{name}')
