@@ -131,3 +131,32 @@ def integer_at_least(head: str, name: str, value: Optional[Any], lo: int, why: s
     why = f' ({why})' if why else ''
     raise ValueError(f'{head}: `{name}` must be an integer >= {lo}{why}; got {value!r}.')
   return int(value)
+
+
+def axis_size_or_none(axis: Optional[str]) -> Optional[int]:
+  """The size of mesh axis `axis` when called inside a shard_map over it; else None (also for
+  `axis=None`). The vocabulary-parallel heads' test for "this is one shard"."""
+  if axis is None:
+    return None
+  try:
+    return jax.lax.axis_size(axis)
+  except NameError:
+    return None
+
+
+def context_mesh(axis: Optional[str]):
+  """The mesh of the context (`jax.set_mesh`) when it has `axis` and the caller is not already
+  inside a shard_map over `axis`; else None."""
+  if axis is None or axis_size_or_none(axis) is not None:
+    return None
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or axis not in mesh.axis_names:
+    return None
+  return mesh
+
+
+def row_axes(mesh, axis: str, num_rows: int):
+  """The mesh axes other than `axis` over which `num_rows` rows split (None: replicated, when
+  there are none or they do not divide `num_rows`)."""
+  others = tuple(a for a in mesh.axis_names if a != axis)
+  return others if others and num_rows % math.prod(mesh.shape[a] for a in others) == 0 else None

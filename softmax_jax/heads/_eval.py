@@ -51,7 +51,8 @@ def check_temperatures(temperatures: Sequence[float]) -> tuple:
   return ts
 
 
-def _check_prior(log_prior, k: int):
+def check_prior(log_prior, k: int):
+  """`log_prior` as a float32 `[k]` array (None passes), or a ValueError naming it."""
   if log_prior is None:
     return None
   log_prior = jnp.asarray(log_prior)
@@ -126,7 +127,7 @@ def chunked_eval_stats(chunk: Callable[[jax.Array, int], jax.Array], labels: jax
   """
   k = int(num_classes)
   ts = check_temperatures(temperatures)
-  log_prior = _check_prior(log_prior, k)
+  log_prior = check_prior(log_prior, k)
   size = min(int(chunk_size or DEFAULT_CHUNK_SIZE), k)
   if size < 1:
     raise ValueError(f'eval_stats: `chunk_size` must be an int >= 1; got {chunk_size!r}.')
@@ -321,7 +322,7 @@ def fenchel_young_eval_stats(logits: jax.Array, labels: jax.Array, *,
   ts = check_temperatures(temperatures)
   z = jnp.asarray(logits).astype(jnp.float32)
   k = z.shape[-1]
-  log_prior = _check_prior(log_prior, k)
+  log_prior = check_prior(log_prior, k)
   labels = jnp.asarray(labels).astype(jnp.int32)
   in_range = (labels >= 0) & (labels < k)
   safe = jnp.where(in_range, labels, 0)

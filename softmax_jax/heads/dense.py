@@ -221,13 +221,8 @@ class DenseSoftmax(nn.Module):
 
   def _model_shards(self) -> Optional[int]:
     """M, the size of `vocab_parallel_axis` inside a shard_map over it; else None (plain head)."""
-    if self.vocab_parallel_axis is None:
-      return None
-    try:
-      m = lax.axis_size(self.vocab_parallel_axis)
-    except NameError:
-      return None
-    return self._check_shards(m)
+    m = _checks.axis_size_or_none(self.vocab_parallel_axis)
+    return None if m is None else self._check_shards(m)
 
   def _check_shards(self, m: int) -> int:
     """Raises unless the head can be split in M = `m` shards of classes; returns M."""
@@ -241,16 +236,6 @@ class DenseSoftmax(nn.Module):
         raise ValueError(f'{name}: vocab_parallel_axis cannot be combined with {key}='
                          f'{getattr(self, key)!r} (the vocab-parallel ops are the softmax of z).')
     return m
-
-  def _context_mesh(self):
-    """The mesh of the context (`jax.set_mesh`) when it has `vocab_parallel_axis` and the head
-    is not already inside a shard_map over that axis; else None."""
-    if self.vocab_parallel_axis is None or self._model_shards() is not None:
-      return None
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or self.vocab_parallel_axis not in mesh.axis_names:
-      return None
-    return mesh
 
   def _not_vocab_parallel(self, what: str) -> None:
     if self._model_shards() is not None:
@@ -271,7 +256,7 @@ class DenseSoftmax(nn.Module):
     The padded classes get bias -inf on the shard that holds them.
     """
     inside = self._model_shards() is not None
-    mesh = None if inside else self._context_mesh()
+    mesh = None if inside else _checks.context_mesh(self.vocab_parallel_axis)
     if not inside and mesh is None:
       return None
     axis, num_classes = self.vocab_parallel_axis, self.num_classes
@@ -293,9 +278,7 @@ class DenseSoftmax(nn.Module):
     if inside:
       return run(x, kernel, bias, y, extra)
     self._check_shards(mesh.shape[axis])
-    others = tuple(a for a in mesh.axis_names if a != axis)
-    size = math.prod(mesh.shape[a] for a in others)
-    rows = others if others and x.shape[0] % size == 0 else None
+    rows = _checks.row_axes(mesh, axis, x.shape[0])
     specs = (P(rows, None), P(None, axis), None if bias is None else P(axis),
              None if y is None else P(rows), None if extra is None else P(axis))
     out = P(rows, axis) if columns else P(rows)
@@ -337,7 +320,7 @@ class DenseSoftmax(nn.Module):
                                                    num_classes=self.num_classes)
     smoothing = self.label_smoothing if train else 0.0
     if self.vocab_parallel_axis is not None and smoothing and (
-        self._model_shards() is not None or self._context_mesh() is not None):
+        self._model_shards() is not None or _checks.context_mesh(self.vocab_parallel_axis) is not None):
       raise ValueError(f'{type(self).__name__}: vocab_parallel_axis does not take label_smoothing '
                        f'(got {smoothing}) yet; set config.head.label_smoothing=0.')
     loss = self._vocab_parallel(
@@ -512,13 +495,9 @@ class DenseSoftmax(nn.Module):
     features, labels = _checks.features_and_labels(type(self).__name__, features, labels,
                                                    num_classes=self.num_classes)
     ts = _eval.check_temperatures(temperatures)
-    prior = None
-    if log_prior is not None:
-      prior = jnp.asarray(log_prior)
-      if prior.shape != (self.num_classes,) or not jnp.issubdtype(prior.dtype, jnp.floating):
-        raise ValueError(f'eval_stats: `log_prior` must be a [num_classes] = ({self.num_classes},) '
-                         f'float array; got shape {prior.shape} and dtype {prior.dtype}.')
-      prior = jnp.pad(prior.astype(jnp.float32), (0, self.padded_num_classes - self.num_classes))
+    prior = _eval.check_prior(log_prior, self.num_classes)
+    if prior is not None:
+      prior = jnp.pad(prior, (0, self.padded_num_classes - self.num_classes))
     stats = self._vocab_parallel(
         features, lambda x, w, b, y, p: vp_ops.vocab_parallel_eval_stats(
             x, w, y, bias=b, axis_name=self.vocab_parallel_axis, temperatures=ts, log_prior=p),

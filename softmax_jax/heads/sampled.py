@@ -31,7 +31,6 @@ rows would change the samplers). `logits` is not vocab-parallel (it raises insid
 nor `row_loss` (row-sparse updates of a sharded table: it raises whenever the axis is set).
 """
 
-import math
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -130,13 +129,8 @@ class SampledSoftmax(nn.Module):
 
   def _model_shards(self) -> Optional[int]:
     """M, the size of `vocab_parallel_axis` inside a shard_map over it; else None (plain head)."""
-    if self.vocab_parallel_axis is None:
-      return None
-    try:
-      m = lax.axis_size(self.vocab_parallel_axis)
-    except NameError:
-      return None
-    return self._check_shards(m)
+    m = _checks.axis_size_or_none(self.vocab_parallel_axis)
+    return None if m is None else self._check_shards(m)
 
   def _check_shards(self, m: int) -> int:
     if self.num_classes % m:
@@ -145,16 +139,6 @@ class SampledSoftmax(nn.Module):
                        '(vocab_parallel_axis); the sampled head has no class padding (padded rows '
                        'would change the samplers): choose a model axis that divides K.')
     return m
-
-  def _context_mesh(self):
-    """The context mesh (`jax.set_mesh`) when it has `vocab_parallel_axis` and the head is not
-    already inside a shard_map over that axis; else None."""
-    if self.vocab_parallel_axis is None or self._model_shards() is not None:
-      return None
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or self.vocab_parallel_axis not in mesh.axis_names:
-      return None
-    return mesh
 
   def _vocab_parallel(self, features, op, *, labels=None, per_row=None, shared=None,
                       per_class=None, columns: bool = False):
@@ -169,7 +153,7 @@ class SampledSoftmax(nn.Module):
     the rows (`columns=True`: `[N, K]`, `P(rows, axis)`).
     """
     inside = self._model_shards() is not None
-    mesh = None if inside else self._context_mesh()
+    mesh = None if inside else _checks.context_mesh(self.vocab_parallel_axis)
     if not inside and mesh is None:
       return None
     axis = self.vocab_parallel_axis
@@ -188,8 +172,7 @@ class SampledSoftmax(nn.Module):
     if inside:
       return run(*args)
     self._check_shards(mesh.shape[axis])
-    others = tuple(a for a in mesh.axis_names if a != axis)
-    rows = others if others and x.shape[0] % math.prod(mesh.shape[a] for a in others) == 0 else None
+    rows = _checks.row_axes(mesh, axis, x.shape[0])
     like = lambda tree, spec: jax.tree.map(lambda _: spec, tree)
     specs = (P(rows, None), P(axis, None), None if bias is None else P(axis),
              None if y is None else P(rows), like(per_row, P(rows)), like(shared, P()),
@@ -342,13 +325,7 @@ class SampledSoftmax(nn.Module):
                                                    num_classes=self.num_classes)
     if self.vocab_parallel_axis is not None:
       ts = _eval.check_temperatures(temperatures)
-      prior = None
-      if log_prior is not None:
-        prior = jnp.asarray(log_prior)
-        if prior.shape != (self.num_classes,) or not jnp.issubdtype(prior.dtype, jnp.floating):
-          raise ValueError(f'eval_stats: `log_prior` must be a [num_classes] = ({self.num_classes},'
-                           f') float array; got shape {prior.shape} and dtype {prior.dtype}.')
-        prior = prior.astype(jnp.float32)
+      prior = _eval.check_prior(log_prior, self.num_classes)
       stats = self._vocab_parallel(
           features, lambda x, t, b, y, _, __, p: vp_ops.vocab_parallel_eval_stats(
               x, t.T, y, bias=b, axis_name=self.vocab_parallel_axis, temperatures=ts,
