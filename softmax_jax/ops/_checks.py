@@ -215,3 +215,33 @@ def static_int(name: str, value, low: int, high: Optional[int] = None, high_name
   if v < low or (high is not None and v > high):
     raise ArgumentError(f'`{name}` must be {need}; got {v}.')
   return v
+
+
+def sampled_values(sampled_values, lead_shape, log_q):
+  """A sampler's output for labels of shape `lead_shape`, checked: `(sampled [S] int, its name
+  in messages, true_expected_count (broadcastable to lead_shape) or None, sampled_expected_count
+  [S] or None)`; the counts are required (and returned) only with `log_q`."""
+  triple = sampled_values if isinstance(sampled_values, (tuple, list)) else (sampled_values,)
+  if len(triple) not in (1, 3):
+    raise ArgumentError(
+        "`sampled_values` must be a sampler's (sampled, true_expected_count, "
+        f'sampled_expected_count) or the sampled ids [S] alone; got {len(triple)} items.')
+  sampled, true_count, sampled_count = (*triple, None, None)[:3]
+  name = 'sampled_values.sampled' if len(triple) == 3 else 'sampled_values'
+  sampled = jnp.asarray(sampled)
+  rank(sampled, 1, name, '[S]')
+  dtype(sampled, int, name, 'be integer class ids')
+  if not log_q:
+    return sampled, name, None, None
+  if true_count is None or sampled_count is None:
+    raise ArgumentError(
+        '`sampled_values` must hold the expected counts, (sampled, true_expected_count, '
+        'sampled_expected_count) from a sampler called with true_classes=labels (or pass '
+        'subtract_log_q=False); got no expected counts.')
+  true_count, sampled_count = jnp.asarray(true_count), jnp.asarray(sampled_count)
+  shape(sampled_count, sampled.shape, 'sampled_values.sampled_expected_count',
+        'sampled_values.sampled.shape')
+  dtype(sampled_count, float, 'sampled_values.sampled_expected_count', 'be float')
+  broadcastable(true_count, tuple(lead_shape), 'sampled_values.true_expected_count', 'labels')
+  dtype(true_count, float, 'sampled_values.true_expected_count', 'be float')
+  return sampled, name, true_count, sampled_count

@@ -397,14 +397,7 @@ def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits,
   `gathered_from=K`: `kernel` [N + S, d] (and `bias` [N + S]) are the rows already gathered from
   a K-class table, the labels' (in `labels.reshape(-1)` order) then the samples'; they are sliced,
   not gathered, so the gradient w.r.t. `kernel` is one row per read (no scatter)."""
-  triple = sampled_values if isinstance(sampled_values, (tuple, list)) else (sampled_values,)
-  if len(triple) not in (1, 3):
-    raise _checks.ArgumentError(
-        '`sampled_values` must be a sampler\'s (sampled, true_expected_count, '
-        f'sampled_expected_count) or the sampled ids [S] alone; got {len(triple)} items.')
-  sampled, true_count, sampled_count = (*triple, None, None)[:3]
-  ids_name = 'sampled_values.sampled' if len(triple) == 3 else 'sampled_values'
-  features, kernel, sampled = jnp.asarray(features), jnp.asarray(kernel), jnp.asarray(sampled)
+  features, kernel = jnp.asarray(features), jnp.asarray(kernel)
   gathered = gathered_from is not None
   _checks.rank(kernel, 2, 'kernel', '[N + S, d] gathered rows' if gathered else '[num_classes, d]')
   _checks.dtype(kernel, float, 'kernel', 'be a float array')
@@ -419,8 +412,7 @@ def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits,
   _checks.dtype(features, float, 'features', 'be a float array')
   lead = features.shape[:-1]
   labels, ignored = _checks.labels_or_ignored(labels, k, lead, ignore_index, 'features')
-  _checks.rank(sampled, 1, ids_name, '[S]')
-  _checks.dtype(sampled, int, ids_name, 'be integer class ids')
+  sampled, ids_name, true_count, sampled_count = _checks.sampled_values(sampled_values, lead, log_q)
   _checks.in_range(ids_name, sampled, k)
   rows = int(np.prod(lead, dtype=np.int64)) + sampled.shape[0]
   if gathered:
@@ -431,18 +423,6 @@ def _sampled_logits(features, kernel, labels, sampled_values, bias, remove_hits,
     _checks.shape(bias, (rows,) if gathered else (k,), 'bias',
                   '[N + S] (gathered_from)' if gathered else '[num_classes]')
     _checks.dtype(bias, float, 'bias', 'be a float array')
-  if log_q:
-    if true_count is None or sampled_count is None:
-      raise _checks.ArgumentError(
-          '`sampled_values` must hold the expected counts, (sampled, true_expected_count, '
-          'sampled_expected_count) from a sampler called with true_classes=labels (or pass '
-          'subtract_log_q=False); got no expected counts.')
-    true_count, sampled_count = jnp.asarray(true_count), jnp.asarray(sampled_count)
-    _checks.shape(sampled_count, sampled.shape, 'sampled_values.sampled_expected_count',
-                  'sampled_values.sampled.shape')
-    _checks.dtype(sampled_count, float, 'sampled_values.sampled_expected_count', 'be float')
-    _checks.broadcastable(true_count, lead, 'sampled_values.true_expected_count', 'labels')
-    _checks.dtype(true_count, float, 'sampled_values.true_expected_count', 'be float')
   acc = jnp.promote_types(jnp.result_type(features, kernel), jnp.float32)
   x, y = features.reshape(-1, d), labels.reshape(-1)
   in_range = (y >= 0) & (y < k)

@@ -59,6 +59,13 @@ from softmax_jax.ops.softmax import logsumexp
 DEFAULT_AXIS = 'model'
 
 
+def _sampled_values_n(sampled_values, n, log_q):
+  """`_checks.sampled_values` with the true counts broadcast to `[n]`."""
+  sampled, name, true_count, sampled_count = _checks.sampled_values(sampled_values, (n,), log_q)
+  return sampled, name, None if true_count is None else jnp.broadcast_to(true_count, (n,)), \
+      sampled_count
+
+
 def _check(features, kernel, bias, name='features'):
   _checks.rank(features, 2, name, '[N, d]')
   _checks.dtype(features, float, name, 'be floating')
@@ -391,34 +398,6 @@ def _check_table(features, table, bias):
     _checks.dtype(bias, float, 'bias', 'be floating')
 
 
-def _sampled_values(sampled_values, n, log_q):
-  """(sampled [S] int, true_count [N] float or None, sampled_count [S] float or None), checked."""
-  triple = sampled_values if isinstance(sampled_values, (tuple, list)) else (sampled_values,)
-  if len(triple) not in (1, 3):
-    raise _checks.ArgumentError(
-        "`sampled_values` must be a sampler's (sampled, true_expected_count, "
-        f'sampled_expected_count) or the sampled ids [S] alone; got {len(triple)} items.')
-  sampled, true_count, sampled_count = (*triple, None, None)[:3]
-  name = 'sampled_values.sampled' if len(triple) == 3 else 'sampled_values'
-  sampled = jnp.asarray(sampled)
-  _checks.rank(sampled, 1, name, '[S]')
-  _checks.dtype(sampled, int, name, 'be integer class ids')
-  if not log_q:
-    return sampled, name, None, None
-  if true_count is None or sampled_count is None:
-    raise _checks.ArgumentError(
-        '`sampled_values` must hold the expected counts, (sampled, true_expected_count, '
-        'sampled_expected_count) from a sampler called with true_classes=labels (or pass '
-        'subtract_log_q=False); got no expected counts.')
-  true_count, sampled_count = jnp.asarray(true_count), jnp.asarray(sampled_count)
-  _checks.shape(sampled_count, sampled.shape, 'sampled_values.sampled_expected_count',
-                'sampled_values.sampled.shape')
-  _checks.dtype(sampled_count, float, 'sampled_values.sampled_expected_count', 'be float')
-  _checks.broadcastable(true_count, (n,), 'sampled_values.true_expected_count', 'labels')
-  _checks.dtype(true_count, float, 'sampled_values.true_expected_count', 'be float')
-  return sampled, name, jnp.broadcast_to(true_count, (n,)), sampled_count
-
-
 def _sampled_local(features, table, labels, sampled_values, bias, remove_hits, log_q,
                    ignore_index, axis_name):
   """Checks; returns `z_true [N]` (the label logits, whole: a psum from their owning shards),
@@ -430,7 +409,7 @@ def _sampled_local(features, table, labels, sampled_values, bias, remove_hits, l
   n, kl = features.shape[0], table.shape[0]
   k = kl * m
   labels, ignored = _checks.labels_or_ignored(labels, k, (n,), ignore_index, 'features')
-  sampled, ids_name, true_count, sampled_count = _sampled_values(sampled_values, n, log_q)
+  sampled, ids_name, true_count, sampled_count = _sampled_values_n(sampled_values, n, log_q)
   _checks.in_range(ids_name, sampled, k)
   acc, dt = _stream.acc_dtype(features, table), jnp.result_type(features, table)
   x, in_range = features.astype(dt), (labels >= 0) & (labels < k)
@@ -699,7 +678,7 @@ def sharded_sampled_loss(mesh: Mesh, features: jax.typing.ArrayLike, table: jax.
   check_mesh(mesh, table, data_axis=data_axis, model_axis=model_axis, class_axis=0, name='table')
   n, k = features.shape[0], table.shape[0]
   log_q = subtract_log_q and loss != 'negative_sampling'
-  sampled, ids_name, true_count, sampled_count = _sampled_values(sampled_values, n, log_q)
+  sampled, ids_name, true_count, sampled_count = _sampled_values_n(sampled_values, n, log_q)
   _checks.in_range(ids_name, sampled, k)
   if ignore_index is None:
     _checks.in_range('labels', labels, k)
