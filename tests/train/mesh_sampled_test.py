@@ -9,7 +9,6 @@ not divide V is a named error; the compiled train and evaluation steps of an LM 
 hold neither the full `[V, d]` table nor any array with V columns on a device.
 """
 
-import functools
 import re
 
 import jax
@@ -17,13 +16,11 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from softmax_jax.data.text import TextDataset, lm_eval_batches
-from softmax_jax.train import language_model, train_and_evaluate
-from softmax_jax.train.parallel import JitDriver
-from softmax_jax.train.state import make_optimizer
+from softmax_jax.data.text import TextDataset
+from softmax_jax.train import train_and_evaluate
 from tests.train.lm_test import V, markov_dataset
 from tests.train.lm_test import small_config as lm_config
-from tests.train.mesh_test import Recorder, losses
+from tests.train.mesh_test import Recorder, compiled_lm_steps, losses
 
 MESH = {'data': 2, 'model': 4}
 HEAD = dict(name='sampled', num_sampled=6, sampler='log_uniform')
@@ -75,25 +72,8 @@ def test_no_device_holds_the_full_table_or_logits():
   2 x 4 mesh: no array of a device is the `[V, d]` table or has V columns (the backbone's input
   embedding `[V, 16]` is replicated, d = 32 differs); the table's shards `[V / 4, d]` are there."""
   v, d = 8192, 32
-  stream = np.random.default_rng(0).integers(0, v, 2000).astype(np.int32)
-  data = TextDataset(name='ptb', vocab=tuple(f'w{i}' for i in range(v)),
-                     counts=np.bincount(stream[:1500], minlength=v).astype(np.int64),
-                     splits={'train': stream[:1500], 'validation': stream[1500:], 'test': stream[1500:]})
-  config = lm_config(num_devices=8, mesh=MESH)
-  config.head = dict(HEAD, num_sampled=64)
-  task = language_model.LanguageModelTask(config, data)
-  schedule, tx = make_optimizer(config.optimizer, config.num_steps)
-  driver = JitDriver(task, tx, schedule, 8)
-  state = driver.put_state(task.init_state(tx))
+  texts, state = compiled_lm_steps(v, dict(HEAD, num_sampled=64))
   assert state['params']['head']['embedding'].shape == (v, d)
-  fn = functools.partial(language_model.eval_step, model=task.model)
-  batch = next(iter(lm_eval_batches(data.splits['validation'], 8, 8)))
-  carry = task.model.initial_carry(8)
-  driver.evaluate(fn, state, [batch], carry=carry)  # builds the evaluation's jit
-  with jax.set_mesh(driver.mesh):
-    texts = {'train': driver._step.lower(state, None, next(iter(task.train_batches(0)))),
-             'eval': driver._eval_fns[fn].lower(driver.variables(state), carry, batch)}
-    texts = {k: lowered.compile().as_text() for k, lowered in texts.items()}
   for name, text in texts.items():
     full = [line.strip()[:200] for line in text.splitlines()
             if re.search(rf'\[[0-9,]*,{v}\]|\[{v},{d}\]', line)]

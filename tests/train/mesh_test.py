@@ -178,16 +178,16 @@ def test_language_model_task_builds_the_vocab_parallel_head():
   assert plain.model.head.vocab_parallel_axis is None
 
 
-def test_no_device_holds_the_full_kernel_or_logits():
-  """The compiled (SPMD-partitioned) train and evaluation steps of an LM with V = 8192 on the
-  2 x 4 mesh: no array of a device has V columns (the input embedding `[V, 16]` is the
-  backbone's, replicated); the head's shards `[..., V / 4]` are there."""
-  v = 8192
+def compiled_lm_steps(v, head=None):
+  """The compiled (SPMD-partitioned) HLO texts `{'train', 'eval'}` of an LM with vocabulary `v`
+  on the 2 x 4 mesh (`head`: config.head, default the small config's dense head), and its state."""
   stream = np.random.default_rng(0).integers(0, v, 2000).astype(np.int32)
   data = TextDataset(name='ptb', vocab=tuple(f'w{i}' for i in range(v)),
                      counts=np.bincount(stream[:1500], minlength=v).astype(np.int64),
                      splits={'train': stream[:1500], 'validation': stream[1500:], 'test': stream[1500:]})
   config = lm_config(num_devices=8, mesh=MESH)
+  if head is not None:
+    config.head = head
   task = language_model.LanguageModelTask(config, data)
   schedule, tx = make_optimizer(config.optimizer, config.num_steps)
   driver = JitDriver(task, tx, schedule, 8)
@@ -199,7 +199,15 @@ def test_no_device_holds_the_full_kernel_or_logits():
   with jax.set_mesh(driver.mesh):
     texts = {'train': driver._step.lower(state, None, next(iter(task.train_batches(0)))),
              'eval': driver._eval_fns[fn].lower(driver.variables(state), carry, batch)}
-    texts = {k: lowered.compile().as_text() for k, lowered in texts.items()}
+    return {k: lowered.compile().as_text() for k, lowered in texts.items()}, state
+
+
+def test_no_device_holds_the_full_kernel_or_logits():
+  """The compiled (SPMD-partitioned) train and evaluation steps of an LM with V = 8192 on the
+  2 x 4 mesh: no array of a device has V columns (the input embedding `[V, 16]` is the
+  backbone's, replicated); the head's shards `[..., V / 4]` are there."""
+  v = 8192
+  texts, _ = compiled_lm_steps(v)
   for name, text in texts.items():
     full = [line.strip()[:200] for line in text.splitlines() if re.search(rf'\[[0-9,]*,{v}\]', line)]
     assert not full, (name, full[:3])
