@@ -614,3 +614,24 @@ class SampledLossVariantsTest(chex.TestCase):
       np.testing.assert_allclose(per_key[i], _jit(one)(keys[i], x[i], w, b, y[i]), rtol=1e-6)
       np.testing.assert_allclose(per_key[i], ref(x[i], w, b, y[i], *values, remove, log_q),
                                  rtol=2e-5, atol=1e-5)
+
+
+class GatheredRowsVariantsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True, with_device=True)
+  @parameterized.parameters(*LOSSES)
+  def test_gathered_rows_equal_the_table_under_each_variant(self, name):
+    """`gathered_from=K` (the row-sparse path) under jit, without jit and with device inputs:
+    the loss and the features' gradient equal the table's, and a NaN feature is NaN for its own
+    example only."""
+    op = LOSSES[name][0]
+    x, w, b, y, sv = _case((5,), seed=11)  # y[0] is an accidental hit
+    ids = jnp.concatenate([y, sv[0]])
+    table = lambda x: op(x, w, y, sv, bias=b)
+    rows = lambda x, r, c: op(x, r, y, sv, bias=c, gathered_from=K)
+    np.testing.assert_allclose(self.variant(rows)(x, w[ids], b[ids]), table(x), rtol=1e-6)
+    grad_rows = self.variant(jax.grad(lambda x, r, c: rows(x, r, c).sum()))(x, w[ids], b[ids])
+    np.testing.assert_allclose(grad_rows, jax.grad(lambda x: table(x).sum())(x), rtol=1e-5,
+                               atol=1e-7)
+    out = self.variant(rows)(x.at[2, 1].set(jnp.nan), w[ids], b[ids])
+    assert np.isnan(out[2]) and np.isfinite(np.delete(np.asarray(out), 2)).all()
