@@ -103,6 +103,13 @@ CONFIGS = [  # (num_classes, cutoffs, div_value, d, lead shape, head_bias)
 ]
 
 
+# The routed path on a two-rung ladder (0, N/2, N): each tail's switch compiles 2 streamed losses
+# instead of the default ladder's 9, so a test compiles in a third of the time. The default ladder
+# is exercised by test_routed_loss_and_grads_equal_full, test_label_cases_hit_every_rung and
+# the first PyTorch config.
+SHORT = (0.5,)
+
+
 @pytest.mark.parametrize('config', CONFIGS)
 def test_matches_pytorch_reference(config):
   k, cutoffs, div, d, lead, with_bias = config
@@ -115,7 +122,9 @@ def test_matches_pytorch_reference(config):
   xf, hf, tf, bf = _f32(x, head, tails, bias)
   kw = dict(cutoffs=cutoffs, head_bias=bf)
   log_prob = jax.jit(lambda x: A.adaptive_log_softmax(x, hf, tf, **kw))(xf)
-  loss = jax.jit(lambda x, y: A.adaptive_softmax_loss(x, y, hf, tf, **kw))(xf, jnp.asarray(y))
+  ladder = A.DEFAULT_CAPACITY_FRACTIONS if config == CONFIGS[0] else SHORT
+  loss = jax.jit(lambda x, y: A.adaptive_softmax_loss(x, y, hf, tf, capacity_fractions=ladder, **kw))(
+      xf, jnp.asarray(y))
   pred = jax.jit(lambda x: A.adaptive_predict(x, hf, tf, **kw))(xf)
   assert log_prob.shape == lead + (k,) and loss.shape == lead and pred.shape == lead
   assert loss.dtype == jnp.float32 and pred.dtype == jnp.int32
@@ -239,7 +248,8 @@ class AdaptiveVariantsTest(chex.TestCase):
     ref = _ref(k, cutoffs, head, tails, bias)
     xf, hf, tf, bf = _f32(x, head, tails, bias)
     kw = dict(cutoffs=cutoffs, head_bias=bf)
-    loss = self.variant(lambda x, y: A.adaptive_softmax_loss(x, y, hf, tf, **kw))(xf, y)
+    loss = self.variant(lambda x, y: A.adaptive_softmax_loss(x, y, hf, tf, capacity_fractions=SHORT,
+                                                             **kw))(xf, y)
     log_prob = self.variant(lambda x: A.adaptive_log_softmax(x, hf, tf, **kw))(xf)
     pred = self.variant(lambda x: A.adaptive_predict(x, hf, tf, **kw))(xf)
     chex.assert_shape((loss, pred), lead)
@@ -264,7 +274,8 @@ BLOCK_COUNTS = [LABEL_CASES['one_each'], LABEL_CASES['mixed_large'], LABEL_CASES
 
 
 def _loss_fn(head, tails, bias=None):
-  return lambda x, y: A.adaptive_softmax_loss(x, y, head, tails, cutoffs=CUTOFFS, head_bias=bias)
+  return lambda x, y: A.adaptive_softmax_loss(x, y, head, tails, cutoffs=CUTOFFS, head_bias=bias,
+                                              capacity_fractions=SHORT)
 
 
 def test_vmap_keeps_the_routing_and_equals_the_batched_call():
@@ -317,8 +328,9 @@ def test_bfloat16_features_accumulate_in_float32():
   head, tails, _ = _f32(*_params(rng, 32, K, CUTOFFS, 2.0))
   x = jnp.asarray(rng.normal(size=(N, 32)), jnp.float32)
   y = jnp.asarray(_labels((10, 10, 10), 1))
-  out32 = A.adaptive_softmax_loss(x, y, head, tails, cutoffs=CUTOFFS)
-  out16 = A.adaptive_softmax_loss(x.astype(jnp.bfloat16), y, head, tails, cutoffs=CUTOFFS)
+  out32 = A.adaptive_softmax_loss(x, y, head, tails, cutoffs=CUTOFFS, capacity_fractions=SHORT)
+  out16 = A.adaptive_softmax_loss(x.astype(jnp.bfloat16), y, head, tails, cutoffs=CUTOFFS,
+                                  capacity_fractions=SHORT)
   lp16 = A.adaptive_log_softmax(x.astype(jnp.bfloat16), head, tails, cutoffs=CUTOFFS)
   assert out16.dtype == jnp.float32 and lp16.dtype == jnp.float32
   assert np.isfinite(out16).all()
