@@ -129,7 +129,9 @@ def _launch(root, tasks, *, kill_at=0, timeout_s=120):
   """Runs 2 worker processes x 4 devices; returns their (returncode, output). Process 1 gets
   `kill_at`; once it has died of SIGKILL, process 0 is killed too. Both are killed on a timeout."""
   # A compilation cache shared by the launches: the restart compiles nothing the first one did.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  level = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'optimization_level' in f]  # conftest's
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=' '.join(['--xla_force_host_platform_device_count=4'] + level),
              PYTHONUNBUFFERED='1', JAX_COMPILATION_CACHE_DIR=os.path.join(root, 'xla_cache'),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
