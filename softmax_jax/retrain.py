@@ -138,13 +138,7 @@ def balance_features(features: np.ndarray, labels: np.ndarray, *, sampling: str,
   if sampling == 'class':
     from imblearn.over_sampling import RandomOverSampler  # pylint: disable=g-import-not-at-top (sklearn)
     return _cast(RandomOverSampler(random_state=seed).fit_resample(x, y))
-  short = np.flatnonzero((counts > 0) & (counts < target) & (counts < k + 1))
-  if len(short):
-    c = int(short[0])
-    raise ValueError(
-        f'SMOTE with k_neighbors={k} needs at least k + 1 = {k + 1} examples in every class it '
-        f'grows; class {c} has {counts[c]} (class counts {counts.tolist()}). Lower k_neighbors to at '
-        f'most {counts[short].min() - 1}.')
+  data_lib.smote.check_class_sizes(counts, k)
   from imblearn.over_sampling import SMOTE  # pylint: disable=g-import-not-at-top (imports sklearn)
   return _cast(SMOTE(k_neighbors=k, random_state=seed).fit_resample(x, y))
 

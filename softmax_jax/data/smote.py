@@ -15,6 +15,27 @@ from absl import logging
 import numpy as np
 
 
+def check_class_sizes(counts, k: int, *, setting: str = 'k_neighbors', also: str = '') -> None:
+  """Raises ValueError unless every class SMOTE grows has k + 1 examples (k neighbours besides itself).
+
+  Args:
+    counts: `[K]` examples per class; SMOTE grows every non-empty class below the largest.
+    k: the neighbours SMOTE interpolates towards.
+    setting: the name of the option that sets k, named in the error with the value to lower it to.
+    also: words appended to that advice (e.g. 'or the imbalance ratio').
+  """
+  counts = np.asarray(counts)
+  target = counts.max() if counts.size else 0
+  short = np.flatnonzero((counts > 0) & (counts < target) & (counts < k + 1))
+  if len(short):
+    c = int(short[0])
+    named = '' if setting == 'k_neighbors' else f' ({setting})'
+    raise ValueError(
+        f'SMOTE with k_neighbors={k}{named} needs at least k + 1 = {k + 1} examples in every class '
+        f'it grows; class {c} has {counts[c]} (class counts {counts.tolist()}). Lower {setting} to '
+        f'at most {counts[short].min() - 1}{" " + also if also else ""}.')
+
+
 def smote_dataset(dataset: Any, *, k_neighbors: int = 5, seed: int = 0) -> Any:
   """A copy of `dataset` whose train split is balanced by SMOTE (`imblearn.over_sampling.SMOTE`).
 
@@ -56,14 +77,7 @@ def smote_dataset(dataset: Any, *, k_neighbors: int = 5, seed: int = 0) -> Any:
   images, labels = train.images[:n_real], train.labels[:n_real]
   counts = np.bincount(labels, minlength=dataset.num_classes)
   target = counts.max()
-  short = np.flatnonzero((counts > 0) & (counts < target) & (counts < k + 1))
-  if len(short):
-    c = int(short[0])
-    raise ValueError(
-        f'SMOTE with k_neighbors={k} (config.data.smote_neighbors) needs at least k + 1 = {k + 1} '
-        f'training examples in every class it oversamples; class {c} has {counts[c]} (class counts '
-        f'{counts.tolist()}). Lower config.data.smote_neighbors to at most {counts[short].min() - 1} '
-        f'or the imbalance ratio.')
+  check_class_sizes(counts, k, setting='config.data.smote_neighbors', also='or the imbalance ratio')
   shape = images.shape[1:]
   x = dataset.normalize(images).reshape(n_real, -1)  # float32, what the model sees
   if (counts[counts > 0] == target).all():
