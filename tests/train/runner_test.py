@@ -3,6 +3,7 @@
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -261,3 +262,17 @@ def test_the_final_row_writes_no_tag_the_last_log_step_wrote(monkeypatch):
   row = final_row(dict(timing, **{'test/accuracy': 0.5}), 'tokens_per_second')
   assert not last & set(row)  # two values of one tag at one step, before loop.final_row
   assert row['train/steady_tokens_per_second'] == timing['train/tokens_per_second']
+
+
+def test_stacked_window_metrics_keep_every_step_in_order_with_few_compiles():
+  runner._stack_jit.clear_cache()
+  for n in (1, 2, 3, 31, 32, 33, 70, 100):
+    steps = [{'loss': jnp.float32(i), 'packed': jnp.array([i, -i], jnp.float32)} for i in range(n)]
+    steps[n // 2] = {'loss': jnp.float32(np.nan), 'packed': steps[n // 2]['packed']}
+    fetched = runner._unstack(jax.device_get(runner._stack(steps)))
+    expected = np.arange(n, dtype=np.float32)
+    expected[n // 2] = np.nan
+    np.testing.assert_array_equal(fetched['loss'], expected)  # NaN stays at its own step
+    np.testing.assert_array_equal(fetched['packed'], np.stack([np.arange(n), -np.arange(n)], 1))
+  # group sizes 1, 2, 4, 8 (70 = 2 * 32 + 6) and 32: five compiles, not one per window length
+  assert runner._stack_jit._cache_size() <= 5
