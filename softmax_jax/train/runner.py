@@ -4,8 +4,8 @@ The hot path never talks to the host: every step is dispatched without waiting f
 one, its metrics stay on device, and the next batch is put on the devices while a step runs
 (`prefetch_to_device`). Only the steps that log, evaluate or checkpoint (or are interrupted) sync:
 one `jax.device_get` reads the metrics of every step since the last sync (stacked on device, 32
-steps to an array: `_stack`) and a one-scalar finiteness probe of the whole train state; each step's loss and
-gradient norm are checked for NaN or inf, and a non-finite probe is traced to the arrays that hold
+steps to an array: `_stack`) and a one-scalar finiteness probe of the whole train state; each
+step's loss and gradient norm are checked for NaN or inf, and a non-finite probe is traced to the arrays that hold
 it (`chex.assert_tree_all_finite` on a per-leaf probe), so no checkpoint holds NaN. A failure names
 the first step whose loss or gradient norm is not finite (or, if only the state check saw it, the
 range of steps since the state was last seen finite) and the newest checkpoint, which is verified
@@ -82,8 +82,8 @@ def _stack(metrics):
 
   Stacking the whole window in one jitted call compiled anew for every window length: 330 ms
   for 300 steps on one Zen 3 core, paid inside the timed loop at the first log (WORKSPACE,
-  issue 15). Fixed group sizes compile at most log2(STACK_GROUP) + 1 small functions a run,
-  and a window costs ceil(n / STACK_GROUP) transfers instead of n.
+  issue 15). Fixed group sizes compile at most log2(STACK_GROUP) + 1 small functions a run;
+  the price is ceil(n / STACK_GROUP) arrays in the sync's one fetch instead of one.
   """
   n = len(metrics)
   if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(metrics)):
