@@ -78,6 +78,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from softmax_jax.train.step import train_step
 
+# A bound on the computations a loop dispatches ahead. XLA:CPU's client lets a device hold 32
+# computations in flight; a multi-device launch past that parks a thread of the client's
+# pool (as many threads as devices on a small machine) until one ends, and when the one to end is a step whose all-reduce still waits
+# for its last device's thread, the run deadlocks (XLA aborts it after 60 s: "Termination
+# timeout for all reduce"). 31 steps ahead never deadlocked, 32 always (WORKSPACE, CI: the
+# deadlock). The training and evaluation loops wait every IN_FLIGHT launches for the one
+# IN_FLIGHT before, so fewer than 2 * IN_FLIGHT are ever in flight.
+IN_FLIGHT = 8
+
+
+def bound_in_flight(outputs: List) -> None:
+  """Call after appending each launch's output to `outputs`: every `IN_FLIGHT` launches, waits
+  until the one `IN_FLIGHT` back is done (a wait, not a transfer: the hot path stays free of
+  reads), keeping fewer than `2 * IN_FLIGHT` in flight."""
+  n = len(outputs)
+  if n > IN_FLIGHT and n % IN_FLIGHT == 0:
+    jax.block_until_ready(outputs[n - IN_FLIGHT - 1])
+
 
 def local_devices(num_devices: int):
   """The first `num_devices` local devices (0: all), or a ValueError naming config.num_devices."""
@@ -438,9 +456,10 @@ class JitDriver:
     """Host copies of `fn(variables, carry, batch) -> (out, carry)` over `batches`, in order.
 
     `out` is split on the data axis like the batch (per-example statistics, never `[N, K]`);
-    `carry` (None, or per-row state threaded through the pass) likewise. The pass dispatches
-    every batch before reading anything back: one `jax.device_get` at the end (multi-process:
-    one `process_allgather`, so every process gets every example's statistics, once).
+    `carry` (None, or per-row state threaded through the pass) likewise. The pass reads nothing
+    back until every batch is dispatched (at most `2 * IN_FLIGHT` ahead of the devices): one
+    `jax.device_get` at the end (multi-process: one `process_allgather`, so every process gets
+    every example's statistics, once).
     """
     if fn not in self._eval_fns:
       placed = self.replicated
@@ -457,6 +476,7 @@ class JitDriver:
       for batch in batches:
         out, carry = jitted(variables, carry, self._put(batch, self.sharded))
         outs.append(out)
+        bound_in_flight(outs)
     if self.multiprocess:
       return jax.tree.map(np.asarray, multihost_utils.process_allgather(outs, tiled=True))
     return jax.device_get(outs)

@@ -28,6 +28,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from softmax_jax.train.interrupt import Interrupts, TrainingInterrupted
+from softmax_jax.train.parallel import bound_in_flight
 from softmax_jax.train.workdir import check_steps, record_config
 
 
@@ -92,6 +93,7 @@ def _stack(metrics):
     group = metrics[i:i + STACK_GROUP]
     size = min(STACK_GROUP, 1 << (len(group) - 1).bit_length())
     groups.append(_stack_jit(group + group[-1:] * (size - len(group))))
+    bound_in_flight(groups)
   return groups, n
 
 
@@ -289,6 +291,7 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
           t_steady = t0 = time.perf_counter()
           steady_from, untimed = step, 1
       pending.append((step, step_metrics))
+      bound_in_flight(pending)  # never 32 steps ahead: XLA:CPU would deadlock (parallel.IN_FLIGHT)
       bar.update(1)
       last = step == config.num_steps
       do_log, do_eval = due(step, config.log_every) or last, due(step, config.eval_every) and not last

@@ -1,7 +1,9 @@
-"""`run_steps` (train/runner.py) with a fake driver on a fake clock: dispatch, rates, failures."""
+"""`run_steps` (train/runner.py) with a fake driver on a fake clock: dispatch, rates, failures,
+and the bound on the steps (and evaluation batches) in flight."""
 
 import json
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from softmax_jax.train import base_config
+from softmax_jax.train import parallel
 from softmax_jax.train import runner
 
 STEP_S, COMPILE_S, EVAL_S, SAVE_S, ITEMS = 1.0, 100.0, 50.0, 30.0, 10
@@ -75,12 +78,14 @@ class NaNParamsDriver(Driver):
     return int(state['step'])
 
 
-def run(monkeypatch, *, start_step=0, losses=None, num_steps=12, driver=Driver):
+def run(monkeypatch, *, start_step=0, losses=None, num_steps=12, driver=Driver, batches=None,
+        every=(4, 6, 5)):
   clock = Clock()
   monkeypatch.setattr(runner.time, 'perf_counter', clock)
   config = base_config()
-  config.update_from_flattened_dict(dict(num_steps=num_steps, log_every=4, eval_every=6,
-                                         checkpoint_every=5, progress=False))
+  log_every, eval_every, checkpoint_every = every
+  config.update_from_flattened_dict(dict(num_steps=num_steps, log_every=log_every, eval_every=eval_every,
+                                         checkpoint_every=checkpoint_every, progress=False))
   writer, ckpt, evaluated = Writer(), Ckpt(clock), []
 
   def evaluate(state):
@@ -90,7 +95,7 @@ def run(monkeypatch, *, start_step=0, losses=None, num_steps=12, driver=Driver):
 
   state, timing = runner.run_steps(
       config, driver(clock, losses), initial_state(driver, start_step),
-      iter(range(start_step + 1, 100)),
+      iter(range(start_step + 1, 100)) if batches is None else batches,
       start_step=start_step, writer=writer, ckpt=ckpt, evaluate=evaluate, items_per_step=ITEMS,
       rate='tokens_per_second', log_perplexity=True)
   return state, timing, writer.rows, ckpt.saved, evaluated, clock.now
@@ -276,3 +281,65 @@ def test_stacked_window_metrics_keep_every_step_in_order_with_few_compiles():
     np.testing.assert_array_equal(fetched['packed'], np.stack([np.arange(n), -np.arange(n)], 1))
   # group sizes 1, 2, 4, 8 (70 = 2 * 32 + 6) and 32: five compiles, not one per window length
   assert runner._stack_jit._cache_size() <= 5
+
+
+
+class Lazy:
+  """A step's metric, in flight until something waits for or reads it or a later step's (steps run
+  in order: each takes the state the one before returns)."""
+
+  def __init__(self, value, step, flight):
+    self.value, self.step, self.flight = value, step, flight
+    flight.add(step)
+
+  def block_until_ready(self):
+    self.flight.difference_update([s for s in self.flight if s <= self.step])
+    return self
+
+  def __float__(self):
+    return float(self.block_until_ready().value)
+
+  def __array__(self, dtype=None, copy=None):
+    return np.asarray(self.block_until_ready().value, dtype)
+
+
+def test_the_loop_never_runs_32_steps_ahead_of_the_devices(monkeypatch):
+  # XLA:CPU deadlocks a multi-device run 32 steps ahead (parallel.IN_FLIGHT), so the loop must
+  # wait before that. Here a step finishes only when waited for or read; the count of unfinished
+  # steps is taken at each batch the loop takes. Unbounded, it would reach 47 (no sync in 48 steps).
+  flight, counts = set(), []
+
+  class LazyDriver(Driver):
+    def step(self, state, batch):
+      state, metrics = super().step(state, batch)
+      return state, {k: Lazy(v, int(state), flight) for k, v in metrics.items()}
+
+  def batches():
+    for b in range(1, 100):
+      counts.append(len(flight))
+      yield b
+
+  run(monkeypatch, driver=LazyDriver, batches=batches(), num_steps=48, every=(48, 48, 48))
+  assert max(counts) == 2 * parallel.IN_FLIGHT - 1, counts
+  assert not flight  # all read at the end
+
+
+def test_an_evaluation_pass_never_runs_32_batches_ahead():
+  # The same bound in `JitDriver.evaluate` (a vocabulary-parallel evaluation all-reduces across
+  # 'model'): its jitted step replaced by one whose outputs finish only when waited for.
+  driver = parallel.JitDriver(types.SimpleNamespace(batch_sizes={'train': 8}, resident=None,
+                                                    row_state_keys=()), None, None, 8)
+  flight, counts, launched = set(), [], []
+
+  def fn(variables, carry, batch):
+    launched.append(batch)
+    return Lazy(batch, len(launched), flight), carry
+
+  def batches():
+    for b in range(48):
+      counts.append(len(flight))
+      yield np.full((8,), b)
+
+  driver._eval_fns[fn] = fn  # pylint: disable=protected-access
+  outs = driver.evaluate(fn, {'params': {}, 'model_state': {}}, batches())
+  assert len(outs) == 48 and max(counts) == 2 * parallel.IN_FLIGHT - 1, counts
