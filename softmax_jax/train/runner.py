@@ -1,8 +1,9 @@
 """`run_steps`: the step loop of every task and both drivers (train/loop.py).
 
-The hot path never talks to the host: every step is dispatched without waiting for the previous one,
-its metrics stay on device, and the next batch is put on the devices while a step runs
-(`prefetch_to_device`). Only the steps that log, evaluate or checkpoint (or are interrupted) sync:
+The hot path never talks to the host: every step is dispatched without waiting for the previous one
+(but never 16 ahead of the devices: `parallel.bound_in_flight`, since XLA:CPU deadlocks a
+multi-device run 32 steps ahead), its metrics stay on device, and the next batch is put on the
+devices while a step runs (`prefetch_to_device`). Only the steps that log, evaluate or checkpoint (or are interrupted) sync:
 one `jax.device_get` reads the metrics of every step since the last sync (stacked on device, 32
 steps to an array: `_stack`) and a one-scalar finiteness probe of the whole train state; each step's
 loss and gradient norm are checked for NaN or inf, and a non-finite probe is traced to the arrays
