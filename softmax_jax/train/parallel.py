@@ -79,12 +79,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from softmax_jax.train.step import train_step
 
 # A bound on the computations a loop dispatches ahead. XLA:CPU's client lets a device hold 32
-# computations in flight; a multi-device launch past that parks a thread of the client's
-# pool (as many threads as devices on a small machine) until one ends, and when the one to end is a step whose all-reduce still waits
-# for its last device's thread, the run deadlocks (XLA aborts it after 60 s: "Termination
-# timeout for all reduce"). 31 steps ahead never deadlocked, 32 always (WORKSPACE, CI: the
-# deadlock). The training and evaluation loops wait every IN_FLIGHT launches for the one
-# IN_FLIGHT before, so fewer than 2 * IN_FLIGHT are ever in flight.
+# computations in flight; a multi-device launch past that parks a thread of the client's pool
+# (as many threads as devices on a small machine) until one ends, and when the one to end is a
+# step whose all-reduce still waits for its last device's thread, the run deadlocks (XLA aborts
+# it after 60 s: "Termination timeout for all reduce"). 31 steps ahead never deadlocked, 32
+# always (WORKSPACE, CI: the deadlock). The training and evaluation loops wait every IN_FLIGHT
+# launches for the one IN_FLIGHT before, so fewer than 2 * IN_FLIGHT are ever in flight.
 IN_FLIGHT = 8
 
 

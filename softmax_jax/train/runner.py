@@ -1,19 +1,19 @@
 """`run_steps`: the step loop of every task and both drivers (train/loop.py).
 
 The hot path never talks to the host: every step is dispatched without waiting for the previous one
-(but never 16 ahead of the devices: `parallel.bound_in_flight`, since XLA:CPU deadlocks a
+(but fewer than 16 ahead of the devices: `parallel.bound_in_flight`, since XLA:CPU deadlocks a
 multi-device run 32 steps ahead), its metrics stay on device, and the next batch is put on the
-devices while a step runs (`prefetch_to_device`). Only the steps that log, evaluate or checkpoint (or are interrupted) sync:
-one `jax.device_get` reads the metrics of every step since the last sync (stacked on device, 32
-steps to an array: `_stack`) and a one-scalar finiteness probe of the whole train state; each step's
-loss and gradient norm are checked for NaN or inf, and a non-finite probe is traced to the arrays
-that hold it (`chex.assert_tree_all_finite` on a per-leaf probe), so no checkpoint holds NaN. A
-failure names the first step whose loss or gradient norm is not finite (or, if only the state check
-saw it, the range of steps since the state was last seen finite) and the newest checkpoint, which is
-verified finite, and says how to resume from it with a lower learning rate. A SIGINT or SIGTERM (see
-train/interrupt.py) stops the loop after the step in flight, which is checkpointed. Rates
-(`train/examples_per_second`, `train/tokens_per_second`) count neither the first step of an
-invocation, which compiles, nor the time spent in evaluation and checkpoints. """
+devices while a step runs (`prefetch_to_device`). Only the steps that log, evaluate or checkpoint
+(or are interrupted) sync: one `jax.device_get` reads the metrics of every step since the last sync
+(stacked on device, 32 steps to an array: `_stack`) and a one-scalar finiteness probe of the whole
+train state; each step's loss and gradient norm are checked for NaN or inf, and a non-finite probe
+is traced to the arrays that hold it (`chex.assert_tree_all_finite` on a per-leaf probe), so no
+checkpoint holds NaN. A failure names the first step whose loss or gradient norm is not finite (or,
+if only the state check saw it, the range of steps since the state was last seen finite) and the
+newest checkpoint, which is verified finite, and says how to resume from it with a lower learning
+rate. A SIGINT or SIGTERM (see train/interrupt.py) stops the loop after the step in flight, which is
+checkpointed. Rates (`train/examples_per_second`, `train/tokens_per_second`) count neither the first
+step of an invocation, which compiles, nor the time spent in evaluation and checkpoints. """
 
 import collections
 import contextlib
