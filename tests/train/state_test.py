@@ -1,5 +1,6 @@
 """Optimizer from config (clipping, schedules) and gradient-norm logging against references."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +79,17 @@ def test_bad_schedule_options_are_named(key, value, match):
   opt[key] = value
   with pytest.raises(ValueError, match=match):
     make_optimizer(opt, num_steps=10)
+
+
+def test_norms_before_update_keeps_the_gradients_and_orders_the_update_after_the_norms():
+  from softmax_jax.train.step import norms_before_update  # pylint: disable=g-import-not-at-top
+  grads, norms = jax.jit(norms_before_update)(GRADS)
+  chex.assert_trees_all_equal(grads, GRADS)
+  expected = layer_grad_norms(GRADS)
+  assert norms.keys() == expected.keys()
+  for k in expected:
+    np.testing.assert_allclose(norms[k], expected[k], rtol=1e-6)
+  # On CPU the update is fenced behind the norms; other backends get no barrier.
+  for platform, barrier in (('cpu', True), ('cuda', False), ('tpu', False)):
+    lowered = jax.jit(norms_before_update).trace(GRADS).lower(lowering_platforms=(platform,))
+    assert ('optimization_barrier' in lowered.as_text()) == barrier, platform
