@@ -39,9 +39,17 @@ import optax
 from softmax_jax import data as data_lib
 from softmax_jax import metrics as metrics_lib
 from softmax_jax import ops
-from softmax_jax.ops._checks import static_int
 
 SAMPLINGS = ('instance', 'class', 'smote')
+
+
+def _integer(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
+  """`value` as an int in [low, high), else ValueError naming `name`, what it got and what it needs."""
+  ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+  if not ok or value < low or (high is not None and value >= high):
+    span = f'>= {low}' if high is None else f'in [{low}, {high})'
+    raise ValueError(f'{name} must be an integer {span}, got {value!r}.')
+  return int(value)
 
 
 def features(model, variables, images: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
@@ -59,7 +67,7 @@ def features(model, variables, images: np.ndarray, *, batch_size: int = 512) -> 
   Raises:
     ValueError: `images` without a leading example axis or with no example, or a bad `batch_size`.
   """
-  batch_size = static_int('batch_size', batch_size, 1)
+  batch_size = _integer('batch_size', batch_size, 1)
   images = np.asarray(images)
   if images.ndim < 2 or len(images) == 0 or not np.issubdtype(images.dtype, np.floating):
     raise ValueError(f'images must be [N, ...] float with N >= 1 (normalized, as the model takes '
@@ -110,8 +118,8 @@ def balance_features(features: np.ndarray, labels: np.ndarray, *, sampling: str,
   """
   if sampling not in SAMPLINGS:
     raise ValueError(f'sampling must be one of {SAMPLINGS}, got {sampling!r}.')
-  seed = static_int('seed', seed, 0, 2**32 - 1)
-  k = static_int('k_neighbors', k_neighbors, 1)
+  seed = _integer('seed', seed, 0, 2**32)
+  k = _integer('k_neighbors', k_neighbors, 1)
   x, y = np.asarray(features), np.asarray(labels)
   if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
     raise ValueError(f'features must be [N, d] float, got shape {x.shape} and dtype {x.dtype}.')
@@ -170,9 +178,9 @@ def retrain_head(model, variables, features: np.ndarray, labels: np.ndarray, *, 
     ValueError: a bad option, shapes that do not match (naming the argument), labels outside
       [0, K), or a new head whose parameter tree differs from the run's.
   """
-  steps = static_int('steps', steps, 1)
-  batch_size = static_int('batch_size', batch_size, 1)
-  seed = static_int('seed', seed, 0, 2**32 - 1)
+  steps = _integer('steps', steps, 1)
+  batch_size = _integer('batch_size', batch_size, 1)
+  seed = _integer('seed', seed, 0, 2**32)
   if not (isinstance(learning_rate, (int, float)) and 0 < learning_rate < float('inf')):
     raise ValueError(f'learning_rate must be a finite number > 0, got {learning_rate!r}.')
   x, y = jnp.asarray(features, jnp.float32), jnp.asarray(labels)

@@ -89,8 +89,8 @@ def test_balance_is_deterministic_in_the_seed(sampling):
     (dict(sampling='balanced'), r"sampling must be one of \('instance', 'class', 'smote'\), got 'balanced'"),
     (dict(sampling='smote', k_neighbors=7), r'k_neighbors=7 needs at least k \+ 1 = 8 .*class 2 has 7'
                                             r'.*Lower k_neighbors to at most 6'),
-    (dict(sampling='smote', k_neighbors=0), r'`k_neighbors` must be a Python int >= 1; got 0'),
-    (dict(sampling='class', seed=-1), r'`seed` must be a Python int in \[0, 4294967295\]; got -1'),
+    (dict(sampling='smote', k_neighbors=0), r'k_neighbors must be an integer >= 1, got 0'),
+    (dict(sampling='class', seed=-1), r'seed must be an integer in \[0, 4294967296\), got -1'),
     (dict(sampling='class', labels=np.zeros(5, np.int32)),
      r'labels must be \[N\] = \(49,\) .*got shape \(5,\)'),
     (dict(sampling='class', features=np.zeros((49,), np.float32)), r'features must be \[N, d\] float'),
@@ -143,7 +143,7 @@ def test_retraining_on_separable_features_learns_them_and_touches_only_the_head(
     (dict(labels=np.full(49, 3, np.int32)), r'labels must lie in \[0, K = 3\)'),
     (dict(features=np.zeros((49, 7), np.float32)), r'new head DenseSoftmax has parameters .*'
                                                    r'not those of the run'),
-    (dict(steps=0), r'`steps` must be a Python int >= 1; got 0'),
+    (dict(steps=0), r'steps must be an integer >= 1, got 0'),
     (dict(learning_rate=-1.0), r'learning_rate must be a finite number > 0, got -1.0'),
 ])
 def test_bad_retrain_arguments_are_named(kwargs, match):
