@@ -3,12 +3,17 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite compiles far more than it computes: XLA:CPU's LLVM backend at -O0 compiles about a
-# third faster (tests/ops/adaptive_test.py 108 s -> 77 s, tests/train/lm_test.py 52 s -> 38 s;
-# WORKSPACE: CI time). Numerics are XLA's either way (no fast-math). A level already in XLA_FLAGS
-# is kept; subprocesses started with their own XLA_FLAGS compile as usual.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# The suite compiles far more than it computes (XLA's compile is ~60% of tests/ops/softmax_test.py's
+# time), so it compiles cheaply: XLA:CPU's LLVM backend at -O0 (about a third faster:
+# tests/ops/adaptive_test.py 108 s -> 77 s) and XLA:CPU's classic elemental fusion emitters instead
+# of the newer MLIR ones (tests/ops/softmax_test.py 62 s -> 37 s, tests/heads/dense_test.py 93 s ->
+# 60 s, one Zen 3 core, 2026-12-03; WORKSPACE: CI time). Numerics are XLA's either way (no
+# fast-math). Flags already in XLA_FLAGS are kept; tests that start subprocesses pass them on with
+# the `xla_flags` fixture below.
+COMPILE_FLAGS = {'xla_backend_optimization_level': '0', 'xla_cpu_use_fusion_emitters': 'false'}
+for _flag, _value in COMPILE_FLAGS.items():
+  if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_flag}={_value}").strip()
 
 import chex  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -17,10 +22,12 @@ import chex  # pylint: disable=g-import-not-at-top,wrong-import-position
 chex.set_n_cpu_devices(8)
 
 import atexit  # pylint: disable=g-import-not-at-top,wrong-import-position
+import re  # pylint: disable=g-import-not-at-top,wrong-import-position
 import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Many tests compile the same computations (a head's step under each chex variant, one model in
 # several trainer tests): a compilation cache private to this session serves the repeats. It
@@ -63,3 +70,13 @@ def pytest_collection_modifyitems(config, items):
   counts = {f: files.count(f) for f in set(files)}
   order = {id(item): (-SLOW_FILES.get(f, 0), -counts[f]) for item, f in zip(items, files)}
   items.sort(key=lambda item: order[id(item)])
+
+
+@pytest.fixture(scope='session')
+def xla_flags():
+  """`xla_flags(n)`: XLA_FLAGS for a subprocess, this session's (the compile flags above) with
+  `n` fake CPU devices instead of 8, or none set when `n` is 0 (one device)."""
+  def flags(n: int) -> str:
+    rest = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
+    return ' '.join(([f'--xla_force_host_platform_device_count={n}'] if n else []) + rest.split())
+  return flags

@@ -12,7 +12,6 @@ notebook prints that it skipped the section, and so does this test.
 
 import json
 import os
-import re
 
 import matplotlib.image
 import numpy as np
@@ -73,11 +72,10 @@ def _final(work_dir, run):
     return json.load(f)
 
 
-def test_notebook_runs_small_on_cpu_without_network(tmp_path):
+def test_notebook_runs_small_on_cpu_without_network(tmp_path, xla_flags):
   work_dir = tmp_path / 'work'
   nb = _ci_notebook(work_dir)
-  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags.strip(), MPLBACKEND='Agg',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(0), MPLBACKEND='Agg',
              PYTHONPATH=REPO)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
                                    resources={'metadata': {'path': os.path.join(REPO, 'notebooks')}})

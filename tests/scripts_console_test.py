@@ -18,13 +18,13 @@ from softmax_jax.train import loop, runner
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train(workdir, data_dir, cache_dir, num_steps, *extra):
+def _train(flags, workdir, data_dir, cache_dir, num_steps, *extra):
   command = [sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
              '--config=configs/digits.py:small', f'--workdir={workdir}',
              f'--config.data.data_dir={data_dir}', f'--config.num_steps={num_steps}',
              '--config.model.hidden=(32,)', '--config.log_every=5', '--config.checkpoint_every=10',
              '--config.num_devices=1', *extra]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu',
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu',
              # The rerun reads the first run's compilations (saves ~4 s of CPU).
              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
@@ -57,12 +57,12 @@ def _check_outputs_block(out, workdir, names):
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, xla_flags):
   """(workdir, (stdout, stderr) of the first run, of the resumed run)."""
   tmp = tmp_path_factory.mktemp('console')
   paths = str(tmp / 'w'), str(tmp / 'tfds'), str(tmp / 'xla')
-  first = _train(*paths, 20, '--config.eval_every=10', '--config.progress=False')
-  resumed = _train(*paths, 30, '--config.eval_every=5', '--config.progress=True')
+  first = _train(xla_flags(1), *paths, 20, '--config.eval_every=10', '--config.progress=False')
+  resumed = _train(xla_flags(1), *paths, 30, '--config.eval_every=5', '--config.progress=True')
   workdir = paths[0]
   return workdir, first, resumed
 

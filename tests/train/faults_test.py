@@ -360,12 +360,13 @@ def _wait_for_training(proc, workdir, timeout=120):
 
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
-def test_signal_mid_run_checkpoints_the_step_and_exits_cleanly(data_dir, tmp_path, signum, default_handlers):
+def test_signal_mid_run_checkpoints_the_step_and_exits_cleanly(data_dir, tmp_path, signum, default_handlers,
+                                                               xla_flags):
   # default_handlers: the child inherits an ignored SIGINT (pytest in a background job) otherwise.
   workdir = str(tmp_path / 'w')
   # README-style head overrides on the default config, the second in the space form.
   extra = ['--config.head.name=margin', '--config.head.kind', 'cosface', '--config.model.hidden=(32,)']
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   proc = subprocess.Popen(_script(workdir, data_dir, *extra), cwd=REPO, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   try:

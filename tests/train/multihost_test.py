@@ -125,13 +125,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(root, tasks, *, kill_at=0, timeout_s=120):
+def _launch(root, tasks, flags, *, kill_at=0, timeout_s=120):
   """Runs 2 worker processes x 4 devices; returns their (returncode, output). Process 1 gets
-  `kill_at`; once it has died of SIGKILL, process 0 is killed too. Both are killed on a timeout."""
+  `kill_at`; once it has died of SIGKILL, process 0 is killed too. Both are killed on a timeout.
+  `flags`: their XLA_FLAGS (conftest's compile flags, 4 fake devices each)."""
   # A compilation cache shared by the launches: the restart compiles nothing the first one did.
-  level = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'optimization_level' in f]  # conftest's
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=' '.join(['--xla_force_host_platform_device_count=4'] + level),
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags,
              PYTHONUNBUFFERED='1', JAX_COMPILATION_CACHE_DIR=os.path.join(root, 'xla_cache'),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
@@ -171,7 +170,7 @@ def _final(workdir):
     return {k: v for k, v in json.load(f).items() if not any(t in k for t in TIMING_KEYS)}
 
 
-def test_two_processes_train_like_one_and_resume_after_sigkill(tmp_path):
+def test_two_processes_train_like_one_and_resume_after_sigkill(tmp_path, xla_flags):
   import jax  # pylint: disable=g-import-not-at-top
   import pytest  # pylint: disable=g-import-not-at-top
   from softmax_jax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
@@ -180,12 +179,12 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(tmp_path):
   os.makedirs(root)
   if not write_ptb(root, str(tmp_path / 'tfds')):
     pytest.skip('PTB raw files not found (configs/ptb_lstm.py: ../shared/data/ptb)')
-  first = _launch(root, ['ptb', 'digits'], kill_at=KILL_AT)
+  first = _launch(root, ['ptb', 'digits'], xla_flags(4), kill_at=KILL_AT)
   assert first[1][0] == -signal.SIGKILL, f'process 1 should have killed itself:\n{first[1][1]}'
   digits = os.path.join(root, 'digits')
   assert sorted(os.listdir(os.path.join(digits, 'checkpoints'))) == ['10'], first[0][1]
   assert _losses(digits)[-1, 0] < 20  # it stopped mid-run
-  second = _launch(root, ['digits_resharded'])
+  second = _launch(root, ['digits_resharded'], xla_flags(4))
   assert [r for r, _ in second] == [0, 0], '\n'.join(out for _, out in second)
   assert sorted(os.listdir(os.path.join(digits, 'checkpoints'))) == ['10', '20']
   # Only process 0 wrote files: one TensorBoard event file per launch that trained.
