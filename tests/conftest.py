@@ -22,6 +22,7 @@ import chex  # pylint: disable=g-import-not-at-top,wrong-import-position
 chex.set_n_cpu_devices(8)
 
 import atexit  # pylint: disable=g-import-not-at-top,wrong-import-position
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import re  # pylint: disable=g-import-not-at-top,wrong-import-position
 import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -41,34 +42,22 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 # With `--dist=loadfile` xdist hands out whole test files, by default the files with the most tests
 # first; the few-test files that run for a minute or two (subprocesses, notebooks, two-process
-# runs) then came last, where one worker ran them alone while the other idled: CI on 2026-12-03
-# spent its last 5 minutes on its last 3% of tests (WORKSPACE, CI time). So pyproject passes
-# --no-loadscope-reorder and the files run in this order: the slow ones below first, longest first
-# (seconds in one process: `pytest -n 0 --durations=0` on a Zen 3 core, 2026-12-03; configs_devices
-# and mesh_test from the 2026-12-02 CI notes), then the others by test count, as xdist would order
-# them. Tests within a file keep their order.
-SLOW_FILES = {
-    'tests/configs_devices_test.py': 170,
-    'tests/train/multihost_test.py': 134,
-    'tests/notebook_test.py': 83,
-    'tests/train/mesh_test.py': 50,
-    'tests/scripts_bench_heads_test.py': 42,
-    'tests/scripts_bench_fused_test.py': 40,
-    'tests/retrain_test.py': 35,
-    'tests/scripts_bench_loop_test.py': 34,
-    'tests/scripts_console_test.py': 32,
-    'tests/scripts_sweep_test.py': 27,
-    'tests/scripts_diagnose_test.py': 25,
-    'tests/scripts_geometry_test.py': 22,
-    'tests/scripts_rank_demo_test.py': 19,
-}
+# runs, eager chex variants) then came last, where one worker ran them alone while the other idled
+# (CI on 2026-12-03 spent its last 3-5 minutes on its last 3% of tests; WORKSPACE, CI time). So
+# pyproject passes --no-loadscope-reorder and the files run longest first (the classic longest-
+# processing-time rule): tests/durations.json holds each file's seconds (setup, call and teardown
+# summed) from a `python -m pytest -q tests --durations=0` run, for the files that took 10 s or
+# more; the other files follow by test count, as xdist would order them. Tests within a file keep
+# their order. A stale or missing entry costs only balance, never a test.
+with open(os.path.join(os.path.dirname(__file__), 'durations.json')) as _f:
+  FILE_SECONDS = json.load(_f)
 
 
 def pytest_collection_modifyitems(config, items):
   del config
   files = [item.nodeid.split('::')[0] for item in items]
   counts = {f: files.count(f) for f in set(files)}
-  order = {id(item): (-SLOW_FILES.get(f, 0), -counts[f]) for item, f in zip(items, files)}
+  order = {id(item): (-FILE_SECONDS.get(f, 0), -counts[f]) for item, f in zip(items, files)}
   items.sort(key=lambda item: order[id(item)])
 
 
