@@ -1,6 +1,6 @@
 """The one train step, shared by every task and both data-parallel drivers."""
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import chex
 import jax
@@ -19,7 +19,7 @@ def check_updated_state(state, params, model_state) -> None:
       'structure (mutable collections must be the ones model.init returned)')
 
 
-def norms_before_update(grads):
+def norms_before_update(grads: chex.ArrayTree) -> Tuple[chex.ArrayTree, Dict[str, chex.Array]]:
   """`(grads, layer_grad_norms(grads))`, on CPU behind an optimization barrier, so that the
   optimizer update runs after the norms are taken.
 
