@@ -1,7 +1,8 @@
 """Two data-parallel drivers over the one step function: jit over a Mesh (default) and pmap.
 
 Both serve every task. They take host batches (pytrees of `[B, ...]` arrays, B divisible by the
-number of devices), hold the state replicated except the task's per-row entries
+number of devices; `feed` puts them on the devices ahead of their steps, a resident train split's
+index batches 64 steps to an array), hold the state replicated except the task's per-row entries
 (`task.row_state_keys`, e.g. an LM's recurrent carry), which are split on the data axis like the
 batch, and return the step's metrics on device packed in one float32 vector (`metric_keys` names
 its entries; `host_metrics` unpacks a fetched one): the loop fetches them once per log interval.
@@ -65,9 +66,11 @@ devices (tests/train/multihost_test.py): PTB on {'data': 4, 'model': 2} ('data' 
 processes) and digits resumed on {'data': 1, 'model': 8} (the 'model' axis across them).
 """
 
+import collections
 import contextlib
 import functools
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+import itertools
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from absl import logging
 import jax
@@ -86,6 +89,30 @@ from softmax_jax.train.step import train_step
 # always (WORKSPACE, CI: the deadlock). The training and evaluation loops wait every IN_FLIGHT
 # launches for the one IN_FLIGHT before, so fewer than 2 * IN_FLIGHT are ever in flight.
 IN_FLIGHT = 8
+
+# Steps per index table of a resident train split (`JitDriver.feed`): the index batches of this
+# many steps reach the devices in one `[B, INDEX_CHUNK]` array, and each step reads its column.
+# Per step, the host then passes the same device array (as a hand-written loop passes its data)
+# instead of a new host batch: on one Zen 3 core a 16-unit MLP's step took ~215 us either way
+# with the indices on the device and ~275 us with a host index batch a step (WORKSPACE, issue 15).
+INDEX_CHUNK = 64
+
+
+def prefetch_to_device(batches: Iterator, put: Callable, size: int = 2) -> Iterator:
+  """`put(batch)` for each of `batches`, `size - 1` ahead: the next batch travels while a step runs."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(put(batch))
+    if len(queue) == size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def step_rows(tables, step):
+  """Column `step % C` of index tables `{key: [B, C, ...]}`: `{key: [B, ...]}` (traced)."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, step % x.shape[1], axis=1,
+                                                             keepdims=False), tables)
 
 
 def bound_in_flight(outputs: List) -> None:
@@ -413,7 +440,9 @@ class JitDriver:
     self._placement = placement
     if self._step is None:
       def step(state, resident, batch):
-        return self._train_step(state, batch if resident is None else self._gather(resident, batch))
+        if resident is not None:  # batch: index tables, one column a step (`feed`)
+          batch = self._gather(resident, step_rows(batch, state['step']))
+        return self._train_step(state, batch)
       self._step = jax.jit(self._packed(step), in_shardings=(placement, self.replicated, self.sharded),
                            out_shardings=(placement, self.replicated), donate_argnums=(0,))
     return {k: self._put(v, placement[k]) for k, v in state.items()}
@@ -429,12 +458,41 @@ class JitDriver:
     return np.asarray(jax.device_get(x))
 
   def put_batch(self, batch):
-    """The batch on the devices (asynchronously), as the step takes it; on CPU devices, the host
-    batch itself: there is no transfer to overlap, and the step's own placement of host arrays
-    costs ~2 us where `jax.device_put` costs ~55 us of Python a step (WORKSPACE, issue 15)."""
+    """One step's host batch on the devices (asynchronously), as `step` takes it: a resident
+    split's index batch `{'index': [B]}` as a one-step table `[B, 1]` (see `feed`). On CPU
+    devices, the host batch itself: there is no transfer to overlap, and the step's own placement
+    of host arrays costs ~2 us where `jax.device_put` costs ~55 us of Python (WORKSPACE, issue 15)."""
+    if self._gather is not None:
+      batch = jax.tree.map(lambda x: np.asarray(x)[:, None], batch)
     if self._on_cpu:
       return batch
     return self._put(batch, self.sharded)
+
+  def feed(self, batches: Iterator, start_step: int) -> Iterator:
+    """What `step` takes, one item a step, from the task's host batches (the first for step
+    `start_step + 1`).
+
+    A resident split's index batches are stacked `INDEX_CHUNK` (C) steps to a table `[B, C]`,
+    put on the devices once and passed to each of its steps, which reads column
+    `state['step'] % C`: the tables begin at multiples of C (the first one of a resumed run is
+    padded before `start_step`), and the host does no per-step work for the data. Other batches
+    are put on the devices one step ahead (`prefetch_to_device`).
+    """
+    if self._gather is None:
+      yield from prefetch_to_device(batches, self.put_batch)
+      return
+    c, step = INDEX_CHUNK, start_step
+    while True:
+      skip = step % c
+      got = list(itertools.islice(batches, c - skip))
+      if not got:
+        return
+      rows = got[:1] * skip + got + got[-1:] * (c - skip - len(got))
+      table = self._put(jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x], axis=1), *rows),
+                        self.sharded)
+      for _ in got:
+        yield table
+      step += len(got)
 
   def step(self, state, batch):
     """`(state, metrics)`; `batch` from `put_batch` (or a host batch); metrics stay on device,
@@ -530,6 +588,12 @@ class PmapDriver(JitDriver):
     if self._gather is not None:
       batch = self._gather(self.resident, batch)
     return jax.device_put(jax.tree.map(self._shard, batch), self._stacked)
+
+  def feed(self, batches: Iterator, start_step: int) -> Iterator:
+    """Each step's batch put on the devices (gathered there first for a resident split), one step
+    ahead."""
+    del start_step
+    return prefetch_to_device(batches, self.put_batch)
 
   def step(self, state, batch):
     """`(state, metrics)`; metrics `[devices, len(metric_keys)]` (rows equal after the pmean)."""

@@ -2,8 +2,9 @@
 
 The hot path never talks to the host: every step is dispatched without waiting for the previous one
 (but fewer than 16 ahead of the devices: `parallel.bound_in_flight`, since XLA:CPU deadlocks a
-multi-device run 32 steps ahead), its metrics stay on device, and the next batch is put on the
-devices while a step runs (`prefetch_to_device`). Only the steps that log, evaluate or checkpoint
+multi-device run 32 steps ahead), its metrics stay on device, and the data reaches the devices
+ahead of its step (the driver's `feed`: the next batch put while a step runs, or a resident
+split's index tables once per 64 steps). Only the steps that log, evaluate or checkpoint
 (or are interrupted) sync: one `jax.device_get` reads the metrics of every step since the last sync
 (stacked on device, 32 steps to an array: `_stack`) and a one-scalar finiteness probe of the whole
 train state; each step's loss and gradient norm are checked for NaN or inf, and a non-finite probe
@@ -15,11 +16,10 @@ rate. A SIGINT or SIGTERM (see train/interrupt.py) stops the loop after the step
 checkpointed. Rates (`train/examples_per_second`, `train/tokens_per_second`) count neither the first
 step of an invocation, which compiles, nor the time spent in evaluation and checkpoints. """
 
-import collections
 import contextlib
 import math
 import time
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import chex
 import jax
@@ -33,20 +33,17 @@ from softmax_jax.train.parallel import bound_in_flight
 from softmax_jax.train.workdir import check_steps, record_config
 
 
-# The device-to-host transfer guard of the hot path (`jax.transfer_guard_device_to_host`): 'allow'.
-# Tests set 'disallow_explicit', so that any read between the sync points fails.
+# The device-to-host transfer guard of the hot path (`jax.transfer_guard_device_to_host`): 'allow'
+# (then no guard is entered: the context and the jitted calls inside it cost ~4.6 us a step on
+# a Zen 3 core, WORKSPACE, issue 15). Tests set 'disallow_explicit', so that any read between the
+# sync points fails.
 TRANSFER_GUARD = 'allow'
 
 
-def prefetch_to_device(batches: Iterator, put: Callable, size: int = 2) -> Iterator:
-  """`put(batch)` for each of `batches`, `size - 1` ahead: the next batch travels while a step runs."""
-  queue = collections.deque()
-  for batch in batches:
-    queue.append(put(batch))
-    if len(queue) == size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
+def _hot_path_guard():
+  if TRANSFER_GUARD == 'allow':
+    return contextlib.nullcontext()
+  return jax.transfer_guard_device_to_host(TRANSFER_GUARD)
 
 
 @jax.jit
@@ -193,8 +190,8 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
       `host_metrics(fetched)` (default: the identity) turns into a dict with a scalar 'loss'
       (and optionally 'grad_norm'; both checked finite for every step, at the next sync): the
       drivers of train/parallel.py pack them in one vector; `get_state(state)` -> the host
-      state to checkpoint; optionally `put_batch(batch)` (the batch on the devices, used to
-      prefetch).
+      state to checkpoint; optionally `feed(batches, start_step)`, the iterator of what `step`
+      takes, one item a step (the batches put on the devices ahead of their steps).
     state: the device state after `start_step` steps (finite: a restored checkpoint is checked).
     batches: an iterator of training batches, starting with step `start_step + 1`'s.
     start_step: steps already done (0, or the checkpoint resumed from).
@@ -267,8 +264,8 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
     return interrupts is not None and interrupts.signum is not None
 
   host_metrics = getattr(driver, 'host_metrics', lambda m: m)
-  put = getattr(driver, 'put_batch', None)
-  batches = prefetch_to_device(batches, put) if put is not None else batches
+  feed = getattr(driver, 'feed', None)
+  batches = feed(batches, start_step) if feed is not None else batches
   bar = tqdm(total=config.num_steps, initial=start_step, desc='train', dynamic_ncols=True,
              disable=not config.progress or jax.process_index() != 0)  # one bar per run
 
@@ -285,7 +282,7 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
   guard = interrupts.deferred() if interrupts is not None else contextlib.nullcontext()
   with guard:
     for step in range(start_step + 1, config.num_steps + 1):  # `step` counts steps done after this one
-      with jax.transfer_guard_device_to_host(TRANSFER_GUARD):  # the hot path: no reads
+      with _hot_path_guard():  # the hot path: no reads
         state, step_metrics = driver.step(state, next(batches))
         if t_steady is None:  # the first step compiles: rates count from its end
           jax.block_until_ready(step_metrics)

@@ -201,3 +201,36 @@ def test_small_train_splits_are_gathered_on_device_bit_for_bit(data_dir, samplin
   monkeypatch.setattr(classification, 'RESIDENT_BYTES', 0)
   task = build_task(config)
   assert task.resident is None and isinstance(next(task.train_batches(3))['image'], np.ndarray)
+
+
+def test_index_tables_feed_each_step_its_own_batch(data_dir):
+  """The jit driver's `feed` of a resident split: tables of INDEX_CHUNK steps from a multiple of it
+  (a resumed run's first one padded), one device array for all the steps of a table."""
+  from softmax_jax import data  # pylint: disable=g-import-not-at-top
+  from softmax_jax.train import build_task, parallel  # pylint: disable=g-import-not-at-top
+  from softmax_jax.train.state import make_optimizer  # pylint: disable=g-import-not-at-top
+  config = small_config(data_dir, num_steps=1000)
+  task = build_task(config)
+  schedule, tx = make_optimizer(config.optimizer, config.num_steps)
+  driver = parallel.JitDriver(task, tx, schedule)
+  c, start = parallel.INDEX_CHUNK, 37
+  want = data.train_indices(task.dataset, config.batch_size, seed=config.seed, start_step=start)
+  fed = driver.feed(task.train_batches(start), start)
+  row = jax.jit(parallel.step_rows)
+  tables = []
+  for step in range(start, 3 * c + 5):
+    table = next(fed)
+    assert table['index'].shape == (config.batch_size, c) and isinstance(table['index'], jax.Array)
+    assert table['index'].sharding == driver.sharded
+    np.testing.assert_array_equal(np.asarray(row(table, step)['index']), next(want), err_msg=step)
+    if not tables or tables[-1] is not table:
+      tables.append(table)
+  assert len(tables) == 4  # steps 37-63, 64-127, 128-191, 192-196
+  # One step's batch by itself: a one-column table, read at any step.
+  one = driver.put_batch(next(task.train_batches(5)))
+  np.testing.assert_array_equal(np.asarray(row(one, 5)['index']), next(task.train_batches(5))['index'])
+  assert np.shape(one['index']) == (config.batch_size, 1)
+  # pmap gathers each step's batch before its step: no tables.
+  pmap = parallel.PmapDriver(task, tx, schedule)
+  batch = next(pmap.feed(task.train_batches(start), start))
+  assert batch['image'].shape[:2] == (len(pmap.devices), config.batch_size // len(pmap.devices))

@@ -104,16 +104,18 @@ def _worker(root, address, num_processes, process_id, tasks, kill_at):
   from softmax_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(address, num_processes, process_id, timeout_s=60)
   from softmax_jax.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  from softmax_jax.train.classification import ClassificationTask  # pylint: disable=g-import-not-at-top
+  from softmax_jax.train.parallel import JitDriver  # pylint: disable=g-import-not-at-top
   if kill_at:
-    batches = ClassificationTask.train_batches
+    driver_step = JitDriver.step
 
-    def train_batches(self, start_step):  # SIGKILL when the batch of step `kill_at` is drawn
-      for step, batch in enumerate(batches(self, start_step), start_step + 1):
-        if step == kill_at:
-          os.kill(os.getpid(), signal.SIGKILL)
-        yield batch
-    ClassificationTask.train_batches = train_batches
+    # SIGKILL before digits' step `kill_at` is dispatched (its batches are drawn 64 steps ahead,
+    # `JitDriver.feed`; PTB's driver has no resident split to gather from).
+    def step(self, state, batch):
+      self.calls = getattr(self, 'calls', 0) + 1
+      if self.calls == kill_at and self._gather is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return driver_step(self, state, batch)
+    JitDriver.step = step
   for name in tasks:
     config, dataset = CONFIGS[name](root)
     train_and_evaluate(config, os.path.join(root, WORKDIRS.get(name, name)), dataset=dataset)

@@ -343,3 +343,11 @@ def test_an_evaluation_pass_never_runs_32_batches_ahead():
   driver._eval_fns[fn] = fn  # pylint: disable=protected-access
   outs = driver.evaluate(fn, {'params': {}, 'model_state': {}}, batches())
   assert len(outs) == 48 and max(counts) == 2 * parallel.IN_FLIGHT - 1, counts
+
+
+def test_hot_path_guard_is_entered_unless_it_allows(monkeypatch):
+  with runner._hot_path_guard():  # 'allow': no context (it costs ~5 us a step)
+    assert jax.config.jax_transfer_guard_device_to_host is None
+  monkeypatch.setattr(runner, 'TRANSFER_GUARD', 'disallow_explicit')
+  with runner._hot_path_guard():
+    assert jax.config.jax_transfer_guard_device_to_host == 'disallow_explicit'
