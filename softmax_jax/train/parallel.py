@@ -503,8 +503,9 @@ class JitDriver:
       return self._step(state, self.resident, batch)
 
   def host_metrics(self, metrics):
-    """A fetched step's packed metrics as the runner reads them: `{name: value}`."""
-    return dict(zip(self.metric_keys, np.asarray(metrics)))
+    """Fetched packed metrics `[..., len(metric_keys)]` (one step's, or n steps' stacked) as the
+    runner reads them: `{name: [...] array}`."""
+    return dict(zip(self.metric_keys, np.moveaxis(np.asarray(metrics), -1, 0)))
 
   def variables(self, state):
     """`{'params', **model_state}` of `state`, replicated on the mesh (for evaluation)."""
@@ -600,7 +601,7 @@ class PmapDriver(JitDriver):
     return self._pstep(state, batch)
 
   def host_metrics(self, metrics):
-    return super().host_metrics(np.asarray(metrics)[0])
+    return super().host_metrics(np.asarray(metrics)[..., 0, :])  # `[..., devices, M]`: device 0's
 
   def variables(self, state):
     return jax.tree.map(lambda x: x[0], super().variables(state))

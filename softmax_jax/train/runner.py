@@ -186,10 +186,11 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
     config: reads num_steps, log_every, eval_every, checkpoint_every, progress,
       optimizer.learning_rate and optimizer.clip_global_norm (for advice) and, for the error
       message, data.name, model.name and head.name.
-    driver: `step(state, batch) -> (state, metrics)`, metrics a pytree of device arrays that
-      `host_metrics(fetched)` (default: the identity) turns into a dict with a scalar 'loss'
-      (and optionally 'grad_norm'; both checked finite for every step, at the next sync): the
-      drivers of train/parallel.py pack them in one vector; `get_state(state)` -> the host
+    driver: `step(state, batch) -> (state, metrics)`, metrics a pytree of device arrays;
+      `host_metrics(stacked)` (default: the identity) turns the fetched metrics of n steps,
+      stacked on a leading axis, into `{name: [n] array}` with 'loss' (and optionally
+      'grad_norm'; both checked finite for every step, at the next sync): the drivers of
+      train/parallel.py pack a step's metrics in one vector; `get_state(state)` -> the host
       state to checkpoint; optionally `feed(batches, start_step)`, the iterator of what `step`
       takes, one item a step (the batches put on the devices ahead of their steps).
     state: the device state after `start_step` steps (finite: a restored checkpoint is checked).
@@ -225,20 +226,22 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
   def where() -> str:
     return f'(config: {config.data.name}, {config.model.name}, {config.head.name})'
 
-  def check_finite(fetched) -> None:
-    """Raises at the first step of `fetched` [(step, host metrics)] whose loss or norm is not finite."""
-    for step, metrics in fetched:
-      for key in ('loss', 'grad_norm'):
-        if key not in metrics:
-          continue
-        value = float(metrics[key])
-        if not math.isfinite(value):
-          writer.write(step, {f'nonfinite_{key}': value})
-          name = 'training loss' if key == 'loss' else 'gradient norm'
-          raise Diverged(
-              f'Training diverged at step {step}: the {name} is {value} {where()}; every earlier '
-              f'step\'s loss and gradient norm were finite. {_resume_advice(config, ckpt, last_good)}',
-              _lower_lr_flags(config))
+  def check_finite(steps, columns) -> None:
+    """Raises at the first of `steps` whose loss or gradient norm (`columns[key][i]`) is not finite."""
+    keys = [k for k in ('loss', 'grad_norm') if k in columns]
+    finite = {k: np.isfinite(np.reshape(columns[k], len(steps))) for k in keys}
+    bad = ~np.logical_and.reduce([finite[k] for k in keys])
+    if not bad.any():
+      return
+    i = int(np.argmax(bad))
+    key = next(k for k in keys if not finite[k][i])
+    step, value = steps[i], float(np.reshape(columns[key], len(steps))[i])
+    writer.write(step, {f'nonfinite_{key}': value})
+    name = 'training loss' if key == 'loss' else 'gradient norm'
+    raise Diverged(
+        f'Training diverged at step {step}: the {name} is {value} {where()}; every earlier '
+        f'step\'s loss and gradient norm were finite. {_resume_advice(config, ckpt, last_good)}',
+        _lower_lr_flags(config))
 
   def check_state_finite(step: int, state, total) -> None:
     if np.isfinite(total):
@@ -278,7 +281,8 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
 
   t_begin = time.perf_counter()
   t_steady, steady_from, t_paused = None, start_step + 1, 0.0  # t_paused: evaluation, checkpoints
-  pending, window, untimed, t0 = [], [], 0, t_begin  # pending: (step, metrics on device)
+  # pending: (step, metrics on device); window: host metric columns since the last log, of n steps
+  pending, window, n, untimed, t0 = [], [], 0, 0, t_begin
   guard = interrupts.deferred() if interrupts is not None else contextlib.nullcontext()
   with guard:
     for step in range(start_step + 1, config.num_steps + 1):  # `step` counts steps done after this one
@@ -298,27 +302,27 @@ def run_steps(config, driver, state, batches, *, start_step: int, writer, ckpt,
         continue
       # A sync point: one read of every step's metrics since the last one, then the state probe.
       stacked, total = jax.device_get((_stack([m for _, m in pending]), _state_probe(state)))
-      stacked = _unstack(stacked)
-      fetched = [(s, host_metrics(jax.tree.map(lambda v: v[i], stacked)))
-                 for i, (s, _) in enumerate(pending)]
-      pending = []
-      check_finite(fetched)
-      window += [m for _, m in fetched]
+      columns = host_metrics(_unstack(stacked))  # {name: [steps since the last sync]}
+      steps, pending = [s for s, _ in pending], []
+      check_finite(steps, columns)
+      window.append(columns)
+      n += len(steps)
       check_state_finite(step, state, total)  # parameters and optimizer state: never log or save NaN
       verified = step
       if do_log:
-        scalars = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+        scalars = {k: float(np.mean(np.concatenate([np.reshape(c[k], -1) for c in window]),
+                                    dtype=np.float64)) for k in window[0]}
         if log_perplexity:
           scalars['perplexity'] = math.exp(min(scalars['loss'], 700.0))
-        if len(window) > untimed:
-          scalars[rate] = (len(window) - untimed) * items_per_step / (time.perf_counter() - t0)
+        if n > untimed:
+          scalars[rate] = (n - untimed) * items_per_step / (time.perf_counter() - t0)
         writer.write(step, {f'train/{k}': v for k, v in scalars.items()})
         shown = {'ppl': scalars['perplexity']} if log_perplexity else {'loss': scalars['loss']}
         shown[rate.replace('_per_second', '/s')] = scalars.get(rate, 0.0)
         bar.set_postfix({k: f'{v:.4g}' for k, v in shown.items()})
         if bar.disable:  # no bar to show the loss: a log line instead
           say(metrics_line(step, config.num_steps, 'train', shown))
-        window, t0, untimed = [], time.perf_counter(), 0
+        window, n, t0, untimed = [], 0, time.perf_counter(), 0
       t_pause = time.perf_counter()
       if do_eval and not interrupted():
         metrics = evaluate(state)
