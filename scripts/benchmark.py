@@ -41,7 +41,8 @@ Suites (`--suite`):
   taskset -c 1 python scripts/benchmark.py --suite=ce --preset=cpu  # K in {10k, 50k, 200k}, N=2048
 
   loop   steps/s of our trainer (`train_and_evaluate`, log_every large and 1) against a minimal
-         hand-written Flax + optax loop: digits MLP, Fashion-MNIST CNN, PTB small LSTM
+         hand-written Flax + optax loop: digits MLP, Fashion-MNIST CNN, PTB small LSTM, and a
+         16-unit digits MLP whose step is short enough to show the per-step host work
          (scripts/bench_loop.py).
 
   taskset -c 1 python scripts/benchmark.py --suite=loop --preset=cpu  # ~10 min on one quiet core
@@ -167,7 +168,7 @@ BACKEND_PRESETS = {'cpu': 'cpu', 'gpu': 'gpu', 'cuda': 'gpu', 'rocm': 'gpu', 'tp
 TPU_PRESETS = {
     'heads': dict(K=[10_000, 50_000, 200_000], N=4096, d=1024),
     'ce': dict(K=[10_000, 50_000, 200_000], N=4096),
-    'loop': dict(digits=2000, fashion_mnist=1000, ptb=1000),
+    'loop': dict(digits=2000, fashion_mnist=1000, ptb=1000, digits_16=2000),
 }
 SUITE_MODULES = {'heads': bench_heads, 'ce': bench_ce, 'loop': bench_loop, 'decode': bench_decode,
                  'generate': bench_generate, 'scale': bench_scale}

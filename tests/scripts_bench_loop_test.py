@@ -100,3 +100,11 @@ def test_tiny_digits_suite_times_every_way(monkeypatch):
   table = bench_loop.table(rows)
   assert table.count('\n') == len(rows) + 1 and '| digits | ours log=1 | 3 x 1 |' in table
   assert rows[0]['best_ratio'] == pytest.approx(rows[0]['best'] / rows[-1]['best'])
+
+
+def test_host_bound_digits_is_the_digits_mlp_with_16_units():
+  config = bench_loop.bench_config(bench_loop.MODELS['digits_16'], 2,
+                                   overrides=bench_loop.OVERRIDES['digits_16'])
+  assert tuple(config.model.hidden) == (16,) and config.num_steps == 3
+  assert tuple(bench_loop.bench_config(bench_loop.MODELS['digits'], 2).model.hidden) == (512, 512)
+  assert all('digits_16' in p for p in bench_loop.PRESETS.values())
