@@ -109,7 +109,7 @@ def prefetch_to_device(batches: Iterator, put: Callable, size: int = 2) -> Itera
     yield queue.popleft()
 
 
-def step_rows(tables, step):
+def step_rows(tables: Mapping[str, jax.Array], step: jax.Array) -> Dict[str, jax.Array]:
   """Column `step % C` of index tables `{key: [B, C, ...]}`: `{key: [B, ...]}` (traced)."""
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, step % x.shape[1], axis=1,
                                                              keepdims=False), tables)

@@ -40,7 +40,7 @@ from softmax_jax.train.workdir import check_steps, record_config
 TRANSFER_GUARD = 'allow'
 
 
-def _hot_path_guard():
+def _hot_path_guard() -> contextlib.AbstractContextManager:
   if TRANSFER_GUARD == 'allow':
     return contextlib.nullcontext()
   return jax.transfer_guard_device_to_host(TRANSFER_GUARD)
